@@ -1,0 +1,136 @@
+"""The audit record: what happened, who did it, to which data, and its place in the chain.
+
+A record is written so that "user U in project P opened file F of dataset D
+of region R at time T, from cell C" reads straight off its fields::
+
+    AuditRecord(action="file.open", actor="U", project="P", region="R",
+                dataset="D", path="/data/R/D/F", detail={"cell": "C"})
+
+Each stored record carries the hash of the one before; its own hash is the
+sha256 of :func:`canonical` of every field but the hash itself.
+"""
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+GENESIS = "0" * 64
+
+#: Actions the platform writes. Later components add their own, dotted by component.
+ACTIONS = {
+    "region.create": "a region was added to the catalog",
+    "user.add": "a user was added, with roles",
+    "user.role": "a role was given to a user",
+    "dataset.ingest": "a dataset was validated and registered into a region's area",
+    "project.create": "a project was registered with its ethics approval",
+    "project.change": "a project's title, approval or status changed",
+    "member.add": "a user became a member of a project",
+    "member.remove": "a user stopped being a member of a project",
+    "tag.grant": "a region tagged one of its datasets for a project",
+    "tag.revoke": "a region revoked a tag",
+    "file.open": "a file was opened inside a workspace",
+    "query.execute": "code was sent to a kernel to run",
+}
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def format_time(t: datetime) -> str:
+    """ISO 8601 in UTC with microseconds, the only time format the chain hashes.
+
+    >>> from datetime import datetime, timezone
+    >>> format_time(datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc))
+    '2026-01-02T03:04:05.000000Z'
+    """
+    if t.tzinfo is None:
+        raise ValueError("audit times must be timezone-aware")
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+
+
+def canonical(obj) -> bytes:
+    """The canonical encoding that is hashed and signed: sorted-key compact UTF-8 JSON.
+
+    >>> canonical({"b": 1, "a": "å"})
+    b'{"a":"\\xc3\\xa5","b":1}'
+    """
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """An event to append. ``time`` defaults to the moment the store appends it."""
+
+    action: str
+    actor: str
+    project: str | None = None
+    region: str | None = None
+    dataset: str | None = None
+    path: str | None = None
+    detail: dict = field(default_factory=dict)
+    time: datetime | None = None
+
+    def __post_init__(self):
+        if not self.action or not isinstance(self.action, str):
+            raise ValueError("action: an audit record needs an action")
+        if not self.actor or not isinstance(self.actor, str):
+            raise ValueError("actor: an audit record needs the acting identity")
+        if not isinstance(self.detail, dict):
+            raise ValueError("detail: must be a dict")
+        # detail must be JSON-encodable now, not at append time
+        canonical(self.detail)
+
+
+@dataclass(frozen=True)
+class StoredRecord:
+    """A record as it sits in the chain."""
+
+    seq: int
+    time: str
+    action: str
+    actor: str
+    project: str | None
+    region: str | None
+    dataset: str | None
+    path: str | None
+    detail: dict
+    prev_hash: str
+    hash: str
+
+    def content(self) -> dict:
+        d = asdict(self)
+        d.pop("hash")
+        return d
+
+    def computed_hash(self) -> str:
+        return record_hash(self.content())
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def record_hash(content: dict) -> str:
+    return hashlib.sha256(canonical(content)).hexdigest()
+
+
+def seal(record: AuditRecord, seq: int, prev_hash: str, now: datetime) -> StoredRecord:
+    """Give a record its place in the chain: sequence number, time, previous hash and own hash."""
+    content = {
+        "seq": seq,
+        "time": format_time(record.time or now),
+        "action": record.action,
+        "actor": record.actor,
+        "project": record.project,
+        "region": record.region,
+        "dataset": record.dataset,
+        "path": record.path,
+        "detail": record.detail,
+        "prev_hash": prev_hash,
+    }
+    return StoredRecord(**content, hash=record_hash(content))

@@ -1,0 +1,394 @@
+"""The append-only, hash-chained audit store with signed checkpoints.
+
+Records live in one table, in sequence order; each carries the hash of the
+previous one. Every ``checkpoint_interval`` records, on demand, and when the
+store is closed, the head of the chain (sequence number and hash) is signed
+with the platform's Ed25519 key. Checkpoints are kept in the database and,
+as a second copy, appended to a log file beside the keys, so removing the
+tail of the chain together with its checkpoint rows is still caught.
+
+:meth:`AuditStore.verify` finds an edited, removed, reordered, inserted or
+truncated record. What it cannot see: records appended after the last
+checkpoint and then removed before the next one. Keep the interval small
+where that matters, and copy the checkpoint log off the machine.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    event,
+    func,
+    insert,
+    select,
+)
+
+from ..catalog.database import make_engine
+from ..errors import AuditIntegrityError
+from .records import GENESIS, AuditRecord, StoredRecord, canonical, format_time, seal, utc_now
+from .signing import CheckpointSigner
+
+metadata = MetaData()
+
+records_table = Table(
+    "audit_records",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("time", String(32), nullable=False, index=True),
+    Column("action", String(64), nullable=False),
+    Column("actor", String(128), nullable=False, index=True),
+    Column("project", String(64)),
+    Column("region", String(64), index=True),
+    Column("dataset", String(128)),
+    Column("path", Text),
+    Column("detail", Text, nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+
+checkpoints_table = Table(
+    "audit_checkpoints",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("head_hash", String(64), nullable=False),
+    Column("signed_at", String(32), nullable=False),
+    Column("key_id", String(32), nullable=False),
+    Column("signature", Text, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    seq: int
+    head_hash: str
+    signed_at: str
+    key_id: str
+    signature: str
+
+    def statement(self) -> bytes:
+        return canonical({"seq": self.seq, "head_hash": self.head_hash, "signed_at": self.signed_at})
+
+    def to_json(self) -> dict:
+        return {
+            "seq": self.seq,
+            "head_hash": self.head_hash,
+            "signed_at": self.signed_at,
+            "key_id": self.key_id,
+            "signature": self.signature,
+        }
+
+
+@dataclass
+class VerificationReport:
+    """What :meth:`AuditStore.verify` found. ``ok`` is true when ``problems`` is empty."""
+
+    records: int = 0
+    checkpoints: int = 0
+    last_checkpoint_seq: int = 0
+    head_hash: str = GENESIS
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict:
+        return {
+            "ok": self.ok,
+            "records": self.records,
+            "checkpoints": self.checkpoints,
+            "last_checkpoint_seq": self.last_checkpoint_seq,
+            "head_hash": self.head_hash,
+            "problems": self.problems,
+        }
+
+
+_ADVISORY_LOCK = 0x6E6770  # "ngp"
+MAX_PROBLEMS = 50
+
+
+class AuditStore:
+    """Append, checkpoint, verify and query the audit chain.
+
+    Parameters
+    ----------
+    url : str
+        SQLAlchemy URL of the audit database.
+    keys_dir : path
+        Folder of the signing key (created on first use, mode 0700/0600).
+    checkpoint_interval : int
+        Sign the head after this many records since the last checkpoint.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> store = AuditStore(f"sqlite:///{d}/audit.sqlite", d / "keys")
+    >>> rec = store.append(AuditRecord(action="tag.grant", actor="admin-syd", dataset="syd-cohort"))
+    >>> rec.seq
+    1
+    >>> store.close()
+    >>> store.verify().ok
+    True
+    """
+
+    def __init__(self, url: str, keys_dir, checkpoint_interval: int = 1000, checkpoint_log=None):
+        if checkpoint_interval < 1:
+            raise ValueError("checkpoint_interval: must be at least 1")
+        self.url = url
+        self.engine = make_engine(url)
+        self._is_sqlite = self.engine.dialect.name == "sqlite"
+        if self._is_sqlite:
+
+            @event.listens_for(self.engine, "connect")
+            def _no_implicit_begin(dbapi_conn, _record):
+                dbapi_conn.isolation_level = None
+
+            @event.listens_for(self.engine, "begin")
+            def _begin_immediate(conn):
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        metadata.create_all(self.engine)
+        self.signer = CheckpointSigner(Path(keys_dir))
+        self.checkpoint_interval = checkpoint_interval
+        self.checkpoint_log = Path(checkpoint_log) if checkpoint_log else Path(keys_dir).parent / "audit-checkpoints.jsonl"
+
+    @classmethod
+    def for_platform(cls, platform) -> "AuditStore":
+        platform.ensure_layout()
+        return cls(
+            platform.audit_database_url,
+            platform.keys_dir,
+            checkpoint_interval=platform.audit_checkpoint_interval,
+            checkpoint_log=platform.state_dir / "audit-checkpoints.jsonl",
+        )
+
+    # -- writing ---------------------------------------------------------
+
+    def _lock(self, conn) -> None:
+        if self.engine.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_ADVISORY_LOCK})")
+
+    def _head(self, conn) -> tuple[int, str]:
+        row = conn.execute(
+            select(records_table.c.seq, records_table.c.hash).order_by(records_table.c.seq.desc()).limit(1)
+        ).first()
+        return (row.seq, row.hash) if row else (0, GENESIS)
+
+    def _last_checkpoint_seq(self, conn) -> int:
+        return conn.execute(select(func.coalesce(func.max(checkpoints_table.c.seq), 0))).scalar_one()
+
+    def append(self, record: AuditRecord) -> StoredRecord:
+        """Append one record; it is durable (committed) when this returns."""
+        return self.append_many([record])[0]
+
+    def append_many(self, records: Iterable[AuditRecord]) -> list[StoredRecord]:
+        """Append records in one transaction (group commit); durable when this returns."""
+        records = list(records)
+        if not records:
+            return []
+        for r in records:
+            if not isinstance(r, AuditRecord):
+                raise TypeError(f"records: expected AuditRecord, got {type(r).__name__}")
+        now = utc_now()
+        with self.engine.begin() as conn:
+            self._lock(conn)
+            seq, prev = self._head(conn)
+            sealed = []
+            for r in records:
+                seq += 1
+                s = seal(r, seq, prev, now)
+                prev = s.hash
+                sealed.append(s)
+            conn.execute(
+                insert(records_table),
+                [{**s.to_json(), "detail": canonical(s.detail).decode("utf-8")} for s in sealed],
+            )
+            if seq - self._last_checkpoint_seq(conn) >= self.checkpoint_interval:
+                self._sign_head(conn, seq, prev)
+        return sealed
+
+    def _sign_head(self, conn, seq: int, head_hash: str) -> Checkpoint:
+        signed_at = format_time(utc_now())
+        statement = canonical({"seq": seq, "head_hash": head_hash, "signed_at": signed_at})
+        cp = Checkpoint(seq, head_hash, signed_at, self.signer.key_id, self.signer.sign(statement))
+        conn.execute(insert(checkpoints_table), [cp.to_json()])
+        self.checkpoint_log.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.checkpoint_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, canonical(cp.to_json()) + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return cp
+
+    def checkpoint(self) -> Checkpoint | None:
+        """Sign the current head now. Returns None when the head is already signed."""
+        with self.engine.begin() as conn:
+            self._lock(conn)
+            seq, head = self._head(conn)
+            if seq == 0 or self._last_checkpoint_seq(conn) >= seq:
+                return None
+            return self._sign_head(conn, seq, head)
+
+    def close(self) -> None:
+        """Sign any unsigned records and release the database."""
+        self.checkpoint()
+        self.engine.dispose()
+
+    # -- reading ---------------------------------------------------------
+
+    @staticmethod
+    def _stored(row) -> StoredRecord:
+        return StoredRecord(
+            seq=row.seq,
+            time=row.time,
+            action=row.action,
+            actor=row.actor,
+            project=row.project,
+            region=row.region,
+            dataset=row.dataset,
+            path=row.path,
+            detail=json.loads(row.detail),
+            prev_hash=row.prev_hash,
+            hash=row.hash,
+        )
+
+    def records(
+        self,
+        *,
+        region: str | None = None,
+        actor: str | None = None,
+        project: str | None = None,
+        dataset: str | None = None,
+        action: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[StoredRecord]:
+        """Records matching every filter given, oldest first."""
+        c = records_table.c
+        q = select(records_table).order_by(c.seq)
+        if region is not None:
+            q = q.where(c.region == region)
+        if actor is not None:
+            q = q.where(c.actor == actor)
+        if project is not None:
+            q = q.where(c.project == project)
+        if dataset is not None:
+            q = q.where(c.dataset == dataset)
+        if action is not None:
+            q = q.where(c.action == action)
+        if since is not None:
+            q = q.where(c.time >= format_time(since))
+        if until is not None:
+            q = q.where(c.time < format_time(until))
+        if limit is not None:
+            q = q.limit(limit)
+        with self.engine.connect() as conn:
+            return [self._stored(r) for r in conn.execute(q)]
+
+    def checkpoints(self) -> list[Checkpoint]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(checkpoints_table).order_by(checkpoints_table.c.seq, checkpoints_table.c.id))
+            return [Checkpoint(r.seq, r.head_hash, r.signed_at, r.key_id, r.signature) for r in rows]
+
+    def _logged_checkpoints(self) -> tuple[list[Checkpoint], list[str]]:
+        found, problems = [], []
+        if not self.checkpoint_log.exists():
+            return found, problems
+        for n, line in enumerate(self.checkpoint_log.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                found.append(Checkpoint(int(d["seq"]), d["head_hash"], d["signed_at"], d["key_id"], d["signature"]))
+            except (ValueError, KeyError, TypeError):
+                problems.append(f"checkpoint log line {n} is malformed")
+        return found, problems
+
+    def _iter_rows(self) -> Iterator[StoredRecord]:
+        with self.engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=5000).execute(
+                select(records_table).order_by(records_table.c.seq)
+            )
+            for row in result:
+                yield self._stored(row)
+
+    def verify(self) -> VerificationReport:
+        """Walk the whole chain and every checkpoint; report every inconsistency found."""
+        report = VerificationReport()
+        problems = report.problems
+
+        def problem(text):
+            if len(problems) < MAX_PROBLEMS:
+                problems.append(text)
+            elif len(problems) == MAX_PROBLEMS:
+                problems.append("... more problems not shown")
+
+        db_cps = self.checkpoints()
+        log_cps, log_problems = self._logged_checkpoints()
+        for p in log_problems:
+            problem(p)
+        db_keys = {(c.seq, c.head_hash, c.signature) for c in db_cps}
+        for c in log_cps:
+            if (c.seq, c.head_hash, c.signature) not in db_keys:
+                problem(f"checkpoint at record {c.seq} is in the checkpoint log but missing from the database (removed)")
+        all_cps = {(c.seq, c.head_hash, c.signature): c for c in db_cps + log_cps}.values()
+        wanted = {c.seq for c in all_cps}
+        hash_at: dict[int, str] = {}
+
+        expected_seq, prev_hash, count = 1, GENESIS, 0
+        for rec in self._iter_rows():
+            count += 1
+            if rec.seq != expected_seq:
+                if rec.seq > expected_seq:
+                    problem(f"records {expected_seq} to {rec.seq - 1} are missing (removed)")
+                else:
+                    problem(f"record {rec.seq} appears out of order after record {expected_seq - 1}")
+            if rec.computed_hash() != rec.hash:
+                problem(f"record {rec.seq} does not match its hash (edited)")
+            if rec.prev_hash != prev_hash:
+                problem(
+                    f"record {rec.seq} does not link to the record before it "
+                    "(a record was removed, inserted or reordered, or the chain was rewritten)"
+                )
+            if rec.seq in wanted:
+                hash_at[rec.seq] = rec.hash
+            prev_hash = rec.hash
+            expected_seq = rec.seq + 1
+        report.records = count
+        report.head_hash = prev_hash
+        last_seq = expected_seq - 1
+
+        for c in all_cps:
+            if c.key_id != self.signer.key_id or not self.signer.verify(c.statement(), c.signature):
+                problem(f"checkpoint at record {c.seq} has an invalid signature (forged or altered)")
+                continue
+            report.checkpoints += 1
+            report.last_checkpoint_seq = max(report.last_checkpoint_seq, c.seq)
+            if c.seq > last_seq:
+                problem(
+                    f"the chain ends at record {last_seq} but a signed checkpoint covers record {c.seq} (truncated)"
+                )
+            elif c.seq in hash_at and hash_at[c.seq] != c.head_hash:
+                problem(f"record {c.seq} differs from its signed checkpoint (the chain was rewritten)")
+        return report
+
+    def verify_or_raise(self) -> VerificationReport:
+        report = self.verify()
+        if not report.ok:
+            raise AuditIntegrityError("; ".join(report.problems))
+        return report

@@ -1,0 +1,407 @@
+"""The ``ngp`` command: for region admins, project leads and platform operators.
+
+``NGP_HOME`` selects the platform's home; ``--json`` gives machine-readable
+output. Exit status is 0 on success and 2 on refused or invalid input, with
+the reason on stderr.
+"""
+
+import argparse
+import json
+import sys
+from datetime import date, datetime, timezone
+
+from .errors import AuditIntegrityError, NGPError
+
+EXIT_OK = 0
+EXIT_REFUSED = 2
+EXIT_AUDIT_FAILED = 3
+
+
+class UsageError(NGPError):
+    pass
+
+
+def _date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD)") from None
+
+
+def _datetime(text: str) -> datetime:
+    try:
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date or time (ISO 8601)") from None
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_REFUSED, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    parser = _Parser(prog="ngp", description=__doc__.splitlines()[0], parents=[common])
+    sub = parser.add_subparsers(dest="group", required=True, parser_class=_Parser)
+
+    def group(name, help):
+        g = sub.add_parser(name, help=help)
+        return g.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def cmd(g, name, help):
+        return g.add_parser(name, help=help, parents=[common])
+
+    demo = group("demo", "the demo platform")
+    c = cmd(demo, "seed", "seed a demo platform into $NGP_HOME")
+    c.add_argument("--samples-per-region", type=int, default=40)
+    c.add_argument("--variants", type=int, default=2000)
+    c.add_argument("--seed", type=int, default=42)
+
+    region = group("region", "healthcare regions")
+    cmd(region, "list", "list the regions")
+
+    user = group("user", "users and their roles")
+    c = cmd(user, "add", "add a user")
+    c.add_argument("name")
+    c.add_argument("--region", required=True, help="the user's home region")
+    c.add_argument("--role", action="append", default=[],
+                   choices=["region-admin", "project-lead", "researcher", "reviewer", "operator"])
+    cmd(user, "list", "list users")
+
+    dataset = group("dataset", "datasets in the regions' areas")
+    c = cmd(dataset, "ingest", "validate and register a dataset")
+    c.add_argument("files", nargs="+", metavar="FILE")
+    c.add_argument("--region", required=True)
+    c.add_argument("--name", required=True)
+    c.add_argument("--as", dest="actor", required=True, metavar="ADMIN")
+    c.add_argument("--metadata")
+    c.add_argument("--reference")
+    c = cmd(dataset, "list", "list datasets")
+    c.add_argument("--region")
+    c = cmd(dataset, "show", "show one dataset")
+    c.add_argument("name")
+
+    project = group("project", "research projects")
+    c = cmd(project, "create", "register a project with its ethics approval")
+    c.add_argument("name")
+    c.add_argument("--lead", required=True)
+    c.add_argument("--approval", required=True, metavar="NUMBER")
+    c.add_argument("--authority", default="Swedish Ethical Review Authority")
+    c.add_argument("--valid-from", required=True, type=_date)
+    c.add_argument("--valid-until", required=True, type=_date)
+    c.add_argument("--title", default="")
+    c.add_argument("--as", dest="actor", default=None, metavar="USER")
+    cmd(project, "list", "list projects")
+    c = cmd(project, "show", "show one project")
+    c.add_argument("name")
+    c = cmd(project, "add-member", "add a member")
+    c.add_argument("name")
+    c.add_argument("user")
+    c.add_argument("--role", default="member", choices=["member", "lead", "reviewer"])
+    c.add_argument("--as", dest="actor", required=True, metavar="USER")
+    c = cmd(project, "remove-member", "remove a member")
+    c.add_argument("name")
+    c.add_argument("user")
+    c.add_argument("--as", dest="actor", required=True, metavar="USER")
+    c = cmd(project, "suspend", "suspend a project (its workspaces show nothing)")
+    c.add_argument("name")
+    c.add_argument("--as", dest="actor", default=None, metavar="USER")
+    c.add_argument("--reason", default="")
+
+    tag = group("tag", "tags: a region's grant of a dataset to a project")
+    c = cmd(tag, "grant", "tag a dataset for a project")
+    c.add_argument("dataset")
+    c.add_argument("project")
+    c.add_argument("--as", dest="actor", required=True, metavar="ADMIN")
+    c.add_argument("--expires", type=_date)
+    c.add_argument("--reason", default="")
+    c = cmd(tag, "revoke", "revoke a tag")
+    c.add_argument("dataset")
+    c.add_argument("project")
+    c.add_argument("--as", dest="actor", required=True, metavar="ADMIN")
+    c.add_argument("--reason", default="")
+    c = cmd(tag, "list", "list tags")
+    c.add_argument("--project")
+    c.add_argument("--region")
+
+    access = group("access", "the access policy")
+    c = cmd(access, "files", "the files a user sees in a project's workspace")
+    c.add_argument("project")
+    c.add_argument("--user", required=True)
+    c.add_argument("--at", type=_datetime)
+
+    audit = group("audit", "the audit log")
+    cmd(audit, "verify", "verify the hash chain and its signed checkpoints")
+    cmd(audit, "checkpoint", "sign the chain head now")
+    c = cmd(audit, "log", "show audit records")
+    c.add_argument("--region")
+    c.add_argument("--user")
+    c.add_argument("--project")
+    c.add_argument("--dataset")
+    c.add_argument("--action")
+    c.add_argument("--since", type=_datetime)
+    c.add_argument("--until", type=_datetime)
+    c.add_argument("--limit", type=int)
+    return parser
+
+
+# -- output ------------------------------------------------------------------
+
+
+def _table(rows, headers) -> str:
+    rows = [[("" if v is None else str(v)) for v in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    out = [line(headers), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def _emit(args, data, text):
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, sort_keys=True, default=str))
+    else:
+        print(text)
+
+
+def _iso(t):
+    return t.isoformat() if t is not None else None
+
+
+def user_json(u):
+    return {"username": u.username, "region": u.home_region.name, "roles": u.role_labels()}
+
+
+def dataset_json(d, with_samples=False):
+    out = {
+        "name": d.name,
+        "region": d.region.name,
+        "kind": d.kind,
+        "genome_build": d.genome_build,
+        "registered_at": _iso(d.registered_at),
+        "registered_by": d.registered_by.username,
+        "samples": len(d.samples),
+        "files": [
+            {"name": f.name, "role": f.role, "size": f.size, "sha256": f.sha256,
+             "index_for": f.index_for.name if f.index_for else None}
+            for f in d.files
+        ],
+    }
+    if with_samples:
+        out["sample_ids"] = [s.sample_id for s in d.samples]
+        out["sexes"] = {s.sample_id: s.sex for s in d.samples if s.sex}
+    return out
+
+
+def tag_json(t, now):
+    state = "active" if t.is_active(now) else (
+        "revoked" if t.revoked_at else ("expired" if t.expires_at and t.expires_at <= now else "pending"))
+    return {
+        "dataset": t.dataset.name,
+        "region": t.dataset.region.name,
+        "project": t.project.name,
+        "granted_by": t.granted_by.username,
+        "granted_at": _iso(t.granted_at),
+        "expires_at": _iso(t.expires_at),
+        "reason": t.reason,
+        "revoked_at": _iso(t.revoked_at),
+        "revoked_by": t.revoked_by.username if t.revoked_by else None,
+        "revoke_reason": t.revoke_reason,
+        "state": state,
+    }
+
+
+def project_json(p, now=None):
+    out = {
+        "name": p.name,
+        "title": p.title,
+        "lead": p.lead.username,
+        "approval": {"number": p.approval_number, "authority": p.approval_authority,
+                     "valid_from": p.valid_from.isoformat(), "valid_until": p.valid_until.isoformat()},
+        "status": p.status,
+        "members": [{"user": m.user.username, "role": m.role} for m in p.memberships],
+    }
+    if now is not None:
+        out["tags"] = [tag_json(t, now) for t in p.tags]
+    return out
+
+
+# -- commands ----------------------------------------------------------------
+
+
+def run(args) -> int:
+    from .access import AccessPolicy
+    from .audit.store import AuditStore
+    from .catalog import Catalog
+    from .platform import Platform
+
+    platform = Platform()
+    g, c = args.group, args.command
+
+    if g == "audit" and c == "verify":
+        store = AuditStore.for_platform(platform)
+        report = store.verify()
+        store.engine.dispose()
+        text = (
+            f"audit chain OK: {report.records} records, {report.checkpoints} signed checkpoints, "
+            f"last checkpoint at record {report.last_checkpoint_seq}, head {report.head_hash[:16]}"
+            if report.ok
+            else "audit chain FAILED verification:\n" + "\n".join(f"  - {p}" for p in report.problems)
+        )
+        if report.ok:
+            _emit(args, report.to_json(), text)
+            return EXIT_OK
+        if getattr(args, "json", False):
+            print(json.dumps(report.to_json(), indent=2))
+        print(text, file=sys.stderr)
+        return EXIT_AUDIT_FAILED
+
+    if g == "audit" and c == "log":
+        store = AuditStore.for_platform(platform)
+        recs = store.records(region=args.region, actor=args.user, project=args.project, dataset=args.dataset,
+                             action=args.action, since=args.since, until=args.until, limit=args.limit)
+        store.engine.dispose()
+        rows = [[r.seq, r.time, r.actor, r.action, r.project, r.region, r.dataset, r.path or ""] for r in recs]
+        _emit(args, [r.to_json() for r in recs],
+              _table(rows, ["seq", "time", "actor", "action", "project", "region", "dataset", "path"]))
+        return EXIT_OK
+
+    if g == "demo" and c == "seed":
+        from .demo.seed import seed_demo
+
+        summary = seed_demo(platform, samples_per_region=args.samples_per_region, variants=args.variants,
+                            seed=args.seed)
+        _emit(args, summary.to_json(), summary.text())
+        return EXIT_OK
+
+    catalog = Catalog.open(platform)
+    try:
+        catalog.ensure_regions()
+        now = catalog.clock()
+        if g == "audit" and c == "checkpoint":
+            cp = catalog.audit.checkpoint()
+            _emit(args, cp.to_json() if cp else None,
+                  f"signed checkpoint at record {cp.seq}" if cp else "the chain head is already signed")
+        elif g == "region":
+            regions = catalog.regions()
+            counts = {}
+            for d in catalog.datasets():
+                counts[d.region.name] = counts.get(d.region.name, 0) + 1
+            _emit(args, [{"name": r.name, "datasets": counts.get(r.name, 0)} for r in regions],
+                  _table([[r.name, counts.get(r.name, 0)] for r in regions], ["region", "datasets"]))
+        elif g == "user" and c == "add":
+            u = catalog.add_user(args.name, args.region, args.role)
+            u = catalog.user(u.username)
+            _emit(args, user_json(u), f"added user {u.username} ({u.home_region.name}): {', '.join(u.role_labels())}")
+        elif g == "user" and c == "list":
+            users = catalog.users()
+            _emit(args, [user_json(u) for u in users],
+                  _table([[u.username, u.home_region.name, ", ".join(u.role_labels())] for u in users],
+                         ["user", "region", "roles"]))
+        elif g == "dataset" and c == "ingest":
+            from .ingest import ingest_dataset
+
+            ds = ingest_dataset(catalog, args.region, args.name, args.files, args.actor,
+                                metadata=args.metadata, reference=args.reference)
+            _emit(args, dataset_json(ds),
+                  f"registered dataset {ds.name} in region {ds.region.name}: {ds.kind}, "
+                  f"{len(ds.samples)} samples, {len(ds.files)} files")
+        elif g == "dataset" and c == "list":
+            ds = catalog.datasets(args.region)
+            _emit(args, [dataset_json(d) for d in ds],
+                  _table([[d.name, d.region.name, d.kind, d.genome_build, len(d.samples), len(d.files),
+                           d.registered_by.username, d.registered_at.strftime("%Y-%m-%d %H:%M")] for d in ds],
+                         ["dataset", "region", "kind", "build", "samples", "files", "registered by", "at"]))
+        elif g == "dataset" and c == "show":
+            d = catalog.dataset(args.name)
+            data = dataset_json(d, with_samples=True)
+            data["tags"] = [tag_json(t, now) for t in d.tags]
+            lines = [f"dataset {d.name}  region {d.region.name}  kind {d.kind}  build {d.genome_build or '-'}",
+                     f"registered {d.registered_at.isoformat()} by {d.registered_by.username}",
+                     f"samples ({len(d.samples)}): " + ", ".join(s.sample_id for s in d.samples[:10])
+                     + (" ..." if len(d.samples) > 10 else ""), "",
+                     _table([[f.name, f.role, f.size, f.sha256] for f in d.files], ["file", "role", "size", "sha256"])]
+            if d.tags:
+                lines += ["", _table([[t["project"], t["state"], t["granted_by"], t["granted_at"]] for t in data["tags"]],
+                                     ["project", "tag", "granted by", "granted at"])]
+            _emit(args, data, "\n".join(lines))
+        elif g == "project" and c == "create":
+            p = catalog.create_project(args.name, args.lead, args.approval, args.valid_from, args.valid_until,
+                                       title=args.title, authority=args.authority, actor=args.actor)
+            p = catalog.project(p.name)
+            _emit(args, project_json(p), f"created project {p.name} led by {p.lead.username}, approval "
+                  f"{p.approval_number} valid {p.valid_from} to {p.valid_until}")
+        elif g == "project" and c == "list":
+            ps = catalog.projects()
+            _emit(args, [project_json(p) for p in ps],
+                  _table([[p.name, p.lead.username, p.approval_number, p.valid_from, p.valid_until, p.status,
+                           len(p.memberships)] for p in ps],
+                         ["project", "lead", "approval", "valid from", "valid until", "status", "members"]))
+        elif g == "project" and c == "show":
+            p = catalog.project(args.name)
+            data = project_json(p, now)
+            _emit(args, data, json.dumps(data, indent=2))
+        elif g == "project" and c == "add-member":
+            catalog.add_member(args.name, args.user, args.role, actor=args.actor)
+            _emit(args, {"project": args.name, "user": args.user, "role": args.role},
+                  f"{args.user} is now a {args.role} of project {args.name}")
+        elif g == "project" and c == "remove-member":
+            catalog.remove_member(args.name, args.user, actor=args.actor)
+            _emit(args, {"project": args.name, "user": args.user, "removed": True},
+                  f"{args.user} is no longer a member of project {args.name}")
+        elif g == "project" and c == "suspend":
+            catalog.set_project_status(args.name, "suspended", actor=args.actor, reason=args.reason)
+            _emit(args, {"project": args.name, "status": "suspended"}, f"project {args.name} is suspended")
+        elif g == "tag" and c == "grant":
+            catalog.grant_tag(args.dataset, args.project, args.actor, expires=args.expires, reason=args.reason)
+            _emit(args, {"dataset": args.dataset, "project": args.project, "granted": True},
+                  f"tagged dataset {args.dataset} for project {args.project}")
+        elif g == "tag" and c == "revoke":
+            catalog.revoke_tag(args.dataset, args.project, args.actor, reason=args.reason)
+            _emit(args, {"dataset": args.dataset, "project": args.project, "revoked": True},
+                  f"revoked the tag of dataset {args.dataset} for project {args.project}")
+        elif g == "tag" and c == "list":
+            tags = [tag_json(t, now) for t in catalog.tags(project=args.project, region=args.region)]
+            _emit(args, tags, _table([[t["dataset"], t["region"], t["project"], t["state"], t["granted_by"],
+                                       t["granted_at"][:10], (t["expires_at"] or "")[:10]] for t in tags],
+                                     ["dataset", "region", "project", "state", "granted by", "granted", "expires"]))
+        elif g == "access" and c == "files":
+            decision = AccessPolicy(catalog).files(args.user, args.project, args.at)
+            if decision.allowed:
+                text = _table([[f.workspace_path, f.host_path] for f in decision.files],
+                              ["in workspace", "on host"])
+            else:
+                text = f"{args.user} sees nothing in project {args.project}:\n" + "\n".join(
+                    f"  - {r}" for r in decision.reasons)
+            _emit(args, decision.to_json(), text)
+        else:  # pragma: no cover - argparse requires a known command
+            raise UsageError(f"unknown command {g} {c}")
+    finally:
+        catalog.close()
+    return EXIT_OK
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except AuditIntegrityError as e:
+        print(f"ngp: audit verification failed: {e}", file=sys.stderr)
+        return EXIT_AUDIT_FAILED
+    except NGPError as e:
+        print(f"ngp: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    except ValueError as e:
+        print(f"ngp: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    except BrokenPipeError:  # output piped into head(1)
+        sys.stderr.close()
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
