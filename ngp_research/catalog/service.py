@@ -31,6 +31,7 @@ from .models import (
     PROJECT_STATUSES,
     ROLES,
     Dataset,
+    DatasetFile,
     Membership,
     Project,
     Region,
@@ -180,8 +181,8 @@ class Catalog:
             s.record(
                 [AuditRecord("region.create", self.actor_label(None), region=n, time=self.clock()) for n in added]
             )
-        for name in added:
-            self.platform.region_area(name).mkdir(parents=True, exist_ok=True)
+        for name in self.platform.regions:
+            (self.platform.region_area(name) / "datasets").mkdir(parents=True, exist_ok=True)
         return added
 
     def regions(self) -> list[Region]:
@@ -244,7 +245,8 @@ class Catalog:
     def datasets(self, region: str | None = None) -> list[Dataset]:
         with self.session() as s:
             q = select(Dataset).order_by(Dataset.name).options(
-                selectinload(Dataset.region), selectinload(Dataset.files), selectinload(Dataset.samples),
+                selectinload(Dataset.region), selectinload(Dataset.files).selectinload(DatasetFile.index_for),
+                selectinload(Dataset.samples),
                 selectinload(Dataset.registered_by),
             )
             if region is not None:
@@ -254,7 +256,7 @@ class Catalog:
     def dataset(self, name: str) -> Dataset:
         with self.session() as s:
             ds = self._dataset(s, name)
-            _ = ds.region, ds.files, ds.samples, ds.registered_by
+            _ = ds.region, [f.index_for for f in ds.files], ds.samples, ds.registered_by
             _ = [(t.project, t.granted_by, t.revoked_by) for t in ds.tags]
             return ds
 

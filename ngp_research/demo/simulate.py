@@ -59,7 +59,7 @@ _MAX_CAUSAL_TRIES = 2000
 # Share of the genetic variance carried by each causal variant (strongest first).
 _CAUSAL_WEIGHTS = (0.40, 0.25, 0.15, 0.12, 0.08)
 _H2_QUANTITATIVE = 0.40  # variance explained by the causal variants
-_H2_LIABILITY = 0.40
+_H2_LIABILITY = 0.60
 _CASE_FRACTION = 0.30
 _CHOLESTEROL_MEAN = 190.0  # mg/dL
 _CHOLESTEROL_SD = 35.0  # mg/dL
@@ -378,6 +378,7 @@ def _vcf_header(contigs: Sequence[_Contig], samples: Sequence[str], region: str,
         "##fileformat=VCFv4.2",
         f"##source=ngp_research.demo.simulate (msprime {msprime.__version__}, seed={seed}, region={region})",
     ]
+    lines.append('##FILTER=<ID=PASS,Description="All filters passed">')
     lines += [f"##contig=<ID={c.name},length={c.length}>" for c in contigs]
     lines.append('##FORMAT=<ID=GT,Number=1,Type=String,Description="Phased genotype">')
     lines.append("\t".join(["#CHROM", "POS", "ID", "REF", "ALT", "QUAL", "FILTER", "INFO", "FORMAT", *samples]))

@@ -289,6 +289,11 @@ def ingest_dataset(catalog, region: str, name: str, files, actor: str | None, me
         if moved:
             _remove_tree(final)
         raise
+    finally:
+        try:
+            staging_root.rmdir()  # only when empty: another ingest may be staging
+        except OSError:
+            pass
     return catalog.dataset(name)
 
 

@@ -1,0 +1,201 @@
+"""The audit chain from the attacker's side: every kind of tampering is detected.
+
+The attacker has write access to the audit database (SQL) but not to the
+signing key. Runs on SQLite and PostgreSQL.
+"""
+
+import json
+from datetime import datetime, timezone
+
+import pytest
+from sqlalchemy import text
+
+from ngp_research.audit import AuditRecord, AuditStore
+from ngp_research.audit.records import canonical, record_hash
+from ngp_research.errors import AuditIntegrityError
+
+
+@pytest.fixture
+def store(platform):
+    s = AuditStore.for_platform(platform)
+    yield s
+    s.engine.dispose()
+
+
+def fill(store, n=20):
+    store.append_many(
+        AuditRecord("file.open", f"user{i % 3}", project="cardio", region="syd", dataset="syd-cohort",
+                    path=f"/data/syd/syd-cohort/f{i}.vcf.gz", detail={"cell": i})
+        for i in range(n)
+    )
+    store.checkpoint()
+
+
+def sql(store, statement, **params):
+    with store.engine.begin() as conn:
+        conn.execute(text(statement), params)
+
+
+def problems(store):
+    report = store.verify()
+    assert not report.ok
+    return " | ".join(report.problems)
+
+
+def test_clean_chain_verifies(store):
+    fill(store)
+    report = store.verify()
+    assert report.ok, report.problems
+    assert report.records == 20 and report.last_checkpoint_seq == 20
+
+
+def test_record_fields_read_as_who_opened_what(store):
+    rec = store.append(AuditRecord("file.open", "alice", project="cardio", region="syd", dataset="syd-cohort",
+                                   path="/data/syd/syd-cohort/c.vcf.gz", detail={"cell": "c3"}))
+    assert (rec.seq, rec.actor, rec.project, rec.region, rec.dataset) == (1, "alice", "cardio", "syd", "syd-cohort")
+    assert rec.prev_hash == "0" * 64 and rec.hash == rec.computed_hash()
+    assert store.records(region="syd", actor="alice")[0] == rec
+
+
+def test_edited_record_is_detected(store):
+    fill(store)
+    sql(store, "update audit_records set actor='mallory' where seq=7")
+    assert "record 7 does not match its hash (edited)" in problems(store)
+
+
+def test_edited_detail_is_detected(store):
+    fill(store)
+    sql(store, "update audit_records set detail=:d where seq=3", d=json.dumps({"cell": 99}))
+    assert "record 3 does not match its hash" in problems(store)
+
+
+def test_rewritten_chain_is_caught_by_the_signed_checkpoint(store):
+    """The attacker edits a record and recomputes every hash after it: only the signature catches it."""
+    fill(store)
+    rows = store.records()
+    prev = rows[4].prev_hash
+    with store.engine.begin() as conn:
+        for r in rows[4:]:
+            content = r.content()
+            content["prev_hash"] = prev
+            if r.seq == 5:
+                content["actor"] = "mallory"
+            h = record_hash(content)
+            conn.execute(text("update audit_records set actor=:a, prev_hash=:p, hash=:h where seq=:s"),
+                         {"a": content["actor"], "p": prev, "h": h, "s": r.seq})
+            prev = h
+    assert "record 20 differs from its signed checkpoint (the chain was rewritten)" in problems(store)
+
+
+def test_removed_record_is_detected(store):
+    fill(store)
+    sql(store, "delete from audit_records where seq=10")
+    p = problems(store)
+    assert "records 10 to 10 are missing (removed)" in p
+    assert "record 11 does not link to the record before it" in p
+
+
+def test_removed_and_renumbered_is_detected(store):
+    fill(store)
+    sql(store, "delete from audit_records where seq=10")
+    sql(store, "update audit_records set seq=seq-1 where seq>10")
+    assert "does not" in problems(store)
+
+
+def test_reordered_records_are_detected(store):
+    fill(store)
+    sql(store, "update audit_records set seq=-1 where seq=4")
+    sql(store, "update audit_records set seq=4 where seq=5")
+    sql(store, "update audit_records set seq=5 where seq=-1")
+    p = problems(store)
+    assert "record 4 does not match its hash" in p and "record 5 does not match its hash" in p
+
+
+def test_inserted_record_is_detected(store):
+    fill(store)
+    sql(store, "update audit_records set seq=seq+1000 where seq>=8")  # two steps: seq is unique
+    sql(store, "update audit_records set seq=seq-999 where seq>=1008")
+    rows = store.records()
+    fake = {"seq": 8, "time": rows[6].time, "action": "file.open", "actor": "alice", "project": None, "region": None,
+            "dataset": None, "path": "/decoy", "detail": {}, "prev_hash": rows[6].hash}
+    sql(store, "insert into audit_records (seq, time, action, actor, detail, prev_hash, hash) "
+               "values (8, :t, 'file.open', 'alice', '{}', :p, :h)", t=fake["time"], p=fake["prev_hash"],
+        h=record_hash(fake))
+    assert "record 9 does not link to the record before it" in problems(store)
+
+
+def test_truncated_chain_is_detected_against_the_last_checkpoint(store):
+    fill(store)
+    sql(store, "delete from audit_records where seq>15")
+    assert "the chain ends at record 15 but a signed checkpoint covers record 20 (truncated)" in problems(store)
+
+
+def test_truncation_with_checkpoint_rows_removed_is_caught_by_the_checkpoint_log(store):
+    fill(store)
+    sql(store, "delete from audit_records where seq>15")
+    sql(store, "delete from audit_checkpoints")
+    p = problems(store)
+    assert "missing from the database (removed)" in p and "(truncated)" in p
+
+
+def test_forged_checkpoint_is_detected(store):
+    fill(store)
+    sql(store, "update audit_checkpoints set head_hash=:h", h="f" * 64)
+    assert "invalid signature" in problems(store)
+
+
+def test_checkpoints_signed_at_intervals_and_on_close(platform):
+    platform.audit_checkpoint_interval = 10
+    s = AuditStore.for_platform(platform)
+    for i in range(25):
+        s.append(AuditRecord("query.execute", "alice", detail={"code": f"x = {i}"}))
+    assert [c.seq for c in s.checkpoints()] == [10, 20]
+    s.close()
+    s2 = AuditStore.for_platform(platform)
+    assert [c.seq for c in s2.checkpoints()] == [10, 20, 25]
+    assert s2.verify().ok
+    s2.engine.dispose()
+
+
+def test_signing_key_is_private(platform, store):
+    key = platform.keys_dir / "audit-signing.key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert platform.keys_dir.stat().st_mode & 0o777 == 0o700
+
+
+def test_verify_or_raise(store):
+    fill(store, 3)
+    store.verify_or_raise()
+    sql(store, "update audit_records set path='/x' where seq=2")
+    with pytest.raises(AuditIntegrityError, match="record 2"):
+        store.verify_or_raise()
+
+
+def test_records_filters(store):
+    fill(store, 9)
+    assert len(store.records(actor="user1")) == 3
+    assert store.records(since=datetime(2100, 1, 1, tzinfo=timezone.utc)) == []
+    assert len(store.records(limit=2)) == 2
+
+
+def test_bad_records_are_refused():
+    with pytest.raises(ValueError, match="actor"):
+        AuditRecord("file.open", "")
+    with pytest.raises(TypeError):
+        AuditRecord("file.open", "a", detail={"x": object()})
+
+
+def test_canonical_encoding_is_stable():
+    assert canonical({"b": [1, 2], "a": None}) == b'{"a":null,"b":[1,2]}'
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_hundred_thousand_records_verify(store):
+    n = 100_000
+    batch = 10_000
+    for start in range(0, n, batch):
+        store.append_many(AuditRecord("file.open", "alice", project="p", region="syd", dataset="d",
+                                      path=f"/data/syd/d/{i}") for i in range(start, start + batch))
+    store.checkpoint()
+    report = store.verify()
+    assert report.ok and report.records == n

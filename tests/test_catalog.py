@@ -1,0 +1,174 @@
+"""The catalog service: roles, projects, members, tags; every refusal changes nothing.
+
+Runs on SQLite and on a real PostgreSQL server (the ``backend`` fixture).
+"""
+
+from datetime import date, timedelta
+
+import pytest
+
+from ngp_research.errors import InvalidInputError, NotFoundError, RefusedError
+
+
+def snapshot(catalog):
+    """Everything a refused change must leave as it was: catalog rows and audit records."""
+    return (
+        [(u.username, tuple(u.role_labels())) for u in catalog.users()],
+        [(p.name, p.status, tuple((m.user.username, m.role) for m in p.memberships)) for p in catalog.projects()],
+        [(t.dataset.name, t.project.name, t.revoked_at) for t in catalog.tags()],
+        len(catalog.audit.records()),
+    )
+
+
+def make_project(catalog, name="cardio", lead="lars", valid_from=date(2025, 1, 1), valid_until=date(2027, 12, 31)):
+    return catalog.create_project(name, lead, "2024-05678-01", valid_from, valid_until, title="Cardiomyopathy GWAS")
+
+
+def fake_dataset(catalog, name, region):
+    """Register a dataset row directly (ingest itself is tested in test_ingest.py)."""
+    from ngp_research.catalog.models import Dataset, DatasetFile, User
+    from sqlalchemy import select
+
+    with catalog.change() as s:
+        admin = s.scalar(select(User).where(User.username == f"admin-{region}"))
+        ds = Dataset(name=name, region=catalog._region(s, region), kind="vcf", registered_at=catalog.clock(),
+                     registered_by=admin)
+        ds.files.append(DatasetFile(name=f"{name}.vcf.gz", role="data", size=1, sha256="0" * 64))
+        s.add(ds)
+    return name
+
+
+def test_default_regions_are_the_seven(catalog):
+    assert [r.name for r in catalog.regions()] == ["norr", "uppsala", "orebro", "stockholm", "ost", "vast", "syd"]
+    assert catalog.ensure_regions() == []
+
+
+def test_user_roles_and_region_admin_scope(people):
+    u = people.user("admin-syd")
+    assert u.role_labels() == ["region-admin:syd"]
+    assert u.has_role("region-admin", "syd") and not u.has_role("region-admin", "norr")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"username": "../x", "region": "syd"}, "user name '../x' is not allowed"),
+        ({"username": "eve", "region": "atlantis"}, "unknown region 'atlantis'"),
+        ({"username": "eve", "region": "syd", "roles": ["king"]}, "unknown role 'king'"),
+        ({"username": "alice", "region": "syd"}, "user 'alice' already exists"),
+    ],
+)
+def test_bad_users_are_refused_whole(people, kwargs, message):
+    before = snapshot(people)
+    with pytest.raises(InvalidInputError, match=message):
+        people.add_user(**kwargs)
+    assert snapshot(people) == before
+
+
+def test_project_lead_becomes_member_and_change_is_audited(people):
+    make_project(people)
+    p = people.project("cardio")
+    assert [(m.user.username, m.role) for m in p.memberships] == [("lars", "lead")]
+    rec = people.audit.records(action="project.create")[-1]
+    assert rec.project == "cardio" and rec.detail["approval"] == "2024-05678-01"
+
+
+@pytest.mark.parametrize(
+    "args, error, message",
+    [
+        (dict(lead="alice"), RefusedError, "alice does not have the project-lead role"),
+        (dict(lead="nobody"), NotFoundError, "unknown user 'nobody'"),
+        (dict(valid_from=date(2027, 1, 1), valid_until=date(2026, 1, 1)), InvalidInputError, "is before valid-from"),
+        (dict(name="a/b"), InvalidInputError, "project name 'a/b' is not allowed"),
+    ],
+)
+def test_bad_projects_are_refused_whole(people, args, error, message):
+    before = snapshot(people)
+    with pytest.raises(error, match=message):
+        make_project(people, **args)
+    assert snapshot(people) == before
+
+
+def test_only_the_lead_or_an_operator_changes_members(people):
+    make_project(people)
+    people.add_member("cardio", "alice", actor="lars")
+    people.add_member("cardio", "clara", "reviewer", actor="olof")
+    before = snapshot(people)
+    for intruder in ("alice", "bob", "admin-syd", "mallory"):
+        with pytest.raises(RefusedError):
+            people.add_member("cardio", "bob", actor=intruder)
+        with pytest.raises(RefusedError):
+            people.remove_member("cardio", "alice", actor=intruder)
+    assert snapshot(people) == before
+    people.remove_member("cardio", "alice", actor="lars")
+    assert [m.user.username for m in people.project("cardio").memberships] == ["lars", "clara"]
+    assert [r.action for r in people.audit.records(project="cardio")] == [
+        "project.create", "member.add", "member.add", "member.remove"]
+    assert people.audit.records(action="member.remove")[0].actor == "lars"
+
+
+def test_member_errors(people):
+    make_project(people)
+    with pytest.raises(InvalidInputError, match="role: must be one of"):
+        people.add_member("cardio", "alice", "boss", actor="lars")
+    with pytest.raises(NotFoundError, match="unknown project 'nope'"):
+        people.add_member("nope", "alice", actor="lars")
+    with pytest.raises(NotFoundError, match="alice is not a member"):
+        people.remove_member("cardio", "alice", actor="lars")
+    people.add_member("cardio", "alice", actor="lars")
+    with pytest.raises(InvalidInputError, match="already a member"):
+        people.add_member("cardio", "alice", actor="lars")
+    with pytest.raises(RefusedError, match="lead of project"):
+        people.remove_member("cardio", "lars", actor="olof")
+
+
+def test_only_the_owning_regions_admin_tags_and_revokes(people):
+    make_project(people)
+    fake_dataset(people, "syd-cohort", "syd")
+    before = snapshot(people)
+    for intruder in ("admin-norr", "lars", "alice", "olof", None, "mallory"):
+        with pytest.raises(RefusedError):
+            people.grant_tag("syd-cohort", "cardio", intruder)
+    assert snapshot(people) == before
+    people.grant_tag("syd-cohort", "cardio", "admin-syd", reason="approved request 12")
+    for intruder in ("admin-norr", "lars", None):
+        with pytest.raises(RefusedError):
+            people.revoke_tag("syd-cohort", "cardio", intruder)
+    people.revoke_tag("syd-cohort", "cardio", "admin-syd", reason="study paused")
+    (tag,) = people.tags(project="cardio")
+    assert tag.revoked_by.username == "admin-syd" and tag.revoke_reason == "study paused"
+    grant, revoke = people.audit.records(dataset="syd-cohort")
+    assert (grant.action, grant.actor, grant.region, grant.project) == ("tag.grant", "admin-syd", "syd", "cardio")
+    assert (revoke.action, revoke.detail["reason"]) == ("tag.revoke", "study paused")
+
+
+def test_tag_rules(people, clock):
+    make_project(people)
+    make_project(people, name="old", valid_from=date(2020, 1, 1), valid_until=date(2021, 1, 1))
+    fake_dataset(people, "syd-cohort", "syd")
+    with pytest.raises(RefusedError, match="expired on 2021-01-01"):
+        people.grant_tag("syd-cohort", "old", "admin-syd")
+    with pytest.raises(InvalidInputError, match="already past"):
+        people.grant_tag("syd-cohort", "cardio", "admin-syd", expires=clock.now.date() - timedelta(days=1))
+    people.grant_tag("syd-cohort", "cardio", "admin-syd", expires=date(2026, 12, 31))
+    with pytest.raises(InvalidInputError, match="already tagged"):
+        people.grant_tag("syd-cohort", "cardio", "admin-syd")
+    with pytest.raises(NotFoundError, match="unknown dataset"):
+        people.grant_tag("nope", "cardio", "admin-syd")
+    people.revoke_tag("syd-cohort", "cardio", "admin-syd")
+    with pytest.raises(NotFoundError, match="no active tag"):
+        people.revoke_tag("syd-cohort", "cardio", "admin-syd")
+    people.grant_tag("syd-cohort", "cardio", "admin-syd")  # a new grant after a revoke is a new tag
+    assert [t.revoked_at is None for t in people.tags(project="cardio")] == [False, True]
+    people.set_project_status("cardio", "suspended", actor="lars")
+    with pytest.raises(RefusedError, match="is suspended"):
+        people.grant_tag("syd-cohort", "cardio", "admin-syd")
+
+
+def test_schema_is_managed_by_alembic(catalog):
+    from sqlalchemy import inspect, text
+
+    with catalog.engine.connect() as conn:
+        assert conn.execute(text("select version_num from alembic_version")).scalar_one() == "0001"
+        assert {"regions", "users", "datasets", "dataset_files", "projects", "memberships", "tags", "samples"} <= set(
+            inspect(conn).get_table_names())
