@@ -91,6 +91,7 @@ class AccessDecision:
     at: datetime
     files: tuple[VisibleFile, ...]
     reasons: tuple[str, ...]
+    withheld: tuple[str, ...] = ()  # datasets whose tags do not count now, and why (revoked, expired, ...)
 
     @property
     def allowed(self) -> bool:
@@ -109,6 +110,7 @@ class AccessDecision:
             "allowed": self.allowed,
             "files": [f.to_json() for f in self.files],
             "reasons": list(self.reasons),
+            "withheld": list(self.withheld),
         }
 
 
@@ -156,18 +158,17 @@ def decide(project: ProjectFacts, user: str, at: datetime) -> AccessDecision:
             f"the ethics approval {project.approval_number} of project {project.name!r} "
             f"expired on {project.valid_until.isoformat()}"
         )
-    active, inactive = [], []
-    for tag in project.tags:
-        state = tag.state(at)
-        if state == "active":
-            active.append(tag)
-        else:
-            inactive.append(f"{tag.dataset.name} ({tag.dataset.region}): {state}")
+    active = [t for t in project.tags if t.state(at) == "active"]
+    active_names = {t.dataset.name for t in active}
+    inactive = tuple(dict.fromkeys(
+        f"{t.dataset.name} ({t.dataset.region}): tag {t.state(at)}"
+        for t in project.tags if t.dataset.name not in active_names
+    ))
     if not active:
         detail = "; ".join(inactive)
         reasons.append(f"no data is tagged for project {project.name!r}" + (f" ({detail})" if detail else ""))
     if reasons:
-        return AccessDecision(user, project.name, at, (), tuple(reasons))
+        return AccessDecision(user, project.name, at, (), tuple(reasons), inactive)
 
     files, seen = [], set()
     for tag in active:
@@ -185,7 +186,7 @@ def decide(project: ProjectFacts, user: str, at: datetime) -> AccessDecision:
                     workspace_path=workspace_path(ds.region, ds.name, name),
                 )
             )
-    return AccessDecision(user, project.name, at, tuple(files), ())
+    return AccessDecision(user, project.name, at, tuple(files), (), inactive)
 
 
 class AccessPolicy:

@@ -374,6 +374,8 @@ def run(args) -> int:
             if decision.allowed:
                 text = _table([[f.workspace_path, f.host_path] for f in decision.files],
                               ["in workspace", "on host"])
+                if decision.withheld:
+                    text += "\nnot shown:\n" + "\n".join(f"  - {w}" for w in decision.withheld)
             else:
                 text = f"{args.user} sees nothing in project {args.project}:\n" + "\n".join(
                     f"  - {r}" for r in decision.reasons)

@@ -124,9 +124,9 @@ def test_revoked_and_expired_tags_are_named():
     ds = DatasetFacts("d", "syd", "/h/d", ("x",))
     t0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
     p = facts(tags=(TagFacts(ds, t0, revoked_at=t0 + timedelta(days=1)),))
-    assert "d (syd): revoked" in decide(p, "alice", AT).reasons[0]
+    assert "d (syd): tag revoked" in decide(p, "alice", AT).reasons[0]
     p = facts(tags=(TagFacts(ds, t0, expires_at=t0 + timedelta(days=1)),))
-    assert "d (syd): expired" in decide(p, "alice", AT).reasons[0]
+    assert "d (syd): tag expired" in decide(p, "alice", AT).reasons[0]
 
 
 def test_naive_time_is_refused():

@@ -179,7 +179,7 @@ class Catalog:
                     s.add(Region(name=name, title=name))
                     added.append(name)
             s.record(
-                [AuditRecord("region.create", self.actor_label(None), region=n, time=self.clock()) for n in added]
+                [AuditRecord("region.create", self.actor_label(None), region=n) for n in added]
             )
         for name in self.platform.regions:
             (self.platform.region_area(name) / "datasets").mkdir(parents=True, exist_ok=True)
@@ -222,7 +222,7 @@ class Catalog:
                     self.actor_label(actor),
                     region=region,
                     detail={"user": username, "roles": user.role_labels()},
-                    time=self.clock(),
+                    
                 )
             )
         return user
@@ -257,7 +257,7 @@ class Catalog:
         with self.session() as s:
             ds = self._dataset(s, name)
             _ = ds.region, [f.index_for for f in ds.files], ds.samples, ds.registered_by
-            _ = [(t.project, t.granted_by, t.revoked_by) for t in ds.tags]
+            _ = [(t.project, t.dataset.region, t.granted_by, t.revoked_by) for t in ds.tags]
             return ds
 
     # -- projects ------------------------------------------------------------
@@ -323,7 +323,7 @@ class Catalog:
                         "valid_until": valid_until.isoformat(),
                         "title": project.title,
                     },
-                    time=now,
+                    
                 )
             )
         return project
@@ -339,7 +339,7 @@ class Catalog:
             s.record(
                 AuditRecord(
                     "project.change", self.actor_label(actor), project=name,
-                    detail={"status": [old, status], "reason": reason}, time=self.clock(),
+                    detail={"status": [old, status], "reason": reason},
                 )
             )
         return project
@@ -355,7 +355,8 @@ class Catalog:
     def project(self, name: str) -> Project:
         with self.session() as s:
             p = self._project(s, name)
-            _ = p.lead, [m.user for m in p.memberships], [(t.dataset.region, t.granted_by) for t in p.tags]
+            _ = p.lead, [m.user for m in p.memberships]
+            _ = [(t.project, t.dataset.region, t.granted_by, t.revoked_by) for t in p.tags]
             return p
 
     def add_member(self, project: str, username: str, role: str = "member", actor: str | None = None) -> Membership:
@@ -372,7 +373,7 @@ class Catalog:
             s.record(
                 AuditRecord(
                     "member.add", self.actor_label(actor), project=project,
-                    detail={"user": username, "role": role}, time=self.clock(),
+                    detail={"user": username, "role": role},
                 )
             )
         return m
@@ -391,7 +392,7 @@ class Catalog:
             s.record(
                 AuditRecord(
                     "member.remove", self.actor_label(actor), project=project,
-                    detail={"user": username, "role": found[0].role}, time=self.clock(),
+                    detail={"user": username, "role": found[0].role},
                 )
             )
 
@@ -431,7 +432,7 @@ class Catalog:
             s.record(
                 AuditRecord(
                     "tag.grant", self.actor_label(actor), project=project, region=region, dataset=dataset,
-                    detail={"expires": expires_at.isoformat() if expires_at else None, "reason": reason}, time=now,
+                    detail={"expires": expires_at.isoformat() if expires_at else None, "reason": reason},
                 )
             )
         return tag
@@ -453,7 +454,7 @@ class Catalog:
             s.record(
                 AuditRecord(
                     "tag.revoke", self.actor_label(actor), project=project, region=region, dataset=dataset,
-                    detail={"reason": reason}, time=now,
+                    detail={"reason": reason},
                 )
             )
         return active[0]

@@ -275,7 +275,7 @@ def ingest_dataset(catalog, region: str, name: str, files, actor: str | None, me
                         "samples": len(all_samples),
                         "records": sum(f.records for f in facts),
                     },
-                    time=now,
+                    
                 )
             )
             # Still inside the transaction: if the rename fails, nothing is committed.
