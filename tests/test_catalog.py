@@ -172,3 +172,17 @@ def test_schema_is_managed_by_alembic(catalog):
         assert conn.execute(text("select version_num from alembic_version")).scalar_one() == "0001"
         assert {"regions", "users", "datasets", "dataset_files", "projects", "memberships", "tags", "samples"} <= set(
             inspect(conn).get_table_names())
+
+
+def test_migrations_match_the_models(catalog):
+    """A model change without a migration fails here."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from ngp_research.catalog.migrations_filter import catalog_tables_only
+    from ngp_research.catalog.models import Base
+
+    with catalog.engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"include_name": catalog_tables_only})
+        diff = compare_metadata(ctx, Base.metadata)
+    assert diff == []

@@ -12,7 +12,7 @@ sha256 of :func:`canonical` of every field but the hash itself.
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 GENESIS = "0" * 64
@@ -104,15 +104,25 @@ class StoredRecord:
     hash: str
 
     def content(self) -> dict:
-        d = asdict(self)
-        d.pop("hash")
-        return d
+        """Every field but the hash: what the hash covers."""
+        return {
+            "seq": self.seq,
+            "time": self.time,
+            "action": self.action,
+            "actor": self.actor,
+            "project": self.project,
+            "region": self.region,
+            "dataset": self.dataset,
+            "path": self.path,
+            "detail": self.detail,
+            "prev_hash": self.prev_hash,
+        }
 
     def computed_hash(self) -> str:
         return record_hash(self.content())
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {**self.content(), "hash": self.hash}
 
 
 def record_hash(content: dict) -> str:

@@ -15,6 +15,7 @@ Phenopacket v2 ``Cohort`` document in proto3 JSON
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import json
 import os
@@ -393,6 +394,15 @@ def _parse_chrom_line(path, header_lines) -> tuple[list[str], list[str]]:
 
 
 _GT_SPLIT = re.compile(r"[/|]")
+_GT_ONLY_TEXT = re.compile(r"[0-9./|\t]*")
+_DIGITS = re.compile(r"[0-9]+")
+
+
+@functools.lru_cache(maxsize=16)
+def _allele_out_of_range(n_alleles):
+    """A pattern matching any allele index >= ``n_alleles`` (for n_alleles <= 10): one C-level scan."""
+    too_big = [r"[0-9]{2,}"] + ([f"[{n_alleles}-9]"] if n_alleles < 10 else [])
+    return re.compile("|".join(too_big))
 
 
 def _check_record_text(line, ncols) -> str | None:
@@ -410,6 +420,18 @@ def _check_record_text(line, ncols) -> str | None:
     gi = keys.index("GT")
     alt = cols[4]
     n_alleles = 1 + (0 if alt == "." else len(alt.split(",")))
+    if len(keys) == 1:
+        # Fast path for GT-only records (most cohort VCFs): check all genotypes with two C-level scans,
+        # and fall through to the per-sample loop only to name the offending genotype.
+        genotypes = line.split("\t", 9)[9]
+        if _GT_ONLY_TEXT.fullmatch(genotypes):
+            if n_alleles <= 10:
+                if not _allele_out_of_range(n_alleles).search(genotypes):
+                    return None
+            else:
+                numbers = _DIGITS.findall(genotypes)
+                if not numbers or max(map(int, numbers)) < n_alleles:
+                    return None
     for col in cols[9:]:
         parts = col.split(":")
         if gi >= len(parts):
@@ -521,9 +543,9 @@ def inspect_variant_file(path, index_path) -> FileFacts:
             try:
                 with _htslib_quiet():
                     rec = next(records)
+                # htslib parses a VCF line whole (FORMAT included) when it reads it; a BCF record is
+                # decoded whole by str(rec) below. Both are then checked as text.
                 chrom, pos, alleles = rec.chrom, rec.pos, rec.alleles
-                for sample in rec.samples.values():
-                    sample.allele_indices
                 text = line if raw is not None else str(rec)
             except StopIteration:
                 if line:

@@ -278,6 +278,7 @@ def ingest_dataset(catalog, region: str, name: str, files, actor: str | None, me
                     
                 )
             )
+            s.flush()  # a name taken meanwhile by a concurrent ingest fails here, before any rename
             # Still inside the transaction: if the rename fails, nothing is committed.
             _make_read_only(staging)
             final.parent.mkdir(parents=True, exist_ok=True)
