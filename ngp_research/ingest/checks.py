@@ -398,11 +398,13 @@ _GT_ONLY_TEXT = re.compile(r"[0-9./|\t]*")
 _DIGITS = re.compile(r"[0-9]+")
 
 
+_TWO_DIGITS = re.compile(r"[0-9][0-9]")
+
+
 @functools.lru_cache(maxsize=16)
 def _allele_out_of_range(n_alleles):
-    """A pattern matching any allele index >= ``n_alleles`` (for n_alleles <= 10): one C-level scan."""
-    too_big = [r"[0-9]{2,}"] + ([f"[{n_alleles}-9]"] if n_alleles < 10 else [])
-    return re.compile("|".join(too_big))
+    """A pattern matching a one-digit allele index >= ``n_alleles`` (n_alleles <= 10), or None."""
+    return re.compile(f"[{n_alleles}-9]") if n_alleles < 10 else None
 
 
 def _check_record_text(line, ncols) -> str | None:
@@ -426,7 +428,8 @@ def _check_record_text(line, ncols) -> str | None:
         genotypes = line.split("\t", 9)[9]
         if _GT_ONLY_TEXT.fullmatch(genotypes):
             if n_alleles <= 10:
-                if not _allele_out_of_range(n_alleles).search(genotypes):
+                too_big = _allele_out_of_range(n_alleles)
+                if not _TWO_DIGITS.search(genotypes) and (too_big is None or not too_big.search(genotypes)):
                     return None
             else:
                 numbers = _DIGITS.findall(genotypes)
