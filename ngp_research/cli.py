@@ -21,11 +21,18 @@ class UsageError(NGPError):
     pass
 
 
+EARLIEST = date(1900, 1, 1)
+LATEST = date(9000, 12, 31)
+
+
 def _date(text: str) -> date:
     try:
-        return date.fromisoformat(text)
+        d = date.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD)") from None
+    if not EARLIEST <= d <= LATEST:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range ({EARLIEST} to {LATEST})")
+    return d
 
 
 def _datetime(text: str) -> datetime:
@@ -33,6 +40,8 @@ def _datetime(text: str) -> datetime:
         t = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date or time (ISO 8601)") from None
+    if not EARLIEST <= t.date() <= LATEST:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range ({EARLIEST} to {LATEST})")
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
@@ -135,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--at", type=_datetime)
 
     audit = group("audit", "the audit log")
-    cmd(audit, "verify", "verify the hash chain and its signed checkpoints")
+    c = cmd(audit, "verify", "verify the hash chain and its signed checkpoints")
+    c.add_argument("--trusted-key", metavar="KEY_ID",
+                   help="the key id checkpoints must be signed with (default $NGP_AUDIT_TRUSTED_KEY)")
     cmd(audit, "checkpoint", "sign the chain head now")
     c = cmd(audit, "log", "show audit records")
     c.add_argument("--region")
@@ -243,12 +254,16 @@ def run(args) -> int:
     g, c = args.group, args.command
 
     if g == "audit" and c == "verify":
-        store = AuditStore.for_platform(platform)
+        if args.trusted_key:
+            platform.audit_trusted_key_id = args.trusted_key
+        store = AuditStore.for_platform(platform, create_key=False)
         report = store.verify()
         store.engine.dispose()
+        trust = "trusted" if platform.audit_trusted_key_id else "not pinned: pass --trusted-key to pin it"
         text = (
             f"audit chain OK: {report.records} records, {report.checkpoints} signed checkpoints, "
-            f"last checkpoint at record {report.last_checkpoint_seq}, head {report.head_hash[:16]}"
+            f"last checkpoint at record {report.last_checkpoint_seq}, head {report.head_hash[:16]}, "
+            f"signing key {report.key_id} ({trust})"
             if report.ok
             else "audit chain FAILED verification:\n" + "\n".join(f"  - {p}" for p in report.problems)
         )
@@ -261,7 +276,7 @@ def run(args) -> int:
         return EXIT_AUDIT_FAILED
 
     if g == "audit" and c == "log":
-        store = AuditStore.for_platform(platform)
+        store = AuditStore.for_platform(platform, create_key=False)
         recs = store.records(region=args.region, actor=args.user, project=args.project, dataset=args.dataset,
                              action=args.action, since=args.since, until=args.until, limit=args.limit)
         store.engine.dispose()
@@ -399,6 +414,9 @@ def main(argv=None) -> int:
         return EXIT_REFUSED
     except ValueError as e:
         print(f"ngp: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    except OverflowError:
+        print("ngp: a date or time is out of range", file=sys.stderr)
         return EXIT_REFUSED
     except BrokenPipeError:  # output piped into head(1)
         sys.stderr.close()

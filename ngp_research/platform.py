@@ -81,6 +81,16 @@ class Platform(Configurable):
         "(and always when a store is closed).",
     ).tag(config=True)
 
+    audit_trusted_key_id = Unicode(
+        help="Key id of the audit signing key that checkpoints must be signed with "
+        "(printed by `ngp audit verify`; $NGP_AUDIT_TRUSTED_KEY). Record it somewhere the "
+        "platform's state folder is not, so a replaced key is detected.",
+    ).tag(config=True)
+
+    @default("audit_trusted_key_id")
+    def _default_trusted_key(self):
+        return os.environ.get("NGP_AUDIT_TRUSTED_KEY", "")
+
     @property
     def home_path(self) -> Path:
         return Path(self.home).resolve()

@@ -65,7 +65,7 @@ def test_edited_record_is_detected(store):
 
 def test_edited_detail_is_detected(store):
     fill(store)
-    sql(store, "update audit_records set detail=:d where seq=3", d=json.dumps({"cell": 99}))
+    sql(store, "update audit_records set detail=:d where seq=3", d=canonical({"cell": 99}).decode())
     assert "record 3 does not match its hash" in problems(store)
 
 
@@ -149,10 +149,10 @@ def test_checkpoints_signed_at_intervals_and_on_close(platform):
     s = AuditStore.for_platform(platform)
     for i in range(25):
         s.append(AuditRecord("query.execute", "alice", detail={"code": f"x = {i}"}))
-    assert [c.seq for c in s.checkpoints()] == [10, 20]
+    assert [c.seq for c in s.checkpoints()] == [1, 11, 21]  # anchored at the first record
     s.close()
     s2 = AuditStore.for_platform(platform)
-    assert [c.seq for c in s2.checkpoints()] == [10, 20, 25]
+    assert [c.seq for c in s2.checkpoints()] == [1, 11, 21, 25]
     assert s2.verify().ok
     s2.engine.dispose()
 
@@ -199,3 +199,88 @@ def test_hundred_thousand_records_verify(store):
     store.checkpoint()
     report = store.verify()
     assert report.ok and report.records == n
+
+
+# -- rewriting history without the key, and malformed tampering ---------------------------------
+
+
+def rewrite_chain(store, drop_seq):
+    """Remove one record and rebuild every hash after it, as an attacker without the key would."""
+    rows = [r for r in store.records() if r.seq != drop_seq]
+    sql(store, "delete from audit_records")
+    prev = "0" * 64
+    with store.engine.begin() as conn:
+        for i, r in enumerate(rows, 1):
+            content = {**r.content(), "seq": i, "prev_hash": prev}
+            h = record_hash(content)
+            conn.execute(text("insert into audit_records (seq, time, action, actor, project, region, dataset, path, "
+                              "detail, prev_hash, hash) values (:seq, :time, :action, :actor, :project, :region, "
+                              ":dataset, :path, :detail, :prev_hash, :hash)"),
+                         {**content, "detail": canonical(content["detail"]).decode(), "hash": h})
+            prev = h
+
+
+def test_rewriting_history_and_removing_all_checkpoints_is_detected(store):
+    fill(store)
+    rewrite_chain(store, drop_seq=5)
+    sql(store, "delete from audit_checkpoints")
+    store.checkpoint_log.write_text("")
+    assert "no valid signed checkpoint covers the chain" in problems(store)
+
+
+def test_a_truncated_checkpoint_log_is_detected(store):
+    fill(store)
+    store.checkpoint_log.write_text("")
+    assert "missing from the checkpoint log" in problems(store)
+
+
+def test_a_replaced_signing_key_is_detected_when_the_key_is_pinned(platform):
+    s = AuditStore.for_platform(platform)
+    fill(s)
+    trusted = s.signer.key_id
+    s.engine.dispose()
+    # the attacker rewrites history and re-signs it all with a key of their own
+    (platform.keys_dir / "audit-signing.key").unlink()
+    platform.audit_trusted_key_id = trusted
+    forged = AuditStore.for_platform(platform)
+    rewrite_chain(forged, drop_seq=5)
+    sql(forged, "delete from audit_checkpoints")
+    forged.checkpoint_log.write_text("")
+    forged.checkpoint()
+    p = problems(forged)
+    assert f"is not the trusted key ({trusted}): the key was replaced" in p
+    forged.engine.dispose()
+
+
+def test_verify_never_creates_a_key(platform):
+    s = AuditStore.for_platform(platform)
+    fill(s, 3)
+    s.engine.dispose()
+    (platform.keys_dir / "audit-signing.key").unlink()
+    reader = AuditStore.for_platform(platform, create_key=False)
+    assert "signing key is missing" in problems(reader)
+    assert not (platform.keys_dir / "audit-signing.key").exists()
+    reader.engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "detail",
+    [
+        "not json",
+        '{"cell": 1, "cell": 2}',  # duplicate keys: one reader sees 1, another 2
+        '{"cell":  2}',  # same value, other bytes
+        '{"x": "\\ud800"}',  # a lone surrogate
+    ],
+)
+def test_malformed_details_are_reported_not_crashed_on(store, detail):
+    fill(store, 5)
+    sql(store, "update audit_records set detail=:d where seq=2", d=detail)
+    assert "record 2 has a detail that is not its canonical encoding (edited)" in problems(store)
+
+
+@pytest.mark.parametrize("line", ['{"seq": 1e400}', '{"seq": "x", "head_hash": 1}', "[]", "nan"])
+def test_malformed_checkpoint_log_lines_are_reported(store, line):
+    fill(store, 5)
+    with open(store.checkpoint_log, "a") as f:
+        f.write(line + "\n")
+    assert "checkpoint log line" in problems(store)

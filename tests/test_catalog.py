@@ -186,3 +186,47 @@ def test_migrations_match_the_models(catalog):
         ctx = MigrationContext.configure(conn, opts={"include_name": catalog_tables_only})
         diff = compare_metadata(ctx, Base.metadata)
     assert diff == []
+
+
+def test_a_lead_may_suspend_but_only_an_operator_reactivates(people):
+    make_project(people)
+    people.add_member("cardio", "alice", "lead", actor="lars")  # a co-lead
+    people.set_project_status("cardio", "suspended", actor="olof")
+    for lead in ("lars", "alice"):
+        with pytest.raises(RefusedError, match="only a platform operator may reactivate"):
+            people.set_project_status("cardio", "active", actor=lead)
+    assert people.project("cardio").status == "suspended"
+    people.set_project_status("cardio", "active", actor="olof")
+    assert people.project("cardio").status == "active"
+
+
+def test_operator_identity_comes_from_the_uid_not_the_environment(people, monkeypatch):
+    import pwd
+    import os
+
+    monkeypatch.setenv("LOGNAME", "alice")
+    monkeypatch.setenv("USER", "alice")
+    people.add_user("eve", "syd", ["researcher"])
+    rec = people.audit.records(action="user.add")[-1]
+    assert rec.actor == f"operator:{pwd.getpwuid(os.geteuid()).pw_name}"
+
+
+def test_a_change_that_fails_to_commit_after_its_record_says_so(people):
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+
+    def fail(session):
+        raise RuntimeError("commit failed")
+
+    event.listen(Session, "before_commit", fail)
+    try:
+        with pytest.raises(RuntimeError, match="commit failed"):
+            make_project(people)
+    finally:
+        event.remove(Session, "before_commit", fail)
+    assert not [p for p in people.projects() if p.name == "cardio"]
+    created, failed = people.audit.records()[-2:]
+    assert created.action == "project.create"
+    assert (failed.action, failed.detail["seq"], failed.detail["action"]) == ("change.failed", created.seq,
+                                                                                "project.create")
+    assert people.audit.verify().ok

@@ -181,3 +181,17 @@ def test_console_script_is_installed():
     assert exe, "the ngp entry point is declared in pyproject.toml"
     p = subprocess.run([exe, "--help"], capture_output=True, text=True)
     assert p.returncode == 0 and "audit" in p.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["access", "files", "p", "--user", "alice", "--at", "9999-12-31T23:59:59-01:00"],
+        ["access", "files", "p", "--user", "alice", "--at", "0001-01-01T00:00:00+01:00"],
+        ["tag", "grant", "d", "p", "--as", "admin-syd", "--expires", "9999-12-31"],
+        ["audit", "log", "--since", "0001-01-01T00:00:00+05:00"],
+    ],
+)
+def test_extreme_dates_are_refused_not_crashed_on(home, args):
+    p = ngp(home, *args)
+    assert p.returncode == 2 and "out of range" in p.stderr and "Traceback" not in p.stderr

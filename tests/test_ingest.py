@@ -319,3 +319,111 @@ def test_failure_after_validation_leaves_nothing(people, good, monkeypatch):
         ingest_dataset(people, "syd", "syd-cohort", [vcf], "admin-syd", metadata=meta)
     monkeypatch.undo()
     assert state(people) == before
+
+
+# -- attacks: a region admin trying to pull other data into their dataset ------------------------
+
+
+@pytest.fixture
+def seeded(people, good):
+    """syd has a stored dataset; the attacker is norr's admin."""
+    vcf, meta = good
+    ingest_dataset(people, "syd", "syd-cohort", [vcf], "admin-syd", metadata=meta)
+    return people
+
+
+def attack(catalog, **kwargs):
+    args = dict(region="norr", name="loot", actor="admin-norr")
+    args.update(kwargs)
+    before = state(catalog)
+    with pytest.raises((IngestError, InvalidInputError)) as info:
+        ingest_dataset(catalog, **args)
+    assert state(catalog) == before
+    return str(info.value)
+
+
+def test_the_signing_key_cannot_be_ingested_as_a_reference(seeded, inbox):
+    key = seeded.platform.keys_dir / "audit-signing.key"
+    vcf = write_vcf(inbox / "n.vcf.gz", ["NOR-1"], [("chr1", 5, "A", "G", ["0/1"])])
+    assert "a reference is declared only for CRAM" in attack(seeded, files=[vcf], reference=key)
+    ref = write_reference_fasta(inbox / "ref.fa", [("chr1", 2000)])
+    cram = write_bam(inbox / "r.cram", ["NOR-1"], [("chr1", 100)], contigs=(("chr1", 2000),), reference=ref)
+    shutil.copy(key, inbox / "key.fa")
+    assert "no .fai index" in attack(seeded, files=[cram], reference=inbox / "key.fa")
+    shutil.copy(str(ref) + ".fai", inbox / "key.fa.fai")
+    assert "not a FASTA file" in attack(seeded, files=[cram], reference=inbox / "key.fa")
+
+
+def test_files_inside_the_platform_home_are_refused(seeded, inbox):
+    stored = seeded.platform.dataset_dir("syd", "syd-cohort")
+    assert "which ingest never reads from" in attack(seeded, files=[stored / "syd.vcf.gz"])
+    assert "which ingest never reads from" in attack(
+        seeded, files=[write_vcf(inbox / "n.vcf.gz", SAMPLES, recs())],
+        metadata=stored / "syd-phenopackets.json")
+    # through a symlinked folder: only the real path counts
+    (inbox / "link").symlink_to(stored)
+    assert "which ingest never reads from" in attack(seeded, files=[inbox / "link" / "syd.vcf.gz"])
+    # the state folder, with the keys and databases
+    assert "which ingest never reads from" in attack(
+        seeded, files=[write_vcf(inbox / "m.vcf.gz", SAMPLES, recs())],
+        metadata=seeded.platform.keys_dir / "audit-signing.key")
+
+
+def test_hard_links_and_proc_files_are_refused(seeded, inbox, tmp_path):
+    vcf = write_vcf(inbox / "h.vcf.gz", SAMPLES, recs())
+    os.link(vcf, tmp_path / "elsewhere.vcf.gz")
+    assert "has 2 hard links" in attack(seeded, files=[vcf])
+    vcf2 = write_vcf(inbox / "p.vcf.gz", SAMPLES, recs())
+    assert "which ingest never reads from" in attack(seeded, files=[vcf2], metadata="/proc/self/environ")
+
+
+def test_a_file_swapped_after_planning_is_refused(people, inbox, monkeypatch):
+    from ngp_research.ingest import register
+
+    vcf = write_vcf(inbox / "s.vcf.gz", SAMPLES, recs())
+    real_plan = register.plan_ingest
+
+    def plan_then_swap(*a, **kw):
+        plan = real_plan(*a, **kw)
+        os.rename(vcf, inbox / "moved.vcf.gz")
+        shutil.copy(inbox / "moved.vcf.gz", vcf)  # same name, another inode
+        return plan
+
+    monkeypatch.setattr(register, "plan_ingest", plan_then_swap)
+    before = state(people)
+    with pytest.raises(IngestError, match="changed while being ingested"):
+        ingest_dataset(people, "syd", "syd-cohort", [vcf], "admin-syd")
+    assert state(people) == before
+
+
+def test_staging_left_by_a_killed_ingest_is_cleaned_up(people, good):
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = people.platform.staging_dir("syd") / f"old.{dead.pid}.abc"
+    stale.mkdir(parents=True)
+    (stale / "half-copied.vcf.gz").write_bytes(b"x")
+    vcf, meta = good
+    ingest_dataset(people, "syd", "syd-cohort", [vcf], "admin-syd", metadata=meta)
+    assert not stale.exists() and not people.platform.staging_dir("syd").exists()
+
+
+def test_a_folder_without_a_catalog_entry_is_never_overwritten(people, good):
+    vcf, meta = good
+    orphan = people.platform.dataset_dir("syd", "syd-cohort")
+    orphan.mkdir(parents=True)
+    (orphan / "keep.txt").write_text("left by a crash")
+    with pytest.raises(InvalidInputError, match="the catalog has no such dataset"):
+        ingest_dataset(people, "syd", "syd-cohort", [vcf], "admin-syd", metadata=meta)
+    assert (orphan / "keep.txt").read_text() == "left by a crash"
+
+
+def test_deeply_nested_metadata_is_refused_cleanly(people, inbox):
+    vcf = write_vcf(inbox / "s.vcf.gz", SAMPLES, recs())
+    meta = inbox / "deep.json"
+    meta.write_text("[" * 200_000 + "]" * 200_000)
+    before = state(people)
+    with pytest.raises(IngestError, match="nested too deeply"):
+        ingest_dataset(people, "syd", "syd-cohort", [vcf], "admin-syd", metadata=meta)
+    assert state(people) == before

@@ -29,6 +29,7 @@ ACTIONS = {
     "member.remove": "a user stopped being a member of a project",
     "tag.grant": "a region tagged one of its datasets for a project",
     "tag.revoke": "a region revoked a tag",
+    "change.failed": "a recorded catalog change did not commit (detail names the record)",
     "file.open": "a file was opened inside a workspace",
     "query.execute": "code was sent to a kernel to run",
 }

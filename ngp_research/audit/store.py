@@ -1,8 +1,9 @@
 """The append-only, hash-chained audit store with signed checkpoints.
 
 Records live in one table, in sequence order; each carries the hash of the
-previous one. Every ``checkpoint_interval`` records, on demand, and when the
-store is closed, the head of the chain (sequence number and hash) is signed
+previous one. At the first append, every ``checkpoint_interval`` records, on
+demand, and when the store is closed, the head of the chain (sequence number
+and hash) is signed
 with the platform's Ed25519 key. Checkpoints are kept in the database and,
 as a second copy, appended to a log file beside the keys, so removing the
 tail of the chain together with its checkpoint rows is still caught.
@@ -18,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from sqlalchemy import (
     BigInteger,
@@ -36,7 +37,7 @@ from sqlalchemy import (
 
 from ..catalog.database import make_engine
 from ..errors import AuditIntegrityError
-from .records import GENESIS, AuditRecord, StoredRecord, canonical, format_time, seal, utc_now
+from .records import GENESIS, AuditRecord, StoredRecord, canonical, format_time, record_hash, seal, utc_now
 from .signing import CheckpointSigner
 
 metadata = MetaData()
@@ -98,6 +99,7 @@ class VerificationReport:
     checkpoints: int = 0
     last_checkpoint_seq: int = 0
     head_hash: str = GENESIS
+    key_id: str | None = None
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -111,6 +113,7 @@ class VerificationReport:
             "checkpoints": self.checkpoints,
             "last_checkpoint_seq": self.last_checkpoint_seq,
             "head_hash": self.head_hash,
+            "key_id": self.key_id,
             "problems": self.problems,
         }
 
@@ -144,7 +147,8 @@ class AuditStore:
     True
     """
 
-    def __init__(self, url: str, keys_dir, checkpoint_interval: int = 1000, checkpoint_log=None):
+    def __init__(self, url: str, keys_dir, checkpoint_interval: int = 1000, checkpoint_log=None,
+                 create_key: bool = True, trusted_key_id: str | None = None):
         if checkpoint_interval < 1:
             raise ValueError("checkpoint_interval: must be at least 1")
         self.url = url
@@ -161,18 +165,25 @@ class AuditStore:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         metadata.create_all(self.engine)
-        self.signer = CheckpointSigner(Path(keys_dir))
+        try:
+            self.signer = CheckpointSigner(Path(keys_dir), create=create_key)
+        except FileNotFoundError:
+            self.signer = None  # only a reader may lack the key; verify() reports it
+        self.trusted_key_id = trusted_key_id or None
         self.checkpoint_interval = checkpoint_interval
         self.checkpoint_log = Path(checkpoint_log) if checkpoint_log else Path(keys_dir).parent / "audit-checkpoints.jsonl"
 
     @classmethod
-    def for_platform(cls, platform) -> "AuditStore":
+    def for_platform(cls, platform, create_key: bool = True) -> "AuditStore":
+        """The platform's store. Readers (verify, log) pass ``create_key=False``: they never make a key."""
         platform.ensure_layout()
         return cls(
             platform.audit_database_url,
             platform.keys_dir,
             checkpoint_interval=platform.audit_checkpoint_interval,
             checkpoint_log=platform.state_dir / "audit-checkpoints.jsonl",
+            create_key=create_key,
+            trusted_key_id=platform.audit_trusted_key_id,
         )
 
     # -- writing ---------------------------------------------------------
@@ -216,11 +227,16 @@ class AuditStore:
                 insert(records_table),
                 [{**s.to_json(), "detail": canonical(s.detail).decode("utf-8")} for s in sealed],
             )
-            if seq - self._last_checkpoint_seq(conn) >= self.checkpoint_interval:
+            last_checkpoint = self._last_checkpoint_seq(conn)
+            # The first append anchors the chain with a checkpoint, so a chain with records
+            # and no checkpoint at all can only mean checkpoints were removed.
+            if last_checkpoint == 0 or seq - last_checkpoint >= self.checkpoint_interval:
                 self._sign_head(conn, seq, prev)
         return sealed
 
     def _sign_head(self, conn, seq: int, head_hash: str) -> Checkpoint:
+        if self.signer is None:
+            raise AuditIntegrityError("the audit signing key is missing; refusing to sign")
         signed_at = format_time(utc_now())
         statement = canonical({"seq": seq, "head_hash": head_hash, "signed_at": signed_at})
         cp = Checkpoint(seq, head_hash, signed_at, self.signer.key_id, self.signer.sign(statement))
@@ -252,6 +268,10 @@ class AuditStore:
 
     @staticmethod
     def _stored(row) -> StoredRecord:
+        try:
+            detail = json.loads(row.detail)
+        except (ValueError, TypeError):
+            detail = {"unreadable_detail": str(row.detail)}
         return StoredRecord(
             seq=row.seq,
             time=row.time,
@@ -261,7 +281,7 @@ class AuditStore:
             region=row.region,
             dataset=row.dataset,
             path=row.path,
-            detail=json.loads(row.detail),
+            detail=detail,
             prev_hash=row.prev_hash,
             hash=row.hash,
         )
@@ -314,18 +334,41 @@ class AuditStore:
                 continue
             try:
                 d = json.loads(line)
-                found.append(Checkpoint(int(d["seq"]), d["head_hash"], d["signed_at"], d["key_id"], d["signature"]))
-            except (ValueError, KeyError, TypeError):
+                if not isinstance(d.get("seq"), int) or not all(
+                        isinstance(d.get(k), str) for k in ("head_hash", "signed_at", "key_id", "signature")):
+                    raise TypeError
+                found.append(Checkpoint(d["seq"], d["head_hash"], d["signed_at"], d["key_id"], d["signature"]))
+            except (ValueError, KeyError, TypeError, OverflowError, AttributeError, RecursionError):
                 problems.append(f"checkpoint log line {n} is malformed")
         return found, problems
 
-    def _iter_rows(self) -> Iterator[StoredRecord]:
+    def _iter_rows(self):
         with self.engine.connect() as conn:
             result = conn.execution_options(stream_results=True, yield_per=5000).execute(
                 select(records_table).order_by(records_table.c.seq)
             )
-            for row in result:
-                yield self._stored(row)
+            yield from result
+
+    @staticmethod
+    def _hash_of_row(row) -> str | None:
+        """The hash a stored row should carry, or None when its stored text is not canonical.
+
+        The hash covers the canonical encoding of the detail; a stored detail that is
+        not byte-for-byte that encoding (duplicate keys, other spacing, broken JSON)
+        has been edited.
+        """
+        try:
+            detail = json.loads(row.detail)
+            if canonical(detail).decode("utf-8") != row.detail:
+                return None
+            content = {
+                "seq": row.seq, "time": row.time, "action": row.action, "actor": row.actor,
+                "project": row.project, "region": row.region, "dataset": row.dataset, "path": row.path,
+                "detail": detail, "prev_hash": row.prev_hash,
+            }
+            return record_hash(content)
+        except (ValueError, TypeError, UnicodeError, RecursionError, OverflowError):
+            return None
 
     def verify(self) -> VerificationReport:
         """Walk the whole chain and every checkpoint; report every inconsistency found."""
@@ -358,7 +401,10 @@ class AuditStore:
                     problem(f"records {expected_seq} to {rec.seq - 1} are missing (removed)")
                 else:
                     problem(f"record {rec.seq} appears out of order after record {expected_seq - 1}")
-            if rec.computed_hash() != rec.hash:
+            expected_hash = self._hash_of_row(rec)
+            if expected_hash is None:
+                problem(f"record {rec.seq} has a detail that is not its canonical encoding (edited)")
+            elif expected_hash != rec.hash:
                 problem(f"record {rec.seq} does not match its hash (edited)")
             if rec.prev_hash != prev_hash:
                 problem(
@@ -373,7 +419,19 @@ class AuditStore:
         report.head_hash = prev_hash
         last_seq = expected_seq - 1
 
+        if self.signer is None:
+            problem("the audit signing key is missing, so no checkpoint can be checked")
+        elif self.trusted_key_id and self.signer.key_id != self.trusted_key_id:
+            problem(f"the signing key in the state folder ({self.signer.key_id}) is not the trusted key "
+                    f"({self.trusted_key_id}): the key was replaced")
+        report.key_id = self.signer.key_id if self.signer else None
+        logged = {(c.seq, c.head_hash, c.signature) for c in log_cps}
+        for c in db_cps:
+            if (c.seq, c.head_hash, c.signature) not in logged:
+                problem(f"checkpoint at record {c.seq} is missing from the checkpoint log (log truncated or edited)")
         for c in all_cps:
+            if self.signer is None:
+                break
             if c.key_id != self.signer.key_id or not self.signer.verify(c.statement(), c.signature):
                 problem(f"checkpoint at record {c.seq} has an invalid signature (forged or altered)")
                 continue
@@ -385,6 +443,11 @@ class AuditStore:
                 )
             elif c.seq in hash_at and hash_at[c.seq] != c.head_hash:
                 problem(f"record {c.seq} differs from its signed checkpoint (the chain was rewritten)")
+        if last_seq > 0 and report.checkpoints == 0:
+            problem("no valid signed checkpoint covers the chain (checkpoints removed or never signed)")
+        elif last_seq - report.last_checkpoint_seq > self.checkpoint_interval:
+            problem(f"{last_seq - report.last_checkpoint_seq} records follow the last checkpoint, more than the "
+                    f"interval of {self.checkpoint_interval} (checkpoints removed)")
         return report
 
     def verify_or_raise(self) -> VerificationReport:

@@ -12,8 +12,9 @@ working on the host (the CLI without ``--as``), recorded as
 ``operator:<login>``.
 """
 
-import getpass
 import json
+import os
+import pwd
 from contextlib import contextmanager
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Callable, Iterator
@@ -47,10 +48,12 @@ def end_of_day(d: date) -> datetime:
 
 
 def operator_identity() -> str:
+    """``operator:<login>`` of the process's effective uid (from the password database, not $USER)."""
+    uid = os.geteuid()
     try:
-        login = getpass.getuser()
-    except Exception:  # no passwd entry in some containers
-        login = "unknown"
+        login = pwd.getpwuid(uid).pw_name
+    except KeyError:  # no passwd entry in some containers
+        login = f"uid{uid}"
     return f"operator:{login}"
 
 
@@ -95,19 +98,32 @@ class Catalog:
             yield s
 
     @contextmanager
-    def change(self, record_for: Callable[[], AuditRecord | list[AuditRecord]] | None = None) -> Iterator[Session]:
-        """A write transaction. The audit record(s) are appended after the flush and before the commit."""
+    def change(self) -> Iterator["_ChangeSession"]:
+        """A write transaction. Its audit records are appended after the flush and before the commit.
+
+        If the commit fails after the records were appended, a ``change.failed``
+        record naming them follows, so the log never claims a change that did
+        not happen without saying so.
+        """
+        holder: dict = {}
         with Session(self.engine, expire_on_commit=False) as s:
             try:
                 with s.begin():
-                    holder = {}
                     yield _ChangeSession(s, holder)
                     s.flush()
                     records = holder.get("records", [])
                     if records:
-                        self.audit.append_many(records)
-            except IntegrityError as e:
-                raise InvalidInputError(f"the catalog refused the change: {e.orig}") from None
+                        holder["appended"] = self.audit.append_many(records)
+            except BaseException as e:
+                if holder.get("appended"):
+                    self.audit.append_many(
+                        AuditRecord("change.failed", r.actor, project=r.project, region=r.region, dataset=r.dataset,
+                                    detail={"seq": r.seq, "action": r.action, "error": type(e).__name__})
+                        for r in holder["appended"]
+                    )
+                if isinstance(e, IntegrityError):
+                    raise InvalidInputError(f"the catalog refused the change: {e.orig}") from None
+                raise
 
     # -- lookups -----------------------------------------------------------
 
@@ -333,7 +349,9 @@ class Catalog:
             raise InvalidInputError(f"status: must be one of {', '.join(PROJECT_STATUSES)}")
         with self.change() as s:
             project = self._project(s, name)
-            self._require_lead_or_operator(s, actor, project, "change its status")
+            acting = self._require_lead_or_operator(s, actor, project, "change its status")
+            if status == "active" and acting is not None and not acting.has_role("operator"):
+                raise RefusedError(f"refused: only a platform operator may reactivate project {name!r}")
             old = project.status
             project.status = status
             s.record(

@@ -846,9 +846,14 @@ def validate_metadata(path, samples) -> MetadataFacts:
         rules, or subjects that do not match the samples exactly.
     """
     _require_file(path, "metadata file")
+    size = os.path.getsize(path)
+    if size > MAX_METADATA_BYTES:
+        raise IngestError(path, f"metadata is {size} bytes; the limit is {MAX_METADATA_BYTES}")
     try:
         with open(path, "r", encoding="utf-8") as fh:
             document = json.load(fh)
+    except RecursionError:
+        raise IngestError(path, "malformed JSON: nested too deeply") from None
     except UnicodeDecodeError as exc:
         raise IngestError(path, f"metadata is not UTF-8 text ({exc.reason})", f"byte {exc.start}") from None
     except json.JSONDecodeError as exc:
@@ -857,6 +862,8 @@ def validate_metadata(path, samples) -> MetadataFacts:
         raise IngestError(path, "metadata must be one JSON object holding a phenopacket Cohort")
     try:
         json_format.ParseDict(document, Cohort(), ignore_unknown_fields=False)
+    except RecursionError:
+        raise IngestError(path, "not a valid phenopacket v2 Cohort: nested too deeply") from None
     except json_format.ParseError as exc:
         raise IngestError(path, f"not a valid phenopacket v2 Cohort: {str(exc).rstrip('.')}") from None
 
@@ -911,3 +918,38 @@ def validate_metadata(path, samples) -> MetadataFacts:
         raise IngestError(path, f"{len(missing)} sample(s) in the genomic file have no metadata: "
                                 f"{_listing(missing)}")
     return MetadataFacts(individuals=len(members), sexes=sexes, hpo_terms=hpo, document=document)
+
+
+#: Metadata larger than this is refused before parsing (about 1 KiB per individual is typical).
+MAX_METADATA_BYTES = 512 * 1024 * 1024
+
+_IUPAC = re.compile(r"[ACGTNRYKMSWBDHVacgtnrykmswbdhv*-]*")
+
+
+def inspect_reference(path, fai_path) -> tuple[str, ...]:
+    """Validate a reference FASTA and its ``.fai``: every sequence readable through the index.
+
+    Returns the sequence names. Reads the first and last 1000 bases of each
+    sequence through the index, so an index of another FASTA or a file that
+    is not FASTA at all is refused.
+    """
+    _require_file(path, "reference")
+    if fai_path is None or not os.path.exists(fai_path):
+        raise IngestError(path, "the reference has no .fai index (samtools faidx)")
+    try:
+        with _htslib_quiet(), open(path, "rb") as f:
+            if f.read(1) != b">":
+                raise IngestError(path, "not a FASTA file (it must start with '>')")
+        with _htslib_quiet(), pysam.FastaFile(str(path), filepath_index=str(fai_path)) as fa:
+            names = tuple(fa.references)
+            if not names:
+                raise IngestError(fai_path, "the reference index lists no sequences")
+            for name, length in zip(fa.references, fa.lengths):
+                for start in (0, max(0, length - 1000)):
+                    seq = fa.fetch(name, start, min(length, start + 1000))
+                    if len(seq) != min(length, start + 1000) - start or not _IUPAC.fullmatch(seq):
+                        raise IngestError(fai_path, f"does not belong to {_name(path)}: sequence {name} "
+                                                    f"cannot be read through it", f"sequence {name}")
+            return names
+    except (OSError, ValueError) as exc:
+        raise IngestError(path, f"unreadable reference FASTA or index (htslib: {exc})") from None

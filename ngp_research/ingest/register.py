@@ -44,29 +44,57 @@ DATA_SUFFIXES = {
 INDEX_SUFFIXES = (".tbi", ".csi", ".bai", ".crai")
 
 
+#: Host folders no offered file may come from, besides the platform's home.
+FORBIDDEN_SOURCES = ("/proc", "/sys", "/dev")
+
+
 @dataclass(frozen=True)
 class PlannedFile:
     source: Path  # as offered
     name: str  # name inside the dataset folder
     role: str  # data | index | reference | metadata
     index_for: str | None = None  # name of the data file this indexes
+    resolved: Path | None = None  # the real file, every symlink resolved
+    identity: tuple[int, int] | None = None  # (st_dev, st_ino) checked at planning, checked again at copy
 
 
-def _safe_source(path, what: str) -> Path:
-    """The offered path, refused if it is not a regular file or a symlink leaving its folder."""
+def _safe_source(path, what: str, forbidden=()) -> tuple[Path, Path, tuple[int, int]]:
+    """Check an offered file; return (offered path, real path, (device, inode)).
+
+    Refused: a missing or non-regular file; a symlink whose target leaves the
+    link's folder; any file whose real path lies in the platform's home (the
+    regions' areas, the state with its keys) or in /proc, /sys or /dev; a file
+    with other hard links (it could be another region's stored file).
+    """
     p = Path(path)
     try:
         st = os.lstat(p)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise IngestError(p, f"{what} does not exist") from None
-    if stat.S_ISLNK(st.st_mode):
-        target = p.resolve()
-        if target.parent != p.absolute().parent.resolve():
-            raise IngestError(p, f"{what} is a symlink pointing outside its folder (to {target}); refused")
-        st = os.stat(target)
+    except OSError as e:
+        raise IngestError(p, f"{what} cannot be read ({e.strerror})") from None
+    try:
+        resolved = p.resolve(strict=True)
+    except (OSError, RuntimeError) as e:
+        raise IngestError(p, f"{what} cannot be resolved ({e})") from None
+    if stat.S_ISLNK(st.st_mode) and resolved.parent != p.absolute().parent.resolve():
+        raise IngestError(p, f"{what} is a symlink pointing outside its folder (to {resolved}); refused")
+    for root in (*forbidden, *FORBIDDEN_SOURCES):
+        root = Path(root).resolve()
+        if resolved == root or resolved.is_relative_to(root):
+            raise IngestError(p, f"{what} lies inside {root}, which ingest never reads from; refused")
+    st = os.stat(resolved)
     if not stat.S_ISREG(st.st_mode):
         raise IngestError(p, f"{what} is not a regular file")
-    return p
+    if st.st_nlink > 1:
+        raise IngestError(p, f"{what} has {st.st_nlink} hard links; ingest copies only files with one "
+                             "(copy it first)")
+    return p, resolved, (st.st_dev, st.st_ino)
+
+
+def _planned(path, name_what: str, role: str, forbidden, index_for=None) -> PlannedFile:
+    p, resolved, identity = _safe_source(path, name_what, forbidden)
+    return PlannedFile(p, _name_of(p, name_what), role, index_for=index_for, resolved=resolved, identity=identity)
 
 
 def _name_of(path: Path, what: str) -> str:
@@ -76,56 +104,57 @@ def _name_of(path: Path, what: str) -> str:
         raise IngestError(path, str(e)) from None
 
 
-def plan_ingest(files, metadata=None, reference=None) -> list[PlannedFile]:
-    """Pair each data file with its index; add metadata and reference. Pure apart from ``lstat``.
+def plan_ingest(files, metadata=None, reference=None, forbidden=()) -> list[PlannedFile]:
+    """Pair each data file with its index; add metadata and, for CRAM, the reference.
 
     Index files may be offered among ``files``; otherwise the index is looked
-    up next to the data file under its usual names.
+    up next to the data file under its usual names. ``forbidden`` lists host
+    folders no file may come from (the platform's home).
     """
     offered = [Path(f) for f in files]
     if not offered:
         raise InvalidInputError("FILE: give at least one data file")
-    for f in offered:
+    for f in offered + [Path(x) for x in (metadata, reference) if x is not None]:
         if ".." in f.parts:
-            raise IngestError(f, "file name contains '..'; refused")
+            raise IngestError(f, "path contains '..'; refused")
     indexes = {f.name: f for f in offered if f.name.endswith(INDEX_SUFFIXES)}
     data = [f for f in offered if not f.name.endswith(INDEX_SUFFIXES)]
     if not data:
         raise InvalidInputError("FILE: only index files were given; give the data file too")
-    plan, used = [], set()
+    plan, used, kinds = [], set(), set()
     for f in data:
-        _safe_source(f, "data file")
-        name = _name_of(f, "data file")
-        kind = checks.detect_kind(f)
+        item = _planned(f, "data file", "data", forbidden)
+        kind = checks.detect_kind(item.resolved)
+        kinds.add(kind)
         index = None
         for candidate in checks.expected_index_names(f, kind):
             cname = Path(candidate).name
             if cname in indexes:
                 index = indexes[cname]
                 break
-            if Path(candidate).exists():
+            if os.path.lexists(candidate):
                 index = Path(candidate)
                 break
         if index is None:
             wanted = " or ".join(Path(c).name for c in checks.expected_index_names(f, kind))
             raise IngestError(f, f"no index found; expected {wanted} next to it")
-        _safe_source(index, "index file")
         used.add(index.name)
-        plan.append(PlannedFile(f, name, "data"))
-        plan.append(PlannedFile(index, _name_of(index, "index file"), "index", index_for=name))
+        plan.append(item)
+        plan.append(_planned(index, "index file", "index", forbidden, index_for=item.name))
     unused = set(indexes) - used
     if unused:
         raise IngestError(sorted(unused)[0], "index file does not belong to any data file given")
     if reference is not None:
-        ref = _safe_source(reference, "reference")
-        plan.append(PlannedFile(ref, _name_of(ref, "reference"), "reference"))
-        fai = Path(str(ref) + ".fai")
-        if fai.exists():
-            plan.append(PlannedFile(_safe_source(fai, "reference index"), _name_of(fai, "reference index"), "index",
-                                    index_for=ref.name))
+        if kinds != {"cram"}:
+            raise InvalidInputError("--reference: a reference is declared only for CRAM files")
+        ref = _planned(reference, "reference", "reference", forbidden)
+        plan.append(ref)
+        fai = Path(str(reference) + ".fai")
+        if not os.path.lexists(fai):
+            raise IngestError(reference, "the reference has no .fai index next to it (samtools faidx)")
+        plan.append(_planned(fai, "reference index", "index", forbidden, index_for=ref.name))
     if metadata is not None:
-        meta = _safe_source(metadata, "metadata")
-        plan.append(PlannedFile(meta, _name_of(meta, "metadata"), "metadata"))
+        plan.append(_planned(metadata, "metadata", "metadata", forbidden))
     names = [p.name for p in plan]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
@@ -133,16 +162,25 @@ def plan_ingest(files, metadata=None, reference=None) -> list[PlannedFile]:
     return plan
 
 
-def _copy_and_hash(source: Path, dest: Path) -> tuple[int, str]:
+def _copy_and_hash(item: PlannedFile, dest: Path) -> tuple[int, str]:
+    """Copy the very file that was checked (no symlink followed, same device and inode), hashing it."""
     h = hashlib.sha256()
     size = 0
-    with open(source, "rb") as fin, open(dest, "xb") as fout:
-        while chunk := fin.read(1 << 20):
-            h.update(chunk)
-            fout.write(chunk)
-            size += len(chunk)
-        fout.flush()
-        os.fsync(fout.fileno())
+    try:
+        fd = os.open(item.resolved, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise IngestError(item.source, f"cannot be opened ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as fin:
+        st = os.fstat(fin.fileno())
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != item.identity:
+            raise IngestError(item.source, "changed while being ingested (replaced by another file); refused")
+        with open(dest, "xb") as fout:
+            while chunk := fin.read(1 << 20):
+                h.update(chunk)
+                fout.write(chunk)
+                size += len(chunk)
+            fout.flush()
+            os.fsync(fout.fileno())
     return size, h.hexdigest()
 
 
@@ -158,6 +196,20 @@ def _make_read_only(folder: Path) -> None:
     for p in folder.iterdir():
         os.chmod(p, 0o444)
     os.chmod(folder, 0o555)
+
+
+def _remove_stale_staging(staging_root: Path) -> None:
+    """Remove staging folders left by ingests whose process no longer runs (a hard kill, a power cut)."""
+    for child in staging_root.iterdir():
+        parts = child.name.rsplit(".", 2)
+        if len(parts) != 3 or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            _remove_tree(child)
+        except PermissionError:
+            pass  # alive, owned by someone else
 
 
 def _remove_tree(folder: Path) -> None:
@@ -203,20 +255,24 @@ def ingest_dataset(catalog, region: str, name: str, files, actor: str | None, me
         if s.scalar(select(Dataset).where(Dataset.name == name)) is not None:
             raise InvalidInputError(f"dataset {name!r} already exists")
 
-    plan = plan_ingest(files, metadata=metadata, reference=reference)
+    plan = plan_ingest(files, metadata=metadata, reference=reference, forbidden=(catalog.platform.home_path,))
     platform = catalog.platform
     final = platform.dataset_dir(region, name)
     if final.exists():
-        raise InvalidInputError(f"dataset folder for {name!r} already exists in region {region!r}")
+        raise InvalidInputError(
+            f"a folder for dataset {name!r} exists in region {region!r} but the catalog has no such dataset "
+            f"(left by an interrupted ingest?); an operator must inspect and remove {final}"
+        )
     staging_root = platform.staging_dir(region)
     staging_root.mkdir(parents=True, exist_ok=True)
-    staging = staging_root / f"{name}.{uuid.uuid4().hex}"
+    _remove_stale_staging(staging_root)
+    staging = staging_root / f"{name}.{os.getpid()}.{uuid.uuid4().hex}"
     staging.mkdir(mode=0o700)
     moved = False
     try:
         stored = {}
         for item in plan:
-            size, digest = _copy_and_hash(item.source, staging / item.name)
+            size, digest = _copy_and_hash(item, staging / item.name)
             stored[item.name] = (size, digest)
         facts, kinds = _validate_staged(plan, staging)
         meta_facts = None
@@ -301,6 +357,13 @@ def ingest_dataset(catalog, region: str, name: str, files, actor: str | None, me
 def _validate_staged(plan, staging: Path):
     facts, kinds = [], []
     ref = next((p for p in plan if p.role == "reference"), None)
+    if ref is not None:
+        fai = next(p for p in plan if p.index_for == ref.name)
+        try:
+            checks.inspect_reference(staging / ref.name, staging / fai.name)
+        except IngestError as e:
+            offered = {str(staging / p.name): str(p.source) for p in plan}
+            raise IngestError(offered.get(e.file, e.file), e.problem, e.location) from None
     for item in plan:
         if item.role != "data":
             continue
