@@ -204,7 +204,7 @@ class AccessPolicy:
         from sqlalchemy import select
         from sqlalchemy.orm import selectinload
 
-        from .catalog.models import Dataset, Membership, Project, Tag
+        from .catalog.models import Dataset, Membership, Tag
 
         with self.catalog.session() as s:
             project = self.catalog._project(s, project_name)

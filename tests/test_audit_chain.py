@@ -4,7 +4,6 @@ The attacker has write access to the audit database (SQL) but not to the
 signing key. Runs on SQLite and PostgreSQL.
 """
 
-import json
 from datetime import datetime, timezone
 
 import pytest

@@ -97,15 +97,6 @@ def test_bcf_bam_and_cram(people, inbox):
                                                   "ref.fa.fai": "index"}
 
 
-def corrupt_middle_record(path, inbox):
-    lines = gzip.decompress(path.read_bytes()).decode().splitlines()
-    header = sum(1 for line in lines if line.startswith("#"))
-    fields = lines[header + 19].split("\t")
-    fields[1] = "12x4"
-    lines[header + 19] = "\t".join(fields)
-    return write_vcf(path, SAMPLES, lines[header:], index=True), header + 20
-
-
 def truncate(path, keep=0.5):
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
@@ -150,7 +141,6 @@ def corrupt_record_in_the_middle(inbox):
     vcf.unlink()
     pysam.tabix_compress(str(plain), str(vcf))
     plain.unlink()
-    shutil.copy(str(vcf) + ".tbi", inbox / "keep.tbi") if False else None
     return dict(files=[vcf]), IngestError, rf"c\.vcf\.gz: .*record 20 \(line {len(header) + 20}\)"
 
 
@@ -250,7 +240,7 @@ def dataset_name_with_dotdot(inbox):
 
 @case
 def file_path_with_dotdot(inbox):
-    vcf = write_vcf(inbox / "s.vcf.gz", SAMPLES, recs())
+    write_vcf(inbox / "s.vcf.gz", SAMPLES, recs())
     return dict(files=[str(inbox / ".." / "inbox" / "s.vcf.gz")]), IngestError, r"contains '\.\.'"
 
 
