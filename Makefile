@@ -13,7 +13,7 @@ STAMP    := $(VENV)/.installed
 APT_STAMP := $(VENV)/.system-packages
 
 # Debian packages the platform and its tests need.
-APT_PACKAGES := postgresql
+APT_PACKAGES := postgresql bubblewrap
 
 .PHONY: demo test bench install system-packages clean
 
@@ -30,10 +30,11 @@ $(APT_STAMP):
 	fi
 	@mkdir -p $(VENV) && touch $@
 
-$(STAMP): pyproject.toml | $(APT_STAMP)
+$(STAMP): pyproject.toml hub/idp/package-lock.json | $(APT_STAMP)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
+	cd hub/idp && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 demo: $(STAMP)

@@ -91,6 +91,24 @@ class Platform(Configurable):
     def _default_trusted_key(self):
         return os.environ.get("NGP_AUDIT_TRUSTED_KEY", "")
 
+    workspace_uid_base = Integer(
+        200000,
+        help="Members' workspaces run as host uid workspace_uid_base + the user's catalog id: "
+        "a distinct unprivileged uid per user, recorded in the catalog.",
+    ).tag(config=True)
+
+    workspace_gid_base = Integer(
+        300000,
+        help="Each project's host group is workspace_gid_base + the project's catalog id; its "
+        "shared area belongs to that group.",
+    ).tag(config=True)
+
+    workspace_data_gid = Integer(
+        199999,
+        help="The host group that may traverse the platform's home to the regions' files. Only "
+        "sandboxed workspaces run with it, and they see only the files bound into them.",
+    ).tag(config=True)
+
     @property
     def home_path(self) -> Path:
         return Path(self.home).resolve()

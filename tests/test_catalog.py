@@ -169,7 +169,12 @@ def test_schema_is_managed_by_alembic(catalog):
     from sqlalchemy import inspect, text
 
     with catalog.engine.connect() as conn:
-        assert conn.execute(text("select version_num from alembic_version")).scalar_one() == "0001"
+        from alembic.script import ScriptDirectory
+
+        from ngp_research.catalog.database import alembic_config
+
+        head = ScriptDirectory.from_config(alembic_config(str(catalog.engine.url))).get_current_head()
+        assert conn.execute(text("select version_num from alembic_version")).scalar_one() == head
         assert {"regions", "users", "datasets", "dataset_files", "projects", "memberships", "tags", "samples"} <= set(
             inspect(conn).get_table_names())
 
@@ -230,3 +235,30 @@ def test_a_change_that_fails_to_commit_after_its_record_says_so(people):
     assert (failed.action, failed.detail["seq"], failed.detail["action"]) == ("change.failed", created.seq,
                                                                                 "project.create")
     assert people.audit.verify().ok
+
+
+def test_upgrading_a_populated_0001_catalog_keeps_its_rows(platform):
+    """A catalog made by the first release upgrades in place; its rows survive."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from ngp_research.catalog.database import alembic_config, make_engine
+
+    engine = make_engine(platform.database_url)
+    cfg = alembic_config(platform.database_url)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+        conn.execute(text("insert into regions (id, name, title) values (1, 'syd', 'syd')"))
+        conn.execute(text("insert into users (id, username, home_region_id, created_at) "
+                          "values (1, 'lars', 1, '2025-01-01 00:00:00')"))
+        conn.execute(text("insert into projects (id, name, title, lead_id, approval_number, approval_authority, "
+                          "valid_from, valid_until, status, created_at) values (1, 'p', 'p', 1, 'A', 'B', "
+                          "'2025-01-01', '2026-01-01', 'active', '2025-01-01 00:00:00')"))
+    engine.dispose()
+    from ngp_research.catalog import Catalog
+
+    c = Catalog.open(platform)
+    p = c.project("p")
+    assert (p.lead.username, p.workspace_memory, p.workspace_idle_timeout) == ("lars", "2G", 3600)
+    c.close()

@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     Date,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     String,
@@ -66,6 +67,8 @@ class User(Base):
     username: Mapped[str] = mapped_column(String(64), unique=True)
     home_region_id: Mapped[int] = mapped_column(ForeignKey("regions.id"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: The member's own unprivileged host uid, under which their workspaces run.
+    workspace_uid: Mapped[int | None] = mapped_column(Integer, unique=True, index=True, nullable=True)
 
     home_region: Mapped[Region] = relationship()
     roles: Mapped[list["UserRole"]] = relationship(
@@ -162,6 +165,12 @@ class Project(Base):
     valid_until: Mapped[date] = mapped_column(Date)
     status: Mapped[str] = mapped_column(String(16), default="active")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: The project's host group: owner group of its shared area, primary group of its workspaces.
+    workspace_gid: Mapped[int | None] = mapped_column(Integer, unique=True, index=True, nullable=True)
+    #: The workspace profile the lead sets: CPU cores, memory (like "2G"), idle timeout in seconds.
+    workspace_cpu: Mapped[float] = mapped_column(Float, default=1.0)
+    workspace_memory: Mapped[str] = mapped_column(String(16), default="2G")
+    workspace_idle_timeout: Mapped[int] = mapped_column(Integer, default=3600)
 
     lead: Mapped[User] = relationship()
     memberships: Mapped[list["Membership"]] = relationship(

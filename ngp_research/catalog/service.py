@@ -232,12 +232,14 @@ class Catalog:
             for role in roles:
                 user.roles.append(UserRole(role=role, region=home if role == "region-admin" else None))
             s.add(user)
+            s.flush()
+            user.workspace_uid = self.platform.workspace_uid_base + user.id
             s.record(
                 AuditRecord(
                     "user.add",
                     self.actor_label(actor),
                     region=region,
-                    detail={"user": username, "roles": user.role_labels()},
+                    detail={"user": username, "roles": user.role_labels(), "workspace_uid": user.workspace_uid},
                     
                 )
             )
@@ -326,6 +328,8 @@ class Catalog:
             )
             project.memberships.append(Membership(user=lead_user, role="lead", added_at=now, added_by_id=None))
             s.add(project)
+            s.flush()
+            project.workspace_gid = self.platform.workspace_gid_base + project.id
             s.record(
                 AuditRecord(
                     "project.create",
@@ -361,6 +365,46 @@ class Catalog:
                 )
             )
         return project
+
+    def set_workspace_profile(self, name: str, actor: str | None, cpu=None, memory=None, idle_timeout=None):
+        """The lead (or an operator) sets the project's workspace resources; checked and audited."""
+        from ..workspace.plan import Profile
+
+        with self.change() as s:
+            project = self._project(s, name)
+            self._require_lead_or_operator(s, actor, project, "change its workspace profile")
+            old = Profile(project.workspace_cpu, project.workspace_memory, project.workspace_idle_timeout)
+            try:
+                new = Profile(
+                    old.cpu if cpu is None else cpu,
+                    old.memory if memory is None else memory,
+                    old.idle_timeout if idle_timeout is None else idle_timeout,
+                )
+            except ValueError as e:
+                raise InvalidInputError(str(e)) from None
+            project.workspace_cpu, project.workspace_memory = float(new.cpu), str(new.memory)
+            project.workspace_idle_timeout = new.idle_timeout
+            s.record(AuditRecord("project.change", self.actor_label(actor), project=name,
+                                 detail={"profile": [old.to_json(), new.to_json()]}))
+        return new
+
+    def workspace_identity(self, username: str, project: str) -> tuple[int, int]:
+        """(host uid of the user, host gid of the project), allocating and recording them if missing."""
+        with self.session() as s:
+            user, p = self._user(s, username), self._project(s, project)
+            if user.workspace_uid is not None and p.workspace_gid is not None:
+                return user.workspace_uid, p.workspace_gid
+        with self.change() as s:
+            user, p = self._user(s, username), self._project(s, project)
+            if user.workspace_uid is None:
+                user.workspace_uid = self.platform.workspace_uid_base + user.id
+                s.record(AuditRecord("user.role", self.actor_label(None), region=user.home_region.name,
+                                     detail={"user": username, "workspace_uid": user.workspace_uid}))
+            if p.workspace_gid is None:
+                p.workspace_gid = self.platform.workspace_gid_base + p.id
+                s.record(AuditRecord("project.change", self.actor_label(None), project=project,
+                                     detail={"workspace_gid": p.workspace_gid}))
+            return user.workspace_uid, p.workspace_gid
 
     def projects(self) -> list[Project]:
         with self.session() as s:
