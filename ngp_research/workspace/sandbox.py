@@ -144,3 +144,12 @@ class LocalSandbox(Configurable):
             out, err = proc.communicate()
             raise
         return proc.returncode, out, err
+
+
+def prepare_areas(platform, plan: WorkspacePlan) -> None:
+    """Create the host folders a plan binds, with their owners and modes (see :mod:`.areas`)."""
+    from . import areas
+
+    areas.secure_platform_home(platform)
+    areas.project_area(platform, plan.project, plan.gid)
+    areas.member_home(platform, plan.project, plan.user, plan.uid, plan.gid)

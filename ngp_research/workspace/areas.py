@@ -1,0 +1,60 @@
+"""Host folders behind a workspace, with owners and modes that keep them apart.
+
+Run as root (the hub), these give::
+
+    $NGP_HOME                  0710 root:<data group>   only sandboxed workspaces traverse it
+      state/                   0700 root                never reachable from a workspace uid
+      regions/, projects/      0710 root:<data group>
+      projects/<p>/            0710 root:<project group>
+        shared/               02770 root:<project group> members write, files keep the project group
+        home/                  0710 root:<project group>
+          <user>/              0700 <user uid>:<project group>
+
+Without root (a developer's machine), folders are only created. Workspaces
+still see only what is bound into them; these modes are a second line.
+"""
+
+import os
+from pathlib import Path
+
+
+def _own(path: Path, mode: int, uid: int | None = None, gid: int | None = None) -> None:
+    if os.geteuid() == 0:
+        os.chown(path, 0 if uid is None else uid, 0 if gid is None else gid)
+    os.chmod(path, mode)
+
+
+def secure_platform_home(platform) -> None:
+    """Gate the platform's home behind the data group; keep the state private."""
+    platform.ensure_layout()
+    gid = platform.workspace_data_gid
+    _own(platform.home_path, 0o710, gid=gid)
+    _own(platform.regions_dir, 0o710, gid=gid)
+    _own(platform.projects_dir, 0o710, gid=gid)
+    _own(platform.state_dir, 0o700)
+    for region in platform.regions_dir.iterdir():
+        if region.is_dir():
+            _own(region, 0o710, gid=gid)
+            datasets = region / "datasets"
+            if datasets.is_dir():
+                _own(datasets, 0o710, gid=gid)
+
+
+def project_area(platform, project: str, project_gid: int) -> Path:
+    """The project's shared area (created if missing)."""
+    root = platform.projects_dir / project
+    shared, homes = root / "shared", root / "home"
+    for p in (root, shared, homes):
+        p.mkdir(parents=True, exist_ok=True)
+    _own(root, 0o710, gid=project_gid)
+    _own(shared, 0o2770, gid=project_gid)
+    _own(homes, 0o710, gid=project_gid)
+    return shared
+
+
+def member_home(platform, project: str, user: str, uid: int, project_gid: int) -> Path:
+    """A member's home in one project (created if missing)."""
+    home = platform.projects_dir / project / "home" / user
+    home.mkdir(parents=True, exist_ok=True)
+    _own(home, 0o700, uid=uid, gid=project_gid)
+    return home
