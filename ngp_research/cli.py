@@ -121,6 +121,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--as", dest="actor", default=None, metavar="USER")
     c.add_argument("--reason", default="")
 
+    c = cmd(project, "profile", "set the workspace profile (CPU, memory, idle timeout)")
+    c.add_argument("name")
+    c.add_argument("--cpu", type=float)
+    c.add_argument("--memory", help="like 512M or 4G")
+    c.add_argument("--idle-timeout", type=int, metavar="SECONDS")
+    c.add_argument("--as", dest="actor", required=True, metavar="USER")
+
+    workspace = group("workspace", "project workspaces")
+    c = cmd(workspace, "plan", "what a user's workspace in a project mounts, as whom")
+    c.add_argument("project")
+    c.add_argument("--user", required=True)
+    c = cmd(workspace, "run", "run a command in a user's workspace sandbox (root only)")
+    c.add_argument("project")
+    c.add_argument("--user", required=True)
+    c.add_argument("argv", nargs="*", metavar="COMMAND", help="after --: the command and its arguments")
+
     tag = group("tag", "tags: a region's grant of a dataset to a project")
     c = cmd(tag, "grant", "tag a dataset for a project")
     c.add_argument("dataset")
@@ -371,6 +387,40 @@ def run(args) -> int:
         elif g == "project" and c == "suspend":
             catalog.set_project_status(args.name, "suspended", actor=args.actor, reason=args.reason)
             _emit(args, {"project": args.name, "status": "suspended"}, f"project {args.name} is suspended")
+        elif g == "project" and c == "profile":
+            prof = catalog.set_workspace_profile(args.name, args.actor, cpu=args.cpu, memory=args.memory,
+                                                 idle_timeout=args.idle_timeout)
+            _emit(args, {"project": args.name, **prof.to_json()},
+                  f"workspace profile of {args.name}: {prof.cpu} CPU, {prof.memory} memory, "
+                  f"idle timeout {prof.idle_timeout} s")
+        elif g == "workspace" and c == "plan":
+            from .workspace import plan_for
+
+            plan = plan_for(catalog, args.user, args.project)
+            data = {
+                "user": plan.user, "project": plan.project, "uid": plan.uid, "gid": plan.gid,
+                "groups": list(plan.groups), "hostname": plan.hostname, "workdir": plan.workdir,
+                "profile": plan.profile.to_json(),
+                "mounts": [{"source": m.source, "target": m.target, "writable": m.writable, "kind": m.kind}
+                           for m in plan.mounts],
+                "environment": dict(plan.environment), "manifest": plan.manifest,
+            }
+            text = (f"workspace of {plan.user} in {plan.project}: host uid {plan.uid}, group {plan.gid}, "
+                    f"{plan.profile.cpu} CPU, {plan.profile.memory}\n"
+                    + _table([[m.target, "rw" if m.writable else "ro", m.kind, m.source] for m in plan.mounts],
+                             ["inside", "mode", "kind", "host"]))
+            _emit(args, data, text)
+        elif g == "workspace" and c == "run":
+            from .workspace import plan_for
+            from .workspace.sandbox import LocalSandbox, prepare_areas
+
+            command = args.argv
+            if not command:
+                raise UsageError("give the command after --")
+            plan = plan_for(catalog, args.user, args.project)
+            prepare_areas(platform, plan)
+            proc = LocalSandbox().start(plan, command, stdout=None, stderr=None)
+            return proc.wait()
         elif g == "tag" and c == "grant":
             catalog.grant_tag(args.dataset, args.project, args.actor, expires=args.expires, reason=args.reason)
             _emit(args, {"dataset": args.dataset, "project": args.project, "granted": True},
@@ -403,7 +453,14 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = []
+    if "--" in argv:  # `ngp workspace run P --user U -- CMD ...`: everything after -- is the command
+        i = argv.index("--")
+        argv, command = argv[:i], argv[i + 1:]
     args = build_parser().parse_args(argv)
+    if command:
+        args.argv = list(getattr(args, "argv", [])) + command
     try:
         return run(args)
     except AuditIntegrityError as e:

@@ -181,3 +181,34 @@ def test_bwrap_is_never_started_as_root(world):
     argv = bwrap_argv(world["plan"], ["true"], {})
     assert "--share-net" not in argv and "--unshare-net" in argv and "--disable-userns" in argv
     assert argv[argv.index("--uid") + 1] != "0"
+
+
+def test_ngp_workspace_run_and_plan_from_the_command_line(world):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NGP_")}
+    env["NGP_HOME"] = str(world["platform"].home_path)
+    ngp = [sys.executable, "-m", "ngp_research.cli"]
+    p = subprocess.run(ngp + ["workspace", "run", "cardio-gwas", "--user", "alice", "--", "/bin/sh", "-c",
+                              "id -un; ls /data"], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["alice", "norr", "stockholm", "syd", "uppsala"]
+    p = subprocess.run(ngp + ["workspace", "run", "cardio-gwas", "--user", "bob", "--", "true"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "bob is not a member of project 'cardio-gwas'" in p.stderr
+    p = subprocess.run(ngp + ["project", "profile", "cardio-gwas", "--cpu", "2", "--memory", "3G",
+                              "--idle-timeout", "1800", "--as", "alice"], env=env, capture_output=True, text=True)
+    assert p.returncode == 2 and "alice is not the lead" in p.stderr
+    p = subprocess.run(ngp + ["project", "profile", "cardio-gwas", "--cpu", "2", "--memory", "3G",
+                              "--idle-timeout", "1800", "--as", "lars"], env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    p = subprocess.run(ngp + ["workspace", "plan", "cardio-gwas", "--user", "alice", "--json"], env=env,
+                       capture_output=True, text=True)
+    plan = json.loads(p.stdout)
+    assert plan["profile"] == {"cpu": 2.0, "memory": "3G", "idle_timeout": 1800}
+    assert {m["target"] for m in plan["mounts"] if m["kind"] == "data"} == {m.target for m in
+                                                                             world["plan"].data_files}
+    p = subprocess.run(ngp + ["project", "profile", "cardio-gwas", "--memory", "lots", "--as", "lars"], env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "memory: 'lots' is not a size" in p.stderr
