@@ -7,6 +7,7 @@ the reason on stderr.
 
 import argparse
 import json
+import os
 import sys
 from datetime import date, datetime, timezone
 
@@ -419,8 +420,14 @@ def run(args) -> int:
                 raise UsageError("give the command after --")
             plan = plan_for(catalog, args.user, args.project)
             prepare_areas(platform, plan)
-            proc = LocalSandbox().start(plan, command, stdout=None, stderr=None)
-            return proc.wait()
+            from .workspace.limits import CgroupLimits
+
+            cgroup = f"{plan.project}.{plan.user}.run{os.getpid()}"
+            proc = LocalSandbox().start(plan, command, stdout=None, stderr=None, cgroup=cgroup)
+            try:
+                return proc.wait()
+            finally:
+                CgroupLimits().remove(cgroup)
         elif g == "tag" and c == "grant":
             catalog.grant_tag(args.dataset, args.project, args.actor, expires=args.expires, reason=args.reason)
             _emit(args, {"dataset": args.dataset, "project": args.project, "granted": True},

@@ -17,6 +17,7 @@ import shutil
 import socket
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -212,3 +213,61 @@ def test_ngp_workspace_run_and_plan_from_the_command_line(world):
     p = subprocess.run(ngp + ["project", "profile", "cardio-gwas", "--memory", "lots", "--as", "lars"], env=env,
                        capture_output=True, text=True)
     assert p.returncode == 2 and "memory: 'lots' is not a size" in p.stderr
+
+
+def test_memory_limit_is_enforced(world):
+    import dataclasses
+
+    from ngp_research.workspace import Profile
+    from ngp_research.workspace.limits import CgroupLimits
+
+    plan = dataclasses.replace(world["plan"], profile=Profile(cpu=1, memory="128M"))
+    hog = "a = bytearray(512 * 1024 * 1024); a[::4096] = b'x' * len(a[::4096]); print('allocated')"
+    limits = CgroupLimits()
+    name = "test-memory-limit"
+    proc = LocalSandbox().start(plan, ["/usr/bin/python3", "-I", "-c", hog], cgroup=name)
+    out, _ = proc.communicate(timeout=120)
+    failures = limits.memory_failures(name)
+    limits.remove(name)
+    assert proc.returncode != 0 and b"allocated" not in out
+    assert failures > 0
+
+
+def test_cpu_and_process_limits_are_set_for_the_whole_sandbox(world):
+    import dataclasses
+
+    from ngp_research.workspace import Profile
+    from ngp_research.workspace.limits import CgroupLimits
+
+    plan = dataclasses.replace(world["plan"], profile=Profile(cpu=0.5, memory="256M"))
+    limits = CgroupLimits()
+    name = "test-cpu-limit"
+    proc = LocalSandbox().start(plan, ["/bin/sleep", "60"], cgroup=name)
+    try:
+        layout = limits.layout()
+        if layout == "v1":
+            group = limits.root / "cpu" / limits.prefix / name
+            assert (group / "cpu.cfs_quota_us").read_text().strip() == "50000"
+            pids_group = limits.root / "pids" / limits.prefix / name
+            assert (pids_group / "pids.max").read_text().strip() == "1024"
+        else:
+            group = limits.root / limits.prefix / name
+            assert (group / "cpu.max").read_text().split() == ["50000", "100000"]
+        for _ in range(100):  # wait until bwrap has started the command inside
+            members = {int(p) for p in (group / "cgroup.procs").read_text().split()}
+            if len(members) >= 3:
+                break
+            time.sleep(0.05)
+        assert proc.pid in members and len(members) >= 3  # bwrap, its init and the command: all counted
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+        time.sleep(0.2)
+        limits.remove(name)
+
+
+def test_limits_are_required_by_default(world):
+    from ngp_research.workspace.limits import LimitsUnavailable
+
+    with pytest.raises(LimitsUnavailable, match="name the workspace's cgroup"):
+        LocalSandbox().start(world["plan"], ["true"])

@@ -20,9 +20,10 @@ import os
 import shutil
 import subprocess
 
-from traitlets import Unicode, default
+from traitlets import Bool, Unicode, default
 from traitlets.config import Configurable
 
+from .limits import CgroupLimits, LimitsUnavailable
 from .plan import MANIFEST_PATH, WorkspacePlan
 
 #: Merged-/usr symlinks every Debian 12 root needs.
@@ -88,8 +89,12 @@ def bwrap_argv(plan: WorkspacePlan, command, fds: dict, bwrap: str = "bwrap") ->
     return a
 
 
+#: Joins the cgroups named in its arguments, then executes the rest: run as root, before privileges drop.
+_JOIN_CGROUPS = 'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; n=$((n-1)); done; exec "$@"'
+
+
 class LocalSandbox(Configurable):
-    """Starts workspace plans as bubblewrap sandboxes on this host."""
+    """Starts workspace plans as bubblewrap sandboxes on this host, within their resource limits."""
 
     bwrap = Unicode(help="Path of the bubblewrap executable.").tag(config=True)
 
@@ -97,16 +102,48 @@ class LocalSandbox(Configurable):
     def _default_bwrap(self):
         return shutil.which("bwrap") or "/usr/bin/bwrap"
 
-    def start(self, plan: WorkspacePlan, command, stdin=subprocess.DEVNULL, **popen) -> subprocess.Popen:
-        """Start ``command`` in the sandbox of ``plan``; stdout and stderr are pipes.
+    setpriv = Unicode(help="Path of util-linux's setpriv, which drops root to the member's uid.").tag(config=True)
 
-        The caller must be root (to become the member's uid) or already be that uid.
+    @default("setpriv")
+    def _default_setpriv(self):
+        return shutil.which("setpriv") or "/usr/bin/setpriv"
+
+    require_limits = Bool(
+        True,
+        help="Refuse to start a workspace whose CPU and memory limits cannot be enforced (no cgroups). "
+        "Turn off only on a developer's machine.",
+    ).tag(config=True)
+
+    def command(self, plan: WorkspacePlan, command, fds: dict, cgroup_procs=()) -> list[str]:
+        """The full command line: join the cgroups (as root), drop to the member's uid, start bwrap."""
+        inner = bwrap_argv(plan, command, fds, bwrap=self.bwrap)
+        if os.geteuid() != 0:
+            return inner
+        drop = [self.setpriv, f"--reuid={plan.uid}", f"--regid={plan.gid}",
+                "--groups=" + ",".join(str(g) for g in plan.groups), "--"]
+        return ["/bin/sh", "-c", _JOIN_CGROUPS, "ngp-join", str(len(cgroup_procs)), *cgroup_procs, *drop, *inner]
+
+    def start(self, plan: WorkspacePlan, command, stdin=subprocess.DEVNULL, cgroup: str | None = None,
+              **popen) -> subprocess.Popen:
+        """Start ``command`` in the sandbox of ``plan``; stdout and stderr are pipes unless given.
+
+        ``cgroup`` names the workspace's cgroup (limits from ``plan.profile``). The caller must be root
+        (to become the member's uid) or already be that uid.
         """
         if os.geteuid() not in (0, plan.uid):
             raise PermissionError("the local sandbox is started by root (it drops to the member's uid) "
                                   f"or by uid {plan.uid} itself")
         if plan.uid == 0 or plan.gid == 0:
             raise PermissionError("a workspace never runs as root")
+        procs = []
+        if cgroup is not None:
+            try:
+                procs = CgroupLimits().create(cgroup, plan.profile)
+            except LimitsUnavailable:
+                if self.require_limits:
+                    raise
+        elif self.require_limits:
+            raise LimitsUnavailable("start(): name the workspace's cgroup so its limits are enforced")
         fds = {}
         try:
             for target, content in generated_files(plan).items():
@@ -114,12 +151,8 @@ class LocalSandbox(Configurable):
                 os.write(fd, content)
                 os.lseek(fd, 0, os.SEEK_SET)
                 fds[target] = fd
-            argv = bwrap_argv(plan, command, fds, bwrap=self.bwrap)
             return subprocess.Popen(
-                argv,
-                user=plan.uid,
-                group=plan.gid,
-                extra_groups=list(plan.groups),
+                self.command(plan, command, fds, procs),
                 env=dict(plan.environment),
                 pass_fds=tuple(fds.values()),
                 stdin=stdin,
@@ -134,15 +167,20 @@ class LocalSandbox(Configurable):
             for fd in fds.values():
                 os.close(fd)
 
-    def run(self, plan: WorkspacePlan, command, input: bytes | None = None, timeout: float = 120):
+    def run(self, plan: WorkspacePlan, command, input: bytes | None = None, timeout: float = 120,
+            cgroup: str | None = None):
         """Run ``command`` to completion in the sandbox; returns (returncode, stdout, stderr)."""
-        proc = self.start(plan, command, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL)
+        cgroup = cgroup or f"{plan.project}.{plan.user}.{os.getpid()}.{id(plan):x}"
+        proc = self.start(plan, command, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                          cgroup=cgroup)
         try:
             out, err = proc.communicate(input, timeout=timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, 9)
             out, err = proc.communicate()
             raise
+        finally:
+            CgroupLimits().remove(cgroup)
         return proc.returncode, out, err
 
 
