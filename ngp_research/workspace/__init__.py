@@ -25,7 +25,7 @@ def system_mounts(python_env: str | None = None) -> tuple[Mount, ...]:
 
 
 def plan_for(catalog, user: str, project: str, at: datetime | None = None, python_env: str | None = None,
-             environment: dict | None = None) -> WorkspacePlan:
+             environment: dict | None = None, runtime: bool = False) -> WorkspacePlan:
     """Plan ``user``'s workspace in ``project`` from the catalog and the access policy, now (or at ``at``).
 
     Raises :class:`WorkspaceRefused` with the policy's reasons when the user may see nothing.
@@ -54,6 +54,7 @@ def plan_for(catalog, user: str, project: str, at: datetime | None = None, pytho
         shared_area=str(platform.projects_dir / project / "shared"),
         home_area=str(platform.projects_dir / project / "home" / user),
         datasets=summaries,
+        runtime_area=str(platform.home_path / "runtime" / project / user) if runtime else None,
         system_mounts=system_mounts(python_env),
         profile=Profile(p.workspace_cpu, p.workspace_memory, p.workspace_idle_timeout),
         environment=environment,

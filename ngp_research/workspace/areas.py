@@ -5,6 +5,7 @@ Run as root (the hub), these give::
     $NGP_HOME                  0710 root:<data group>   only sandboxed workspaces traverse it
       state/                   0700 root                never reachable from a workspace uid
       regions/, projects/      0710 root:<data group>
+      runtime/<p>/<user>/      0700 <user uid>   the workspace's bridge sockets, /run/ngp inside
       projects/<p>/            0710 root:<project group>
         shared/               02770 root:<project group> members write, files keep the project group
         home/                  0710 root:<project group>
@@ -58,3 +59,20 @@ def member_home(platform, project: str, user: str, uid: int, project_gid: int) -
     home.mkdir(parents=True, exist_ok=True)
     _own(home, 0o700, uid=uid, gid=project_gid)
     return home
+
+
+def runtime_dir(platform, project: str, user: str) -> Path:
+    """Host folder of a workspace's bridge sockets (bound at /run/ngp inside)."""
+    return platform.home_path / "runtime" / project / user
+
+
+def runtime_area(platform, project: str, user: str, uid: int, project_gid: int) -> Path:
+    """Create the runtime folder: $NGP_HOME/runtime/<project>/<user>, 0700 for the member."""
+    root = platform.home_path / "runtime"
+    proj = root / project
+    path = proj / user
+    path.mkdir(parents=True, exist_ok=True)
+    _own(root, 0o710, gid=platform.workspace_data_gid)
+    _own(proj, 0o710, gid=project_gid)
+    _own(path, 0o700, uid=uid, gid=project_gid)
+    return path

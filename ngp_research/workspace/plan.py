@@ -24,6 +24,7 @@ from ..names import check_name
 
 MANIFEST_PATH = "/etc/ngp/workspace.json"
 PROJECT_PATH = "/project"
+RUNTIME_PATH = "/run/ngp"  # sockets that bridge allowed services into the sandbox's own network namespace
 
 
 class WorkspaceRefused(RefusedError):
@@ -137,6 +138,7 @@ def plan_workspace(
     shared_area: str,
     home_area: str,
     datasets: dict,
+    runtime_area: str | None = None,
     system_mounts=(),
     profile: Profile | None = None,
     environment: dict | None = None,
@@ -152,6 +154,9 @@ def plan_workspace(
         The member's host uid, the project's group, the group that may reach region files.
     shared_area, home_area : str
         Host folders of the project's shared area and of this member's home in it.
+    runtime_area : str, optional
+        Host folder bound at ``/run/ngp`` for the sockets that bridge the hub's API in and the
+        server out (the sandbox has its own network namespace).
     datasets : dict
         Dataset name -> :class:`DatasetSummary`, for the manifest.
     system_mounts : sequence of Mount
@@ -187,6 +192,8 @@ def plan_workspace(
     mounts = [Mount(f.host_path, _safe_target(f.workspace_path), False, "data") for f in decision.files]
     mounts.append(Mount(shared_area, PROJECT_PATH, True, "project"))
     mounts.append(Mount(home_area, home, True, "home"))
+    if runtime_area is not None:
+        mounts.append(Mount(runtime_area, RUNTIME_PATH, True, "runtime"))
     for m in system_mounts:
         if m.writable:
             raise ValueError(f"system mount {m.target} must be read-only")

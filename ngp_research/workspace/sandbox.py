@@ -71,7 +71,7 @@ def bwrap_argv(plan: WorkspacePlan, command, fds: dict, bwrap: str = "bwrap") ->
          "--die-with-parent", "--new-session", "--cap-drop", "ALL",
          "--hostname", plan.hostname]
     for m in plan.mounts:
-        if m.kind not in ("data", "project", "home"):
+        if m.kind not in ("data", "project", "home", "runtime"):
             a += ["--ro-bind", m.source, m.target]
     for target, link in USR_SYMLINKS:
         a += ["--symlink", target, link]
@@ -80,7 +80,7 @@ def bwrap_argv(plan: WorkspacePlan, command, fds: dict, bwrap: str = "bwrap") ->
     for m in plan.mounts:
         if m.kind == "data":
             a += ["--ro-bind", m.source, m.target]
-        elif m.kind in ("project", "home"):
+        elif m.kind in ("project", "home", "runtime"):
             a += ["--bind" if m.writable else "--ro-bind", m.source, m.target]
     for target in sorted(fds):
         a += ["--perms", "0444", "--ro-bind-data", str(fds[target]), target]
@@ -191,3 +191,5 @@ def prepare_areas(platform, plan: WorkspacePlan) -> None:
     areas.secure_platform_home(platform)
     areas.project_area(platform, plan.project, plan.gid)
     areas.member_home(platform, plan.project, plan.user, plan.uid, plan.gid)
+    if any(m.kind == "runtime" for m in plan.mounts):
+        areas.runtime_area(platform, plan.project, plan.user, plan.uid, plan.gid)
