@@ -7,13 +7,15 @@ PYTHON  ?= python3
 VENV    ?= .venv
 NGP_HOME ?= $(CURDIR)/.ngp-demo
 export NGP_HOME
+DEMO_PORT ?= 8000
+IDP_PORT ?= 5556
 
 BIN      := $(VENV)/bin
 STAMP    := $(VENV)/.installed
 APT_STAMP := $(VENV)/.system-packages
 
 # Debian packages the platform and its tests need.
-APT_PACKAGES := postgresql bubblewrap
+APT_PACKAGES := postgresql bubblewrap python3-venv
 
 .PHONY: demo test bench install system-packages clean
 
@@ -30,20 +32,19 @@ $(APT_STAMP):
 	fi
 	@mkdir -p $(VENV) && touch $@
 
-$(STAMP): pyproject.toml hub/idp/package-lock.json | $(APT_STAMP)
+$(STAMP): pyproject.toml hub/idp/package-lock.json hub/proxy/package-lock.json | $(APT_STAMP)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	cd hub/idp && npm ci --no-audit --no-fund --loglevel=error
+	cd hub/proxy && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-demo: $(STAMP)
-	$(BIN)/ngp demo seed
-	@echo
-	@echo "Try:  NGP_HOME=$(NGP_HOME) $(BIN)/ngp access files cardio-gwas --user alice"
-	@echo "      NGP_HOME=$(NGP_HOME) $(BIN)/ngp audit verify"
+demo: $(STAMP) workspace-env
+	@echo "Try, in another terminal:  NGP_HOME=$(NGP_HOME) $(BIN)/ngp access files cardio-gwas --user alice"
+	$(BIN)/ngp demo start --port $(DEMO_PORT) --idp-port $(IDP_PORT)
 
-test: $(STAMP)
+test: $(STAMP) workspace-env
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
@@ -51,3 +52,15 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .ngp-demo .pytest_cache .hypothesis
+
+# The workspaces' own Python environment (Debian's python3, readable by every workspace uid; see
+# ngp_research/workspace/environment.py), rebuilt when the project's sources change.
+NGP_WORKSPACE_ENV ?= /opt/ngp-research/envs/$(shell printf %s '$(CURDIR)' | sha256sum | cut -c1-12)
+export NGP_WORKSPACE_ENV
+WORKSPACE_ENV_STAMP := $(NGP_WORKSPACE_ENV)/.ngp-built
+
+.PHONY: workspace-env
+workspace-env: $(WORKSPACE_ENV_STAMP)
+
+$(WORKSPACE_ENV_STAMP): pyproject.toml $(shell find ngp_research -name '*.py') kernels/ngp-python/kernel.json $(wildcard spawner/jupyter/*) | $(STAMP)
+	$(BIN)/python -m ngp_research.workspace.environment build $(NGP_WORKSPACE_ENV)

@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--variants", type=int, default=2000)
     c.add_argument("--seed", type=int, default=42)
 
+    c = cmd(demo, "start", "seed if needed, start the identity provider and the hub on 127.0.0.1; Ctrl-C stops")
+    c.add_argument("--port", type=int, default=8000, help="the hub's port")
+    c.add_argument("--idp-port", type=int, default=5556, help="the identity provider's port")
+
     region = group("region", "healthcare regions")
     cmd(region, "list", "list the regions")
 
@@ -310,6 +314,9 @@ def run(args) -> int:
         _emit(args, summary.to_json(), summary.text())
         return EXIT_OK
 
+    if g == "demo" and c == "start":
+        return demo_start(platform, args)
+
     catalog = Catalog.open(platform)
     try:
         catalog.ensure_regions()
@@ -457,6 +464,48 @@ def run(args) -> int:
     finally:
         catalog.close()
     return EXIT_OK
+
+
+def demo_start(platform, args) -> int:
+    """`ngp demo start`: the demo platform, served until Ctrl-C."""
+    import signal
+    import time
+
+    from .catalog import Catalog
+    from .demo.seed import seed_demo
+    from .hub.launcher import DEMO_PASSWORD, PlatformProcesses
+
+    summary = seed_demo(platform)
+    print(summary.text())
+    catalog = Catalog.open(platform)
+    procs = PlatformProcesses(platform, hub_port=args.port, idp_port=args.idp_port)
+    stop = {"now": False}
+
+    def _stop(signum, frame):
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        procs.start(catalog)
+        print()
+        print(f"ngp-research is running: log in at {procs.url}/hub/login")
+        print(f"identity provider: {procs.idp.issuer}   password for every demo user: {DEMO_PASSWORD}")
+        for u in catalog.users():
+            print(f"  {u.username:<18} {', '.join(u.role_labels())}")
+        if os.geteuid() != 0:
+            print("note: not running as root, so workspaces cannot start their sandboxes")
+        print("Ctrl-C stops everything.", flush=True)
+        while not stop["now"] and procs.hub.poll() is None:
+            time.sleep(0.5)
+        if procs.hub.poll() is not None:
+            print(f"the hub stopped (exit {procs.hub.returncode}); its log: {procs.hub_log}", file=sys.stderr)
+            return 1
+        return EXIT_OK
+    finally:
+        print("stopping the hub and the identity provider ...", flush=True)
+        procs.stop()
+        catalog.close()
 
 
 def main(argv=None) -> int:

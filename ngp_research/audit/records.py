@@ -31,6 +31,9 @@ ACTIONS = {
     "tag.revoke": "a region revoked a tag",
     "change.failed": "a recorded catalog change did not commit (detail names the record)",
     "file.open": "a file was opened inside a workspace",
+    "workspace.start": "a project workspace started (detail: uid, datasets)",
+    "workspace.stop": "a project workspace stopped (detail: why, e.g. access revoked)",
+    "workspace.refused": "a workspace start was refused (detail: the access policy's reasons)",
     "query.execute": "code was sent to a kernel to run",
 }
 

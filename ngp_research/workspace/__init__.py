@@ -25,10 +25,11 @@ def system_mounts(python_env: str | None = None) -> tuple[Mount, ...]:
 
 
 def plan_for(catalog, user: str, project: str, at: datetime | None = None, python_env: str | None = None,
-             environment: dict | None = None, runtime: bool = False) -> WorkspacePlan:
+             environment: dict | None = None, runtime: bool = False, extra_mounts=()) -> WorkspacePlan:
     """Plan ``user``'s workspace in ``project`` from the catalog and the access policy, now (or at ``at``).
 
     Raises :class:`WorkspaceRefused` with the policy's reasons when the user may see nothing.
+    ``extra_mounts`` are further read-only system mounts (for example :func:`.jupyter.jupyter_mounts`).
     """
     from ..access import AccessPolicy
 
@@ -55,7 +56,7 @@ def plan_for(catalog, user: str, project: str, at: datetime | None = None, pytho
         home_area=str(platform.projects_dir / project / "home" / user),
         datasets=summaries,
         runtime_area=str(platform.home_path / "runtime" / project / user) if runtime else None,
-        system_mounts=system_mounts(python_env),
+        system_mounts=system_mounts(python_env) + tuple(extra_mounts),
         profile=Profile(p.workspace_cpu, p.workspace_memory, p.workspace_idle_timeout),
         environment=environment,
         python_bin=python_bin,

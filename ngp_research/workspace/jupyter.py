@@ -1,0 +1,149 @@
+"""How the single-user Jupyter server is started inside a workspace sandbox.
+
+Pure functions for the spawner (:func:`singleuser_environment`, :func:`singleuser_command`,
+:func:`jupyter_mounts`); the hub's side of the sockets is in :mod:`.bridge`. Inside the sandbox::
+
+    <env>/bin/python -P -s -m ngp_research.workspace.launch \\
+        --tcp-to-unix 127.0.0.1:8081=/run/ngp/hub.sock -- \\
+        <env>/bin/jupyterhub-singleuser --sock=/run/ngp/server.sock --ServerApp.sock_mode=0600 \
+        --ServerApp.port=8888 ...
+
+The launcher relays the hub API into the sandbox (127.0.0.1:8081 inside -> ``hub.sock``, which the
+hub creates outside); the server listens on ``server.sock`` (created inside by the member's uid,
+0600) and the hub reaches it through a :class:`~.bridge.TcpToUnix` outside.
+
+Also defines the contents and kernelspec managers the platform's Jupyter config names (loaded lazily:
+this module is imported by the hub, which has no jupyter_server).
+"""
+
+from .environment import config_dir
+from .plan import RUNTIME_PATH, Mount
+
+HUB_SOCKET = f"{RUNTIME_PATH}/hub.sock"  # created by the hub, outside, owned by the member, 0600
+SERVER_SOCKET = f"{RUNTIME_PATH}/server.sock"  # created by the server, inside, as the member, 0600
+INSIDE_HUB_API = ("127.0.0.1", 8081)  # where the server finds the hub API inside (JUPYTERHUB_API_URL)
+#: Folders at the top of the file browser; the rest of / stays reachable by path, read-only.
+SHOWN_AT_ROOT = ("data", "home", "project")
+
+
+def singleuser_environment(plan_user: str, workspace_env: str) -> dict:
+    """Environment of the single-user server and its kernels (merged into the plan's environment).
+
+    Config and kernelspecs come only from the workspace environment, which is read-only inside;
+    nothing under the member's home (``~/.jupyter``, ``~/.local``) is read as configuration.
+
+    Examples
+    --------
+    >>> env = singleuser_environment("alice", "/opt/ngp-research/envs/abc")
+    >>> env["JUPYTER_CONFIG_DIR"], env["JUPYTER_PATH"], env["PATH"].split(":")[0]
+    ('/opt/ngp-research/envs/abc/etc/ngp-jupyter', '/opt/ngp-research/envs/abc/share/jupyter', '/opt/ngp-research/envs/abc/bin')
+    """
+    env = workspace_env.rstrip("/")
+    home = f"/home/{plan_user}"
+    share = f"{env}/share/jupyter"
+    return {
+        "JUPYTER_CONFIG_DIR": config_dir(env),
+        "JUPYTER_PATH": share,
+        "JUPYTER_DATA_DIR": share,
+        "JUPYTER_RUNTIME_DIR": "/tmp/jupyter-runtime",  # connection files stay in the sandbox's private /tmp
+        "JUPYTER_PREFER_ENV_PATH": "1",
+        "JUPYTER_PLATFORM_DIRS": "1",
+        "JUPYTERHUB_DISABLE_USER_CONFIG": "1",
+        "JUPYTERLAB_SETTINGS_DIR": f"{home}/.jupyter/lab/user-settings",
+        "JUPYTERLAB_WORKSPACES_DIR": f"{home}/.jupyter/lab/workspaces",
+        "IPYTHONDIR": "/tmp/ipython",
+        "MPLCONFIGDIR": "/tmp/matplotlib",
+        "PYTHONNOUSERSITE": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PATH": f"{env}/bin:/usr/local/bin:/usr/bin:/bin",
+        "HOME": home,
+    }
+
+
+def singleuser_command(workspace_env: str, extra_args=(), server: str = "jupyterhub-singleuser") -> list[str]:
+    """The command line that starts the server inside the sandbox, behind the launcher's hub relay.
+
+    ``server`` is ``jupyterhub-singleuser`` under the hub, ``jupyter-server`` without one (tests).
+
+    Examples
+    --------
+    >>> singleuser_command("/e", ["--debug"])[-5:]
+    ['/e/bin/jupyterhub-singleuser', '--sock=/run/ngp/server.sock', '--ServerApp.sock_mode=0600', '--ServerApp.port=8888', '--debug']
+    """
+    env = workspace_env.rstrip("/")
+    host, port = INSIDE_HUB_API
+    return [f"{env}/bin/python", "-P", "-s", "-m", "ngp_research.workspace.launch",
+            "--tcp-to-unix", f"{host}:{port}={HUB_SOCKET}", "--",
+            f"{env}/bin/{server}", f"--sock={SERVER_SOCKET}", "--ServerApp.sock_mode=0600",
+            # jupyter_server aborts when a port other than its default is set together with --sock, and
+            # jupyterhub-singleuser sets the port from JUPYTERHUB_SERVICE_URL; the command line wins.
+            "--ServerApp.port=8888", *extra_args]
+
+
+def jupyter_mounts(workspace_env: str) -> tuple[Mount, ...]:
+    """Read-only mounts the server needs beyond :func:`~ngp_research.workspace.system_mounts`: its config.
+
+    Examples
+    --------
+    >>> jupyter_mounts("/e")
+    (Mount(source='/e/etc/ngp-jupyter', target='/e/etc/ngp-jupyter', writable=False, kind='system'),)
+    """
+    cfg = config_dir(workspace_env.rstrip("/"))
+    return (Mount(cfg, cfg, False, "system"),)
+
+
+def _contents_manager_class():
+    from jupyter_server.services.contents.largefilemanager import AsyncLargeFileManager
+
+    class WorkspaceContentsManager(AsyncLargeFileManager):
+        """Lists only /data, /home and /project at the root of the file browser."""
+
+        async def get(self, path, content=True, type=None, format=None, **kwargs):
+            model = await super().get(path, content=content, type=type, format=format, **kwargs)
+            if path.strip("/") == "" and model.get("type") == "directory" and isinstance(model.get("content"), list):
+                model["content"] = [m for m in model["content"] if m["name"] in SHOWN_AT_ROOT]
+            return model
+
+    return WorkspaceContentsManager
+
+
+def _kernel_spec_manager_class():
+    import os
+    import sys
+
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    class WorkspaceKernelSpecManager(KernelSpecManager):
+        """Finds kernelspecs only in the environment's read-only ``share/jupyter/kernels`` and starts only
+        ``allowed_kernelspecs``.
+
+        jupyter_client applies ``allowed_kernelspecs`` to the listing only, and starts ipykernel's built-in
+        ``python3`` by name even with ``ensure_native_kernel = False``; this closes both.
+        """
+
+        def _kernel_dirs_default(self):
+            return [os.path.join(sys.prefix, "share", "jupyter", "kernels")]
+
+        def _find_spec_directory(self, kernel_name):
+            for kernel_dir in self.kernel_dirs:
+                path = os.path.join(kernel_dir, kernel_name)
+                if os.path.isfile(os.path.join(path, "kernel.json")):
+                    return path
+            return None
+
+        def get_kernel_spec(self, kernel_name):
+            if kernel_name not in self.allowed_kernelspecs:
+                raise NoSuchKernel(kernel_name)
+            return super().get_kernel_spec(kernel_name)
+
+    return WorkspaceKernelSpecManager
+
+
+_LAZY = {"WorkspaceContentsManager": _contents_manager_class, "WorkspaceKernelSpecManager": _kernel_spec_manager_class}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        cls = globals()[name] = _LAZY[name]()
+        return cls
+    raise AttributeError(name)

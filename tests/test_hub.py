@@ -1,0 +1,257 @@
+"""The hub end to end: the real identity provider, JupyterHub with its proxy, project workspaces.
+
+One platform (seeded demo) runs for the whole module on free 127.0.0.1 ports.
+Users log in through the provider's real login and consent forms.
+"""
+
+import asyncio
+import os
+import shutil
+import tempfile
+import urllib.parse
+
+import pytest
+
+from ngp_research.catalog import Catalog
+from ngp_research.demo.seed import seed_demo
+from ngp_research.hub.launcher import DEMO_PASSWORD, PlatformProcesses
+from ngp_research.platform import Platform
+
+from .hubclient import Page, hub_api, log_in
+
+
+@pytest.fixture(scope="module")
+def platform_up():
+    base = tempfile.mkdtemp(prefix="ngp-hub-")
+    os.chmod(base, 0o711)
+    platform = Platform(home=os.path.join(base, "ngp"))
+    seed_demo(platform, samples_per_region=5, variants=60)
+    catalog = Catalog.open(platform)
+    catalog.add_user("norole", "syd", [])
+    procs = PlatformProcesses(platform, hub_port=0, idp_port=0,
+                              extra_users=[("mallory", ["researcher"])])
+    try:
+        procs.start(catalog)
+        yield procs, catalog
+    finally:
+        procs.stop()
+        catalog.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_secrets_are_generated_and_private(platform_up):
+    procs, _ = platform_up
+    st = procs.platform.state_dir
+    for name in ("jupyterhub_cookie_secret", "proxy_auth_token", "jupyterhub_crypt_key", "oidc_client_secret"):
+        assert (st / name).stat().st_mode & 0o777 == 0o600, name
+
+
+def test_researcher_logs_in_through_the_provider_and_sees_her_projects(platform_up):
+    procs, _ = platform_up
+    browser, status, body, url = log_in(procs.url, "alice", DEMO_PASSWORD)
+    assert status == 200 and urllib.parse.urlsplit(url).path == "/hub/home", (status, url, body[:300])
+    text = Page(body).text
+    for expected in ("cardio-gwas", "rare-disease", "legacy-study", "norr-cohort", "syd-cohort",
+                     "expired on 2023-12-31", "ost-cohort (ost): tag revoked"):
+        assert expected in text, expected
+    assert "bob" not in text.split("Signed in as")[0]
+
+
+@pytest.mark.parametrize("user, message", [
+    ("mallory", "mallory is not a user of this platform"),
+    ("norole", "norole has no role on this platform"),
+])
+def test_users_the_catalog_does_not_admit_are_refused_with_a_clear_page(platform_up, user, message):
+    procs, _ = platform_up
+    _, status, body, _ = log_in(procs.url, user, DEMO_PASSWORD)
+    assert status == 403 and message in Page(body).text
+
+
+def test_wrong_password_never_reaches_the_hub(platform_up):
+    procs, _ = platform_up
+    browser, status, body, url = log_in(procs.url, "alice", "wrong")
+    assert "Wrong username or password" in Page(body).text
+    assert browser.cookie("jupyterhub-session-id") is None or not url.startswith(procs.url)
+
+
+@pytest.mark.parametrize("user, project, reason", [
+    ("bob", "cardio-gwas", "bob is not a member of project 'cardio-gwas'"),
+    ("alice", "legacy-study", "expired on 2023-12-31"),
+])
+def test_spawn_page_refuses_with_the_policys_reason(platform_up, user, project, reason):
+    procs, _ = platform_up
+    browser, status, _, _ = log_in(procs.url, user, DEMO_PASSWORD)
+    assert status == 200
+    status, body, _ = browser.follow(f"{procs.url}/hub/spawn/{user}/{project}")
+    assert status == 200 and reason in Page(body).text
+    form = Page(body).forms[0]
+    status, _, body = browser.request(urllib.parse.urljoin(f"{procs.url}/hub/spawn/{user}/{project}",
+                                                           form["action"]), form["fields"])
+    assert status == 403 and reason in Page(body).text
+
+
+# -- workspaces: started through the hub, attacked from a kernel ---------------------------------
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("bwrap") is None,
+                                reason="workspaces need root (to drop to the member's uid) and bubblewrap")
+
+PROBE = r'''
+import ctypes, json, os, socket
+R = {}
+P = json.loads(PARAMS)
+def absent(p):
+    try:
+        os.stat(p); return False
+    except OSError:
+        return True
+R["sees_exactly_the_tagged_files"] = sorted(os.path.join(d, f) for d, _, fs in os.walk("/data") for f in fs)
+R["reads_a_tagged_file"] = open(P["tagged"], "rb").read(2) == b"\x1f\x8b"
+R["untagged_dataset_hidden"] = all(absent(p) for p in P["untagged"])
+R["other_region_area_hidden"] = absent("/data/vast") and absent(P["regions_dir"])
+R["other_project_area_hidden"] = absent(P["other_project"])
+R["platform_state_hidden"] = absent(P["state_dir"]) and absent(P["hub_db"]) and absent(P["cookie_secret"])
+R["root_and_host_homes_hidden"] = absent("/root") and sorted(os.listdir("/home")) == [P["user"]]
+def cannot_write(p):
+    try:
+        open(p, "ab").close(); return False
+    except OSError:
+        return True
+R["data_not_writable"] = cannot_write(P["tagged"]) and cannot_write("/data/new-file")
+libc = ctypes.CDLL(None, use_errno=True)
+R["data_not_remountable"] = libc.mount(None, P["tagged"].encode(), None, ctypes.c_ulong(32 | 4096), None) != 0
+status = dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)
+R["no_capabilities"] = all(int(status[k].strip(), 16) == 0 for k in ("CapEff", "CapPrm", "CapBnd", "CapAmb"))
+def reachable(port):
+    s = socket.socket(); s.settimeout(2)
+    try:
+        s.connect(("127.0.0.1", port)); return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+R["proxy_api_unreachable"] = not reachable(P["proxy_api_port"])
+R["other_users_server_unreachable"] = all(not reachable(p) for p in P["other_server_ports"])
+R["hub_public_port_unreachable"] = not reachable(P["hub_port"])
+R["hub_api_reachable_through_the_bridge"] = reachable(P["hub_api_port"])
+R["uid"] = os.getuid()
+print(json.dumps(R))
+'''
+
+
+def _token(browser, url, user):
+    status, model = hub_api(browser, url, f"/users/{user}/tokens", method="POST", body={"note": "e2e test"})
+    assert status in (200, 201), (status, model)
+    return model["token"]
+
+
+def _proxy_routes(procs):
+    import json as _json
+    import urllib.request as _rq
+
+    token = (procs.platform.state_dir / "proxy_auth_token").read_text().strip()
+    req = _rq.Request(f"http://127.0.0.1:{procs.proxy_api_port}/api/routes", headers={"Authorization": f"token {token}"})
+    with _rq.urlopen(req, timeout=10) as r:
+        return _json.loads(r.read())
+
+
+def _start(procs, browser, token, user, project):
+    from .hubclient import wait_until_ready
+
+    status, model = hub_api(browser, procs.url, f"/users/{user}/servers/{project}", method="POST", token=token)
+    assert status in (201, 202), (status, model, procs.log_tail())
+    return wait_until_ready(browser, procs.url, user, project, token)
+
+
+@pytest.fixture(scope="module")
+def alice_workspace(platform_up):
+    procs, catalog = platform_up
+    browser, status, _, _ = log_in(procs.url, "alice", DEMO_PASSWORD)
+    assert status == 200
+    token = _token(browser, procs.url, "alice")
+    server = _start(procs, browser, token, "alice", "cardio-gwas")
+    clara, _, _, _ = log_in(procs.url, "clara", DEMO_PASSWORD)
+    clara_token = _token(clara, procs.url, "clara")
+    _start(procs, clara, clara_token, "clara", "cardio-gwas")
+    routes = _proxy_routes(procs)
+    clara_port = int(urllib.parse.urlsplit(routes["/user/clara/cardio-gwas"]["target"]).port)
+    platform = procs.platform
+    params = {
+        "tagged": "/data/syd/syd-cohort/syd-cohort.vcf.gz",
+        "untagged": ["/data/vast/vast-cohort", str(platform.dataset_dir("vast", "vast-cohort"))],
+        "regions_dir": str(platform.regions_dir),
+        "other_project": str(platform.projects_dir / "rare-disease"),
+        "state_dir": str(platform.state_dir),
+        "hub_db": str(platform.state_dir / "jupyterhub.sqlite"),
+        "cookie_secret": str(platform.state_dir / "jupyterhub_cookie_secret"),
+        "user": "alice",
+        "proxy_api_port": procs.proxy_api_port,
+        "other_server_ports": [clara_port],
+        "hub_port": procs.hub_port,
+        "hub_api_port": 8081,  # the bridge's end inside the sandbox
+    }
+    import json as _json
+
+    code = f"PARAMS = {_json.dumps(_json.dumps(params))}\n" + PROBE
+    from .hubclient import run_code
+
+    out = asyncio.run(run_code(procs.url + server["url"], token, code))
+    return {"results": _json.loads(out.strip().splitlines()[-1]), "browser": browser, "token": token,
+            "server": server}
+
+
+EXPECTED_TAGGED = sorted(f"/data/{r}/{r}-cohort/{name}" for r in ("norr", "uppsala", "stockholm", "syd")
+                         for name in (f"{r}-cohort.vcf.gz", f"{r}-cohort.vcf.gz.tbi", f"{r}-phenopackets.json"))
+
+
+@needs_root
+def test_kernel_sees_exactly_the_tagged_files(alice_workspace):
+    assert alice_workspace["results"]["sees_exactly_the_tagged_files"] == EXPECTED_TAGGED
+
+
+@needs_root
+@pytest.mark.parametrize("check", [
+    "reads_a_tagged_file", "untagged_dataset_hidden", "other_region_area_hidden", "other_project_area_hidden",
+    "platform_state_hidden", "root_and_host_homes_hidden", "data_not_writable", "data_not_remountable",
+    "no_capabilities", "proxy_api_unreachable", "other_users_server_unreachable", "hub_public_port_unreachable",
+    "hub_api_reachable_through_the_bridge",
+])
+def test_kernel_cannot_escape(alice_workspace, check):
+    assert alice_workspace["results"][check] is True
+
+
+@needs_root
+def test_kernel_runs_as_alices_own_uid(alice_workspace, platform_up):
+    _, catalog = platform_up
+    assert alice_workspace["results"]["uid"] == catalog.workspace_identity("alice", "cardio-gwas")[0]
+
+
+@needs_root
+def test_start_and_stop_are_audited(alice_workspace, platform_up):
+    _, catalog = platform_up
+    starts = catalog.audit.records(action="workspace.start", actor="alice")
+    assert starts and starts[-1].project == "cardio-gwas"
+
+
+@needs_root
+def test_a_revoked_tag_stops_the_running_workspace_and_the_restart_no_longer_shows_it(alice_workspace,
+                                                                                         platform_up):
+    import time
+
+    from .hubclient import run_code
+
+    procs, catalog = platform_up
+    browser, token = alice_workspace["browser"], alice_workspace["token"]
+    catalog.revoke_tag("syd-cohort", "cardio-gwas", "admin-syd", reason="e2e test")
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        _, model = hub_api(browser, procs.url, "/users/alice", token=token)
+        if "cardio-gwas" not in model.get("servers", {}):
+            break
+        time.sleep(1)
+    else:
+        raise AssertionError("the workspace was not stopped after the revocation:\n" + procs.log_tail())
+    stops = catalog.audit.records(action="workspace.stop", actor="alice")
+    assert stops and "syd-cohort (syd): tag revoked" in str(stops[-1].detail)
+    server = _start(procs, browser, token, "alice", "cardio-gwas")
+    out = asyncio.run(run_code(procs.url + server["url"], token, "import os; print(sorted(os.listdir('/data')))"))
+    assert out.strip() == "['norr', 'stockholm', 'uppsala']"
