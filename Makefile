@@ -15,7 +15,7 @@ STAMP    := $(VENV)/.installed
 APT_STAMP := $(VENV)/.system-packages
 
 # Debian packages the platform and its tests need.
-APT_PACKAGES := postgresql bubblewrap python3-venv
+APT_PACKAGES := postgresql bubblewrap python3-venv chromium
 
 .PHONY: demo test bench install system-packages clean
 
@@ -23,7 +23,7 @@ install: $(STAMP)
 
 system-packages: $(APT_STAMP)
 
-$(APT_STAMP):
+$(APT_STAMP): Makefile
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
@@ -47,7 +47,7 @@ demo: $(STAMP) workspace-env
 test: $(STAMP) workspace-env
 	$(BIN)/python -m pytest
 
-bench: $(STAMP)
+bench: $(STAMP) workspace-env
 	$(BIN)/python benchmarks/run.py
 
 clean:

@@ -131,7 +131,7 @@ def wait_until_ready(browser, hub_url, user, server, token, timeout=150):
     raise TimeoutError(f"{user}/{server} did not become ready")
 
 
-async def run_code(server_url, token, code, timeout=60):
+async def run_code(server_url, token, code, timeout=60, kernel="ngp-python"):
     """Start the ngp-python kernel on the server, run ``code`` over the kernel websocket, return stdout."""
     from tornado.httpclient import AsyncHTTPClient, HTTPRequest
     from tornado.websocket import websocket_connect
@@ -139,7 +139,7 @@ async def run_code(server_url, token, code, timeout=60):
     client = AsyncHTTPClient()
     headers = {"Authorization": f"token {token}"}
     r = await client.fetch(HTTPRequest(f"{server_url}api/kernels", method="POST", headers=headers,
-                                       body=json.dumps({"name": "ngp-python"}), request_timeout=timeout))
+                                       body=json.dumps({"name": kernel}), request_timeout=timeout))
     kernel = json.loads(r.body)
     ws_url = server_url.replace("http://", "ws://") + f"api/kernels/{kernel['id']}/channels"
     conn = await websocket_connect(HTTPRequest(ws_url, headers=headers, request_timeout=timeout))

@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 import urllib.parse
+from pathlib import Path
 
 import pytest
 
@@ -230,6 +231,53 @@ def test_start_and_stop_are_audited(alice_workspace, platform_up):
     _, catalog = platform_up
     starts = catalog.audit.records(action="workspace.start", actor="alice")
     assert starts and starts[-1].project == "cardio-gwas"
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+OUTPUT = Path(__file__).resolve().parents[1] / "test-output"
+
+
+@needs_root
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (make test installs it)")
+def test_browser_logs_in_starts_a_workspace_and_sees_the_tagged_data(platform_up, alice_workspace):
+    """Headless Chromium: the provider's login, the home page, the spawn form, JupyterLab's /data."""
+    from playwright.sync_api import sync_playwright
+
+    procs, _ = platform_up
+    OUTPUT.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
+            page.set_default_timeout(120_000)
+            page.goto(f"{procs.url}/hub/login")
+            page.click("text=Sign in with NGP identity")
+            page.fill("input[name=username]", "lars")
+            page.fill("input[name=password]", DEMO_PASSWORD)
+            page.click("button[type=submit]")
+            page.click("button[value=approve]")
+            page.wait_for_url("**/hub/home")
+            home = page.inner_text("#ngp-projects")
+            assert "cardio-gwas" in home and "syd-cohort" in home
+            page.screenshot(path=str(OUTPUT / "hub-home.png"), full_page=True)
+            page.click("tr[data-project=cardio-gwas] a.ngp-start")
+            page.wait_for_selector("#ngp-datasets")
+            assert "stockholm-cohort" in page.inner_text("#ngp-datasets")
+            page.click("#spawn_form button[type=submit]")
+            page.wait_for_url("**/user/lars/cardio-gwas/lab**", timeout=180_000)
+            page.goto(f"{procs.url}/user/lars/cardio-gwas/lab/tree/data")
+            page.wait_for_selector(".jp-DirListing-item[title*='syd']", timeout=180_000)
+            listing = page.inner_text(".jp-DirListing-content")
+            for region in ("norr", "stockholm", "syd", "uppsala"):
+                assert region in listing
+            for region in ("vast", "orebro", "ost"):
+                assert region not in listing
+            page.screenshot(path=str(OUTPUT / "jupyterlab-data.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (OUTPUT / "jupyterlab-data.png").stat().st_size > 10_000
 
 
 @needs_root
