@@ -281,6 +281,42 @@ def test_browser_logs_in_starts_a_workspace_and_sees_the_tagged_data(platform_up
 
 
 @needs_root
+def test_the_admin_api_shows_each_workspaces_profile_and_data(alice_workspace, platform_up):
+    procs, _ = platform_up
+    status, _ = hub_api(alice_workspace["browser"], procs.url, "/users/clara", token=alice_workspace["token"])
+    assert status in (403, 404)  # alice may not read clara's servers; the operator (hub admin) can
+    olof, status, _, _ = log_in(procs.url, "olof", DEMO_PASSWORD)
+    token = _token(olof, procs.url, "olof")
+    status, model = hub_api(olof, procs.url, "/users/clara", token=token)
+    assert status == 200 and model["admin"] is False
+    options = model["servers"]["cardio-gwas"]["user_options"]
+    assert options["profile"] == {"cpu": 1.0, "memory": "2G", "idle_timeout": 3600}
+    assert "syd/syd-cohort" in options["datasets"]
+
+
+@needs_root
+def test_removing_a_member_stops_their_running_workspace(alice_workspace, platform_up):
+    import time
+
+    procs, catalog = platform_up
+    olof, _, _, _ = log_in(procs.url, "olof", DEMO_PASSWORD)
+    token = _token(olof, procs.url, "olof")
+    _, model = hub_api(olof, procs.url, "/users/clara", token=token)
+    assert "cardio-gwas" in model["servers"]
+    catalog.remove_member("cardio-gwas", "clara", actor="lars")
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        _, model = hub_api(olof, procs.url, "/users/clara", token=token)
+        if "cardio-gwas" not in model.get("servers", {}):
+            break
+        time.sleep(1)
+    else:
+        raise AssertionError("clara's workspace kept running after she was removed")
+    stop = catalog.audit.records(action="workspace.stop", actor="clara")[-1]
+    assert "clara is not a member" in str(stop.detail)
+
+
+@needs_root
 def test_a_revoked_tag_stops_the_running_workspace_and_the_restart_no_longer_shows_it(alice_workspace,
                                                                                          platform_up):
     import time

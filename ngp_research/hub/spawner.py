@@ -171,6 +171,16 @@ class WorkspaceSpawner(Spawner):
         self.log.info("Starting workspace %s for %s as uid %s", self.name, self.user.name, plan.uid)
         self.proc = sandbox.start(plan, command, cgroup=self._cgroup)
         self._files = {m.target for m in plan.data_files}
+        # What this workspace was started with, kept with the server so the admin page shows it.
+        self.user_options = {
+            **(self.user_options or {}),
+            "project": self.name,
+            "profile": plan.profile.to_json(),
+            "datasets": sorted({f"{m.target.split('/')[2]}/{m.target.split('/')[3]}" for m in plan.data_files}),
+            "uid": plan.uid,
+        }
+        if getattr(self, "orm_spawner", None) is not None:
+            self.orm_spawner.user_options = self.user_options
         for stream, level in ((self.proc.stdout, self.log.info), (self.proc.stderr, self.log.info)):
             threading.Thread(target=self._drain, args=(stream, level), daemon=True).start()
         self._audit("workspace.start", uid=plan.uid, datasets=[f"{r}/{d}" for r, d in
