@@ -169,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--trusted-key", metavar="KEY_ID",
                    help="the key id checkpoints must be signed with (default $NGP_AUDIT_TRUSTED_KEY)")
     cmd(audit, "checkpoint", "sign the chain head now")
+    c = cmd(audit, "report", "a region's access report: who accessed which of its datasets, when, with which code")
+    c.add_argument("--region", required=True)
+    c.add_argument("--as", dest="actor", required=True, metavar="ADMIN")
+    c.add_argument("--since", type=_datetime)
+    c.add_argument("--until", type=_datetime)
+    c.add_argument("--user")
+    c.add_argument("--dataset")
+    c.add_argument("--format", default="table", choices=["table", "csv", "json", "html"])
     c = cmd(audit, "log", "show audit records")
     c.add_argument("--region")
     c.add_argument("--user")
@@ -321,7 +329,14 @@ def run(args) -> int:
     try:
         catalog.ensure_regions()
         now = catalog.clock()
-        if g == "audit" and c == "checkpoint":
+        if g == "audit" and c == "report":
+            from .audit.report import region_report, render
+
+            rows = region_report(catalog.audit, catalog, args.actor, args.region, since=args.since,
+                                 until=args.until, user=args.user, dataset=args.dataset)
+            fmt = "json" if getattr(args, "json", False) else args.format
+            print(render(rows, fmt, args.region))
+        elif g == "audit" and c == "checkpoint":
             cp = catalog.audit.checkpoint()
             _emit(args, cp.to_json() if cp else None,
                   f"signed checkpoint at record {cp.seq}" if cp else "the chain head is already signed")

@@ -316,6 +316,47 @@ def test_removing_a_member_stops_their_running_workspace(alice_workspace, platfo
     assert "clara is not a member" in str(stop.detail)
 
 
+POST_FROM_KERNEL = r'''
+import json, os, urllib.request
+body = json.dumps({"records": [{"action": "data.open", "path": "/data/syd/syd-cohort/syd-cohort.vcf.gz",
+                                "user": "bob", "detail": {"msg_id": "e2e-1", "region": "chr1:1-1000"}}]}).encode()
+req = urllib.request.Request(os.environ["NGP_AUDIT_URL"] + "records", data=body, method="POST",
+                             headers={"Authorization": "token " + os.environ["JUPYTERHUB_API_TOKEN"]})
+print(urllib.request.urlopen(req, timeout=30).read().decode())
+'''
+
+
+@needs_root
+def test_a_kernel_reaches_the_audit_service_and_the_token_decides_who_it_is(alice_workspace, platform_up):
+    import json as _json
+
+    from .hubclient import run_code
+
+    procs, catalog = platform_up
+    out = asyncio.run(run_code(procs.url + alice_workspace["server"]["url"], alice_workspace["token"],
+                               POST_FROM_KERNEL))
+    ack = _json.loads(out.strip().splitlines()[-1])
+    assert ack["acknowledged"] == 1
+    (rec,) = [r for r in catalog.audit.records(action="data.open") if r.seq == ack["first_seq"]]
+    assert (rec.actor, rec.project, rec.region, rec.dataset) == ("alice", "cardio-gwas", "syd", "syd-cohort")
+    assert "payload claimed user 'bob'" in rec.detail["flag"]
+
+
+@needs_root
+def test_a_region_admin_reads_the_report_page_behind_hub_login(alice_workspace, platform_up):
+    procs, _ = platform_up
+    admin, status, _, _ = log_in(procs.url, "admin-syd", DEMO_PASSWORD)
+    assert status == 200
+    status, body, _ = admin.follow(f"{procs.url}/services/audit/report")
+    assert status == 200, body[:500]
+    text = Page(body).text
+    assert "Access report for region syd" in text and "syd-cohort" in text and "alice" in text
+    assert "norr-cohort" not in text
+    alice, _, _, _ = log_in(procs.url, "alice", DEMO_PASSWORD)
+    status, body, _ = alice.follow(f"{procs.url}/services/audit/report")
+    assert status == 403 and "not a region admin" in Page(body).text
+
+
 @needs_root
 def test_a_revoked_tag_stops_the_running_workspace_and_the_restart_no_longer_shows_it(alice_workspace,
                                                                                          platform_up):

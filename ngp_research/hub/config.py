@@ -12,6 +12,7 @@ Keycloak: ``{issuer}/protocol/openid-connect/auth``, ``.../token``,
 """
 
 import os
+import sys
 from pathlib import Path
 
 from . import state
@@ -70,4 +71,18 @@ def configure(c, platform=None) -> None:
     from .pages import projects_for, roles_for
 
     c.JupyterHub.template_vars = {"ngp_projects": projects_for, "ngp_roles": roles_for}
+
+    # The audit service: a hub-managed process outside every sandbox.
+    audit_port = int(os.environ.get("NGP_AUDIT_PORT", "8082"))
+    service_env = {k: v for k, v in os.environ.items() if k.startswith("NGP_")}
+    service_env["NGP_HOME"] = str(platform.home_path)
+    c.JupyterHub.services = [{
+        "name": "audit",
+        "url": f"http://127.0.0.1:{audit_port}",
+        "command": [sys.executable, "-m", "ngp_research.audit.service"],
+        "environment": service_env,
+        "oauth_no_confirm": True,
+    }]
+    # Every user may reach the audit service's pages; the service itself lets only region admins read.
+    c.JupyterHub.load_roles = [{"name": "user", "scopes": ["self", "access:services!service=audit"]}]
     c.JupyterHub.cleanup_servers = True

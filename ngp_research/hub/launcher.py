@@ -44,6 +44,7 @@ class PlatformProcesses:
         self.idp_port = idp_port or free_port()
         self.hub_api_port = hub_api_port or free_port()
         self.proxy_api_port = proxy_api_port or free_port()
+        self.audit_port = free_port()
         self.password = password
         self.workspace_env = workspace_env
         self.extra_env = extra_env or {}
@@ -83,6 +84,7 @@ class PlatformProcesses:
             "NGP_HUB_PORT": str(self.hub_port),
             "NGP_HUB_API_PORT": str(self.hub_api_port),
             "NGP_PROXY_API_PORT": str(self.proxy_api_port),
+            "NGP_AUDIT_PORT": str(self.audit_port),
         })
         if self.workspace_env:
             env["NGP_WORKSPACE_ENV"] = self.workspace_env

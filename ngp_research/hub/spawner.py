@@ -31,8 +31,13 @@ from ..access import AccessPolicy
 from ..audit.records import AuditRecord
 from ..workspace import WorkspaceRefused, plan_for
 from ..workspace.limits import CgroupLimits
+from ..workspace.plan import RUNTIME_PATH
 from ..workspace.sandbox import LocalSandbox, prepare_areas
 from . import state
+
+
+#: Where kernels inside a sandbox reach the audit service (a relay to /run/ngp/audit.sock).
+INSIDE_AUDIT = ("127.0.0.1", 8082)
 
 
 def _reasons_html(reasons) -> str:
@@ -112,6 +117,10 @@ class WorkspaceSpawner(Spawner):
     _cgroup = None
     _files = None
 
+    def _audit_service_url(self) -> str:
+        """Where the audit service listens on the host (the hub-managed service named ``audit``)."""
+        return f"http://127.0.0.1:{int(os.environ.get('NGP_AUDIT_PORT', '8082'))}"
+
     def _inside_environment(self) -> dict:
         from ..workspace.jupyter import INSIDE_HUB_API, singleuser_environment
 
@@ -127,6 +136,7 @@ class WorkspaceSpawner(Spawner):
                 keep[key] = keep[key].replace(f"{api.scheme}://{api.netloc}", inside, 1)
         env = singleuser_environment(self.user.name, self.workspace_env)
         env.update(keep)
+        env["NGP_AUDIT_URL"] = f"http://{INSIDE_AUDIT[0]}:{INSIDE_AUDIT[1]}/services/audit/"
         return env
 
     def _audit(self, action, **detail):
@@ -152,7 +162,7 @@ class WorkspaceSpawner(Spawner):
         platform = catalog.platform
         prepare_areas(platform, plan)
         runtime = next(m.source for m in plan.mounts if m.kind == "runtime")
-        for name in ("hub.sock", "server.sock"):
+        for name in ("hub.sock", "server.sock", "audit.sock"):
             try:
                 os.unlink(os.path.join(runtime, name))
             except FileNotFoundError:
@@ -163,11 +173,15 @@ class WorkspaceSpawner(Spawner):
         await hub_bridge.start()
         server_bridge = TcpToUnix(os.path.join(runtime, "server.sock"))
         await server_bridge.start()
-        self._bridges = (hub_bridge, server_bridge)
+        audit = urlparse(self._audit_service_url())
+        audit_bridge = UnixToTcp(os.path.join(runtime, "audit.sock"), audit.hostname, audit.port, owner=plan.uid)
+        await audit_bridge.start()
+        self._bridges = (hub_bridge, server_bridge, audit_bridge)
 
         sandbox = LocalSandbox(require_limits=self.require_limits)
         self._cgroup = f"{self.name}.{self.user.name}"
-        command = singleuser_command(self.workspace_env, self.get_args())
+        command = singleuser_command(self.workspace_env, self.get_args(),
+                                     relays=[f"{INSIDE_AUDIT[0]}:{INSIDE_AUDIT[1]}={RUNTIME_PATH}/audit.sock"])
         self.log.info("Starting workspace %s for %s as uid %s", self.name, self.user.name, plan.uid)
         self.proc = sandbox.start(plan, command, cgroup=self._cgroup)
         self._files = {m.target for m in plan.data_files}

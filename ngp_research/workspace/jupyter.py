@@ -60,10 +60,12 @@ def singleuser_environment(plan_user: str, workspace_env: str) -> dict:
     }
 
 
-def singleuser_command(workspace_env: str, extra_args=(), server: str = "jupyterhub-singleuser") -> list[str]:
+def singleuser_command(workspace_env: str, extra_args=(), server: str = "jupyterhub-singleuser",
+                       relays=()) -> list[str]:
     """The command line that starts the server inside the sandbox, behind the launcher's hub relay.
 
     ``server`` is ``jupyterhub-singleuser`` under the hub, ``jupyter-server`` without one (tests).
+    ``relays`` adds inside relays, ``HOST:PORT=SOCKET`` each (the audit service's, for example).
 
     Examples
     --------
@@ -73,7 +75,8 @@ def singleuser_command(workspace_env: str, extra_args=(), server: str = "jupyter
     env = workspace_env.rstrip("/")
     host, port = INSIDE_HUB_API
     return [f"{env}/bin/python", "-P", "-s", "-m", "ngp_research.workspace.launch",
-            "--tcp-to-unix", f"{host}:{port}={HUB_SOCKET}", "--",
+            "--tcp-to-unix", f"{host}:{port}={HUB_SOCKET}",
+            *[arg for spec in relays for arg in ("--tcp-to-unix", spec)], "--",
             f"{env}/bin/{server}", f"--sock={SERVER_SOCKET}", "--ServerApp.sock_mode=0600",
             # jupyter_server aborts when a port other than its default is set together with --sock, and
             # jupyterhub-singleuser sets the port from JUPYTERHUB_SERVICE_URL; the command line wins.

@@ -1,0 +1,139 @@
+"""Region access reports: who accessed which of a region's datasets, when, from which project, with which code.
+
+A region admin sees only records that touch their own region's data; anyone
+else is refused. Each file or data record is joined to the write-ahead
+``query.execute`` record of the cell that caused it (same user, same
+``msg_id``), so the report carries the code. Reading a report is itself
+recorded (``report.read``).
+"""
+
+import csv
+import html
+import io
+import json
+from datetime import datetime
+
+from .records import AuditRecord
+
+ACCESS_ACTIONS = ("file.open", "file.list", "data.open", "server.file", "process.exec")
+FORMATS = ("table", "csv", "json", "html")
+COLUMNS = ("time", "user", "project", "region", "dataset", "action", "path", "detail", "code", "flag", "seq")
+
+
+def region_report(store, catalog, actor: str, region: str, since: datetime | None = None,
+                  until: datetime | None = None, user: str | None = None, dataset: str | None = None) -> list[dict]:
+    """The access report of ``region`` for its admin ``actor``; raises RefusedError for anyone else."""
+    with catalog.session() as s:
+        catalog._region(s, region)
+        catalog.require_region_admin(s, actor, region, f"read the audit of region {region!r}")
+    rows = []
+    records = [r for r in store.records(region=region, actor=user, dataset=dataset, since=since, until=until)
+               if r.action in ACCESS_ACTIONS]
+    wanted = {(r.actor, r.detail.get("msg_id")) for r in records if r.detail.get("msg_id")}
+    code = {}
+    if wanted:
+        for q in store.records(action="query.execute", since=None, until=until):
+            key = (q.actor, q.detail.get("msg_id"))
+            if key in wanted:
+                code[key] = q.detail.get("code")
+    for r in records:
+        detail = {k: v for k, v in r.detail.items() if k not in ("flag",)}
+        rows.append({
+            "time": r.time,
+            "user": r.actor,
+            "project": r.project,
+            "region": r.region,
+            "dataset": r.dataset,
+            "action": r.action,
+            "path": r.path,
+            "detail": detail,
+            "code": code.get((r.actor, r.detail.get("msg_id"))),
+            "flag": r.detail.get("flag"),
+            "seq": r.seq,
+        })
+    store.append(AuditRecord("report.read", actor, region=region,
+                             detail={"rows": len(rows), "user": user, "dataset": dataset,
+                                     "since": since.isoformat() if since else None,
+                                     "until": until.isoformat() if until else None}))
+    return rows
+
+
+def render(rows: list[dict], fmt: str, region: str) -> str:
+    """The report as ``table``, ``csv``, ``json`` or ``html``."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format: one of {', '.join(FORMATS)}")
+    if fmt == "json":
+        return json.dumps(rows, indent=2, sort_keys=True)
+    if fmt == "csv":
+        out = io.StringIO()
+        w = csv.DictWriter(out, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "detail": json.dumps(r["detail"], sort_keys=True)})
+        return out.getvalue()
+    if fmt == "table":
+        head = ["time", "user", "project", "dataset", "action", "path", "code"]
+        cells = [[str(r[k] or "")[:60].replace("\n", " ") for k in head] for r in rows]
+        widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(head)]
+        line = lambda xs: "  ".join(x.ljust(w) for x, w in zip(xs, widths)).rstrip()  # noqa: E731
+        return "\n".join([line(head), line(["-" * w for w in widths])] + [line(c) for c in cells])
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(r[k] or ''))}</td>" for k in
+                         ("time", "user", "project", "dataset", "action", "path"))
+        + f"<td><pre>{html.escape(r['code'] or '')}</pre></td>"
+        + f"<td class='flag'>{html.escape(r['flag'] or '')}</td></tr>"
+        for r in rows)
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Access report: {html.escape(region)}"
+            "</title><style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:4px;vertical-align:top}pre{margin:0;max-width:40em;"
+            "white-space:pre-wrap}.flag{color:#b00}</style></head><body>"
+            f"<h1>Access report for region {html.escape(region)}</h1><p>{len(rows)} accesses.</p>"
+            "<table id='ngp-report'><thead><tr><th>time</th><th>user</th><th>project</th><th>dataset</th>"
+            "<th>action</th><th>path</th><th>code</th><th>flag</th></tr></thead>"
+            f"<tbody>{body}</tbody></table></body></html>")
+
+
+def report_handlers(prefix: str, ctx):
+    """The report page behind hub login (HubOAuth), for region admins."""
+    from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated
+    from tornado import web
+
+    from ..errors import NGPError
+
+    class ReportHandler(HubOAuthenticated, web.RequestHandler):
+        @web.authenticated
+        def get(self):
+            user = self.get_current_user()["name"]
+            region = self.get_argument("region", None)
+            admin_of = [r.split(":", 1)[1] for r in ctx.catalog.user(user).role_labels()
+                        if r.startswith("region-admin:")] if _known(ctx.catalog, user) else []
+            if region is None and len(admin_of) == 1:
+                region = admin_of[0]
+            if region is None:
+                raise web.HTTPError(403, f"{user} is not a region admin; the audit report is for region admins")
+            fmt = self.get_argument("format", "html")
+            try:
+                rows = region_report(ctx.store, ctx.catalog, user, region,
+                                     user=self.get_argument("user", None),
+                                     dataset=self.get_argument("dataset", None))
+                text = render(rows, fmt if fmt in ("html", "json", "csv") else "html", region)
+            except NGPError as e:
+                raise web.HTTPError(403, str(e)) from None
+            self.set_header("Content-Type", {"json": "application/json", "csv": "text/csv"}.get(fmt, "text/html"))
+            self.finish(text)
+
+        def write_error(self, status_code, **kwargs):
+            exc = kwargs.get("exc_info", (None, None))[1]
+            msg = getattr(exc, "log_message", None) or self._reason
+            self.finish(f"<!DOCTYPE html><html><body><h1>{status_code}</h1><p id='ngp-error'>{html.escape(msg)}"
+                        "</p></body></html>")
+
+    return [(prefix + "report", ReportHandler), (prefix + "oauth_callback", HubOAuthCallbackHandler)]
+
+
+def _known(catalog, user) -> bool:
+    try:
+        catalog.user(user)
+        return True
+    except Exception:
+        return False

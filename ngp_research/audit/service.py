@@ -1,0 +1,311 @@
+"""The audit service: receives records from kernels and servers, appends them durably, serves reports.
+
+It runs as a JupyterHub-managed service, outside every sandbox
+(``python -m ngp_research.audit.service``). Kernels reach it through a socket
+bridge into their sandbox and authenticate with their server's JupyterHub
+token.
+
+Identity comes from the verified token, never from the payload: the user is
+the token's owner, the project is the server named in the token's
+``access:servers!server=<user>/<project>`` scope. A record whose payload
+claims another user or project is stored under the real identity with
+``detail.flag`` saying what was claimed. A path under
+``/data/<region>/<dataset>/`` is resolved to its region and dataset, and
+flagged when that dataset is not in the project's workspace now.
+
+A request is answered only after its records are committed (SQLite with
+``synchronous=FULL`` in WAL mode, or PostgreSQL's commit): concurrent requests
+are grouped into one transaction (group commit).
+
+Endpoints (under the service prefix, e.g. ``/services/audit/``):
+
+``POST records``
+    ``{"records": [{"action", "path", "detail"}]}`` with ``Authorization: token T``;
+    ``200 {"acknowledged": n, "first_seq", "last_seq"}`` once durable.
+``GET health``
+    ``200`` when the store is writable.
+``GET report?region=R[&since&until&user&dataset&format=html|json|csv]``
+    For a region admin logged in to the hub: the region's access report.
+"""
+
+import asyncio
+import json
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass
+
+from tornado import web
+
+from .records import AuditRecord
+
+MAX_RECORDS_PER_REQUEST = 5000
+MAX_BODY = 16 * 1024 * 1024
+_SERVER_SCOPE = re.compile(r"^access:servers!server=([^/]+)/(.+)$")
+ALLOWED_ACTIONS = {"query.execute", "file.open", "file.list", "process.exec", "library.load", "socket.connect",
+                   "data.open", "server.file", "audit.tamper", "report.run", "widget.review"}
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request, as the hub vouches for it."""
+
+    user: str
+    project: str | None
+
+
+def identity_from_model(model: dict) -> Caller:
+    """The caller from HubAuth's user model: owner of the token, and the server its scopes name.
+
+    >>> identity_from_model({"name": "alice", "scopes": ["access:servers!server=alice/cardio-gwas"]})
+    Caller(user='alice', project='cardio-gwas')
+    """
+    user = model["name"]
+    projects = set()
+    for scope in model.get("scopes", []):
+        m = _SERVER_SCOPE.match(scope)
+        if m and m.group(1) == user:
+            projects.add(m.group(2))
+    return Caller(user, projects.pop() if len(projects) == 1 else None)
+
+
+def resolve(path):
+    """(region, dataset) of a workspace path under /data, else (None, None).
+
+    >>> resolve("/data/syd/syd-cohort/syd-cohort.vcf.gz")
+    ('syd', 'syd-cohort')
+    >>> resolve("/project/notes.txt")
+    (None, None)
+    """
+    if not isinstance(path, str):
+        return None, None
+    parts = os.path.normpath(path).split("/")
+    if len(parts) >= 4 and parts[0] == "" and parts[1] == "data":
+        return parts[2], parts[3]
+    return None, None
+
+
+def build_record(caller: Caller, raw: dict, visible: set | None) -> AuditRecord:
+    """One stored record from one submitted record: identity from ``caller``, location from the path."""
+    if not isinstance(raw, dict):
+        raise ValueError("each record must be an object")
+    action = raw.get("action")
+    if action not in ALLOWED_ACTIONS:
+        raise ValueError(f"unknown action {action!r}")
+    path = raw.get("path")
+    if path is not None and not isinstance(path, str):
+        raise ValueError("path must be a string")
+    detail = raw.get("detail") or {}
+    if not isinstance(detail, dict):
+        raise ValueError("detail must be an object")
+    detail = dict(detail)
+    flags = []
+    for key, real in (("user", caller.user), ("actor", caller.user), ("project", caller.project)):
+        claimed = raw.get(key, detail.get(key))
+        if claimed is not None and claimed != real:
+            flags.append(f"payload claimed {key} {claimed!r}")
+        detail.pop(key, None)
+    region, dataset = resolve(path)
+    if dataset is not None and visible is not None and (region, dataset) not in visible:
+        flags.append(f"{region}/{dataset} is not in this workspace's data")
+    if flags:
+        detail["flag"] = "; ".join(flags)
+    return AuditRecord(action, caller.user, project=caller.project, region=region, dataset=dataset, path=path,
+                       detail=detail)
+
+
+class GroupCommitter:
+    """Collects records from concurrent requests and appends them in one transaction.
+
+    ``submit`` returns when the caller's records are durable, with their sequence numbers.
+    """
+
+    def __init__(self, store, max_batch=5000, max_wait=0.002):
+        self.store = store
+        self.max_batch = max_batch
+        self.max_wait = max_wait
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.task = None
+
+    def start(self):
+        self.task = asyncio.ensure_future(self._run())
+
+    async def submit(self, records):
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put((records, fut))
+        return await fut
+
+    async def _run(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self.queue.get()
+            batch = [first]
+            size = len(first[0])
+            deadline = loop.time() + self.max_wait
+            while size < self.max_batch:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), timeout)
+                except asyncio.TimeoutError:
+                    break
+                batch.append(item)
+                size += len(item[0])
+            records = [r for recs, _ in batch for r in recs]
+            try:
+                stored = await loop.run_in_executor(None, self.store.append_many, records)
+            except Exception as e:  # nothing in this batch is acknowledged
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            i = 0
+            for recs, fut in batch:
+                mine = stored[i:i + len(recs)]
+                i += len(recs)
+                if not fut.done():
+                    fut.set_result(mine)
+
+
+class _Base(web.RequestHandler):
+    @property
+    def ctx(self):
+        return self.settings["ctx"]
+
+    def write_json(self, status, obj):
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(obj))
+
+
+class RecordsHandler(_Base):
+    async def post(self):
+        token = self.request.headers.get("Authorization", "")
+        token = token[6:].strip() if token.lower().startswith("token ") else ""
+        if not token:
+            return self.write_json(401, {"error": "a JupyterHub token is required"})
+        caller = await self.ctx.authenticate(token)
+        if caller is None:
+            return self.write_json(401, {"error": "the token is not valid"})
+        if len(self.request.body) > MAX_BODY:
+            return self.write_json(413, {"error": "request too large"})
+        try:
+            body = json.loads(self.request.body or b"{}")
+            raw = body["records"]
+            if not isinstance(raw, list) or not raw or len(raw) > MAX_RECORDS_PER_REQUEST:
+                raise ValueError(f"records: a list of 1 to {MAX_RECORDS_PER_REQUEST} records")
+            visible = self.ctx.visible(caller)
+            records = [build_record(caller, r, visible) for r in raw]
+        except (ValueError, KeyError, TypeError) as e:
+            return self.write_json(400, {"error": str(e)})
+        try:
+            stored = await self.ctx.committer.submit(records)
+        except Exception as e:
+            self.ctx.log(f"append failed: {e!r}")
+            return self.write_json(503, {"error": "the audit store could not append; nothing was acknowledged"})
+        self.write_json(200, {"acknowledged": len(stored), "first_seq": stored[0].seq, "last_seq": stored[-1].seq})
+
+
+class HealthHandler(_Base):
+    def get(self):
+        self.write_json(200, {"ok": True})
+
+
+class ServiceContext:
+    """What the handlers share: the store, the committer, token checks and the catalog."""
+
+    def __init__(self, store, authenticate, catalog=None, visible_ttl=10.0):
+        self.store = store
+        self._authenticate = authenticate
+        self.catalog = catalog
+        self.committer = GroupCommitter(store)
+        self._visible = {}
+        self.visible_ttl = visible_ttl
+
+    async def authenticate(self, token):
+        return await self._authenticate(token)
+
+    def visible(self, caller: Caller):
+        """(region, dataset) pairs the caller's workspace shows now (cached briefly), or None if unknown."""
+        if self.catalog is None or caller.project is None:
+            return None
+        key = (caller.user, caller.project)
+        hit = self._visible.get(key)
+        if hit and hit[0] > time.monotonic():
+            return hit[1]
+        from ..access import AccessPolicy
+
+        try:
+            d = AccessPolicy(self.catalog).files(caller.user, caller.project)
+            pairs = set(d.datasets)
+        except Exception:
+            pairs = set()
+        self._visible[key] = (time.monotonic() + self.visible_ttl, pairs)
+        return pairs
+
+    def log(self, text):
+        print(f"[audit-service] {text}", flush=True)
+
+
+def hub_authenticator():
+    """Token checks against the hub (HubAuth), cached; returns an async token -> Caller | None."""
+    from jupyterhub.services.auth import HubAuth
+
+    auth = HubAuth(api_token=os.environ["JUPYTERHUB_API_TOKEN"], cache_max_age=60)
+
+    async def check(token):
+        model = await auth.user_for_token(token, use_cache=True, sync=False)
+        if not model or model.get("kind", "user") != "user":
+            return None
+        return identity_from_model(model)
+
+    return check
+
+
+def make_app(ctx: ServiceContext, prefix: str = "/", report_handlers=()):
+    from tornado.web import Application
+
+    prefix = prefix.rstrip("/") + "/"
+    handlers = [(prefix + "records", RecordsHandler), (prefix + "health", HealthHandler), *report_handlers]
+    return Application(handlers, ctx=ctx, cookie_secret=os.urandom(32))
+
+
+def main():
+    """Run as a JupyterHub-managed service (the hub sets JUPYTERHUB_* variables)."""
+    from tornado.httpserver import HTTPServer
+    from urllib.parse import urlparse
+
+    from ..catalog import Catalog
+    from ..platform import Platform
+    from .report import report_handlers
+    from .store import AuditStore
+
+    platform = Platform()
+    store = AuditStore.for_platform(platform)
+    catalog = Catalog.open(platform)
+    ctx = ServiceContext(store, hub_authenticator(), catalog)
+    prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/")
+    app = make_app(ctx, prefix, report_handlers(prefix, ctx))
+    url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:8082"))
+
+    async def serve():
+        ctx.committer.start()
+        server = HTTPServer(app, max_body_size=MAX_BODY)
+        server.listen(url.port, url.hostname)
+        ctx.log(f"listening on {url.hostname}:{url.port}{prefix}")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        server.stop()
+        store.close()  # signs a checkpoint of the head on shutdown
+        ctx.log("stopped; chain head signed")
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()

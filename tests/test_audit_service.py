@@ -1,0 +1,315 @@
+"""The audit service: identity from the token, durable group commit, path resolution, region reports.
+
+The service's HTTP app runs in-process (a thread with its own event loop) with a
+stand-in for the hub's token check; the SIGKILL test runs it as its own process.
+The end-to-end path through the real hub and a real sandbox is in test_hub.py.
+"""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from ngp_research.audit import AuditStore
+from ngp_research.audit.report import region_report, render
+from ngp_research.audit.service import Caller, ServiceContext, build_record, identity_from_model, make_app
+from ngp_research.errors import RefusedError
+
+TOKENS = {
+    "tok-alice": Caller("alice", "cardio-gwas"),
+    "tok-bob": Caller("bob", "rare-disease"),
+    "tok-lars-user": Caller("lars", None),
+}
+
+
+async def fake_auth(token):
+    return TOKENS.get(token)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServiceThread:
+    def __init__(self, ctx):
+        self.ctx, self.port = ctx, free_port()
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        asyncio.set_event_loop(self.loop)
+
+        async def serve():
+            self.ctx.committer.start()
+            self.server = make_app(self.ctx, "/services/audit/").listen(self.port, "127.0.0.1")
+            self.ready.set()
+
+        self.loop.run_until_complete(serve())
+        self.loop.run_forever()
+
+    def __enter__(self):
+        self.thread.start()
+        self.ready.wait(10)
+        return self
+
+    def __exit__(self, *exc):
+        self.loop.call_soon_threadsafe(self.server.stop)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}/services/audit/"
+
+
+def post(url, records, token="tok-alice", raw=None):
+    body = raw if raw is not None else json.dumps({"records": records}).encode()
+    req = urllib.request.Request(url + "records", data=body, method="POST",
+                                 headers={"Authorization": f"token {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.fixture
+def store(platform):
+    s = AuditStore.for_platform(platform)
+    yield s
+    s.engine.dispose()
+
+
+@pytest.fixture
+def service(store):
+    with ServiceThread(ServiceContext(store, fake_auth)) as svc:
+        yield svc
+
+
+def test_identity_comes_from_the_tokens_scopes():
+    model = {"name": "alice", "scopes": ["read:users!user=alice", "access:servers!server=alice/cardio-gwas"]}
+    assert identity_from_model(model) == Caller("alice", "cardio-gwas")
+    assert identity_from_model({"name": "alice", "scopes": ["access:servers!server=bob/p"]}).project is None
+
+
+def test_records_are_acknowledged_once_durable_and_attributed_by_the_token(service, store):
+    status, ack = post(service.url, [{"action": "file.open", "path": "/data/syd/syd-cohort/syd-cohort.vcf.gz",
+                                      "detail": {"mode": "rb", "msg_id": "m1"}}])
+    assert status == 200 and ack["acknowledged"] == 1
+    (rec,) = store.records()
+    assert rec.seq == ack["first_seq"] == ack["last_seq"]
+    assert (rec.actor, rec.project, rec.region, rec.dataset) == ("alice", "cardio-gwas", "syd", "syd-cohort")
+    assert rec.detail == {"mode": "rb", "msg_id": "m1"}
+
+
+def test_a_forged_identity_is_stored_under_the_real_one_and_flagged(service, store):
+    status, _ = post(service.url, [{"action": "file.open", "path": "/project/x", "user": "bob",
+                                    "project": "rare-disease", "detail": {"actor": "admin-syd"}}])
+    assert status == 200
+    (rec,) = store.records()
+    assert (rec.actor, rec.project) == ("alice", "cardio-gwas")
+    assert "payload claimed user 'bob'" in rec.detail["flag"]
+    assert "payload claimed project 'rare-disease'" in rec.detail["flag"]
+    assert "payload claimed actor 'admin-syd'" in rec.detail["flag"]
+
+
+@pytest.mark.parametrize("token, records, raw, status", [
+    (None, [{"action": "file.open"}], None, 401),
+    ("stolen", [{"action": "file.open"}], None, 401),
+    ("tok-alice", [], None, 400),
+    ("tok-alice", [{"action": "rm -rf"}], None, 400),
+    ("tok-alice", [{"action": "file.open", "path": 3}], None, 400),
+    ("tok-alice", None, b"not json", 400),
+])
+def test_bad_requests_are_refused_and_store_nothing(service, store, token, records, raw, status):
+    got, body = post(service.url, records, token=token, raw=raw)
+    assert got == status and "error" in body
+    assert store.records() == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_concurrent_writers_are_group_committed_and_nothing_acknowledged_is_lost(service, store, monkeypatch):
+    calls = []
+    real = store.append_many
+
+    def counting(records):
+        calls.append(len(records))
+        return real(records)
+
+    monkeypatch.setattr(store, "append_many", counting)
+
+    def writer(i):
+        acks = []
+        for j in range(10):
+            status, ack = post(service.url, [{"action": "file.open", "path": f"/project/f{i}-{j}"}] * 3,
+                               token=("tok-alice", "tok-bob")[i % 2])
+            assert status == 200
+            acks.append(ack)
+        return acks
+
+    with ThreadPoolExecutor(50) as pool:
+        acks = [a for batch in pool.map(writer, range(50)) for a in batch]
+    assert sum(a["acknowledged"] for a in acks) == 1500 == len(store.records())
+    assert len(calls) < 500  # 500 requests, fewer transactions
+    assert store.verify().ok
+
+
+def test_paths_outside_the_workspace_data_are_flagged(tmp_path):
+    from ngp_research.catalog import Catalog
+    from ngp_research.demo.seed import seed_demo
+    from ngp_research.platform import Platform
+
+    platform = Platform(home=str(tmp_path / "ngp"))
+    seed_demo(platform, samples_per_region=4, variants=30)
+    catalog = Catalog.open(platform)
+    ctx = ServiceContext(catalog.audit, fake_auth, catalog)
+    visible = ctx.visible(Caller("alice", "cardio-gwas"))
+    ok = build_record(Caller("alice", "cardio-gwas"), {"action": "data.open", "path": "/data/syd/syd-cohort/x"},
+                      visible)
+    bad = build_record(Caller("alice", "cardio-gwas"), {"action": "data.open", "path": "/data/vast/vast-cohort/x"},
+                       visible)
+    assert "flag" not in ok.detail and "vast/vast-cohort is not in this workspace's data" in bad.detail["flag"]
+    catalog.close()
+
+
+@pytest.fixture
+def reported(tmp_path):
+    """A demo platform whose audit holds accesses from two regions, each caused by a recorded cell."""
+    from ngp_research.catalog import Catalog
+    from ngp_research.demo.seed import seed_demo
+    from ngp_research.platform import Platform
+
+    platform = Platform(home=str(tmp_path / "ngp"))
+    seed_demo(platform, samples_per_region=4, variants=30)
+    catalog = Catalog.open(platform)
+    alice = Caller("alice", "cardio-gwas")
+    raw = [
+        {"action": "query.execute", "detail": {"msg_id": "m1", "code": "open('/data/syd/syd-cohort/syd-cohort.vcf.gz')"}},
+        {"action": "file.open", "path": "/data/syd/syd-cohort/syd-cohort.vcf.gz", "detail": {"msg_id": "m1"}},
+        {"action": "query.execute", "detail": {"msg_id": "m2", "code": "os.listdir('/data/norr/norr-cohort')"}},
+        {"action": "file.list", "path": "/data/norr/norr-cohort", "detail": {"msg_id": "m2"}},
+    ]
+    catalog.audit.append_many([build_record(alice, r, None) for r in raw])
+    yield catalog
+    catalog.close()
+
+
+def test_a_region_admin_sees_their_regions_accesses_with_the_code_and_nothing_else(reported):
+    rows = region_report(reported.audit, reported, "admin-syd", "syd")
+    assert [(r["user"], r["project"], r["dataset"], r["action"]) for r in rows] == [
+        ("alice", "cardio-gwas", "syd-cohort", "file.open")]
+    assert rows[0]["code"] == "open('/data/syd/syd-cohort/syd-cohort.vcf.gz')"
+    assert all(r["region"] == "syd" for r in rows)
+    norr = region_report(reported.audit, reported, "admin-norr", "norr")
+    assert [r["dataset"] for r in norr] == ["norr-cohort"]
+    assert reported.audit.records(action="report.read")[-1].actor == "admin-norr"
+
+
+@pytest.mark.parametrize("actor", ["alice", "lars", "admin-norr", "olof", "mallory"])
+def test_anyone_but_the_regions_admin_is_refused(reported, actor):
+    with pytest.raises(RefusedError):
+        region_report(reported.audit, reported, actor, "syd")
+
+
+def test_report_formats(reported):
+    rows = region_report(reported.audit, reported, "admin-syd", "syd")
+    assert json.loads(render(rows, "json", "syd"))[0]["dataset"] == "syd-cohort"
+    assert render(rows, "csv", "syd").splitlines()[0].startswith("time,user,project,region,dataset")
+    assert "syd-cohort" in render(rows, "table", "syd")
+    assert "<table id='ngp-report'>" in render(rows, "html", "syd")
+
+
+def test_report_from_the_command_line(reported):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NGP_")}
+    env["NGP_HOME"] = str(reported.platform.home_path)
+    ngp = [sys.executable, "-m", "ngp_research.cli", "audit", "report"]
+    p = subprocess.run(ngp + ["--region", "syd", "--as", "admin-syd", "--format", "csv"], env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and "syd-cohort" in p.stdout and "norr-cohort" not in p.stdout
+    p = subprocess.run(ngp + ["--region", "syd", "--as", "alice"], env=env, capture_output=True, text=True)
+    assert p.returncode == 2 and "alice is not an admin of region 'syd'" in p.stderr
+
+
+SERVICE_SCRIPT = r"""
+import asyncio, sys
+from ngp_research.audit import AuditStore
+from ngp_research.audit.service import Caller, ServiceContext, make_app
+from ngp_research.platform import Platform
+
+async def auth(token):
+    return {"tok-alice": Caller("alice", "cardio-gwas")}.get(token)
+
+async def main():
+    store = AuditStore.for_platform(Platform())
+    ctx = ServiceContext(store, auth)
+    ctx.committer.start()
+    make_app(ctx, "/services/audit/").listen(int(sys.argv[1]), "127.0.0.1")
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_sigkill_under_load_loses_no_acknowledged_record(platform, tmp_path):
+    env = {**os.environ, "NGP_HOME": str(platform.home_path)}
+
+    def start(port):
+        p = subprocess.Popen([sys.executable, "-c", SERVICE_SCRIPT, str(port)], env=env, stdout=subprocess.PIPE,
+                             text=True)
+        assert p.stdout.readline().strip() == "ready"
+        return p
+
+    port = free_port()
+    proc = start(port)
+    url = f"http://127.0.0.1:{port}/services/audit/"
+    acked, stop = [], threading.Event()
+    lock = threading.Lock()
+
+    def writer(i):
+        n = 0
+        while not stop.is_set():
+            try:
+                status, ack = post(url, [{"action": "file.open", "path": f"/project/w{i}/{n}"}])
+            except OSError:
+                return
+            if status == 200:
+                with lock:
+                    acked.append((ack["first_seq"], f"/project/w{i}/{n}"))
+            n += 1
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(50)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert len(acked) > 100
+    proc = start(port)  # the service comes back; the store is the same
+    try:
+        store = AuditStore.for_platform(platform)
+        stored = {r.seq: r.path for r in store.records()}
+        missing = [(seq, path) for seq, path in acked if stored.get(seq) != path]
+        assert missing == []
+        assert store.verify().ok, store.verify().problems
+        store.engine.dispose()
+    finally:
+        proc.kill()
+        proc.wait()
