@@ -8,11 +8,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_audit  # noqa: E402
+import bench_audit_service  # noqa: E402
 import bench_ingest  # noqa: E402
 import bench_spawn  # noqa: E402
 
 results = HERE / "results"
 bench_audit.main(["--out", str(results / "audit.json")])
+print()
+bench_audit_service.main(["--out", str(results / "audit_service.json")])
 print()
 bench_ingest.main(["--out", str(results / "ingest.json")])
 print()

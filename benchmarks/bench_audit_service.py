@@ -1,0 +1,95 @@
+"""Audit service throughput with durability on: records per second acknowledged over HTTP.
+
+Side by side in one run: the same records appended straight into the store in
+one process (no HTTP, one transaction per record and per 100 records), so
+the ratio is what the service's HTTP and group commit cost or save.
+
+    python benchmarks/bench_audit_service.py [--clients 50] [--requests 40]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ngp_research.audit import AuditRecord, AuditStore  # noqa: E402
+from ngp_research.platform import Platform  # noqa: E402
+from ngp_research.audit.service import Caller, ServiceContext  # noqa: E402
+from tests.test_audit_service import SERVICE_SCRIPT, free_port, post  # noqa: E402
+
+
+async def auth(token):
+    return Caller("alice", "cardio-gwas")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--requests", type=int, default=40, help="requests per client")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    result = {"clients": args.clients, "requests_per_client": args.requests}
+    for per_request in (1, 20):
+        with tempfile.TemporaryDirectory() as d:
+            Platform(home=d).ensure_layout()
+            recs = [{"action": "file.open", "path": f"/data/syd/syd-cohort/f{i}", "detail": {"msg_id": "m"}}
+                    for i in range(per_request)]
+            port = free_port()
+            # the service in its own process, as the hub runs it
+            env = {**os.environ, "NGP_HOME": d}
+            proc = subprocess.Popen([sys.executable, "-c", SERVICE_SCRIPT, str(port)], env=env, stdout=subprocess.PIPE,
+                                    text=True)
+            assert proc.stdout.readline().strip() == "ready"
+            url = f"http://127.0.0.1:{port}/services/audit/"
+            try:
+                def client(_):
+                    for _ in range(args.requests):
+                        status, _ = post(url, recs, token="tok-alice")
+                        assert status == 200
+
+                t = time.perf_counter()
+                with ThreadPoolExecutor(args.clients) as pool:
+                    list(pool.map(client, range(args.clients)))
+                elapsed = time.perf_counter() - t
+            finally:
+                proc.kill()
+                proc.wait()
+            store = AuditStore(f"sqlite:///{d}/state/audit.sqlite", Path(d) / "state" / "keys")
+            total = args.clients * args.requests * per_request
+            result[f"service_records_per_s_{per_request}_per_request"] = total / elapsed
+            assert store.verify().ok
+            store.engine.dispose()
+            # the same number of records, appended directly, one transaction per request's worth
+            store = AuditStore(f"sqlite:///{d}/b.sqlite", Path(d) / "keys2", checkpoint_interval=1000)
+            batch = [AuditRecord("file.open", "alice", project="cardio-gwas", region="syd", dataset="syd-cohort",
+                                 path=r["path"], detail=r["detail"]) for r in recs]
+            n = min(args.clients * args.requests, 400)
+            t = time.perf_counter()
+            for _ in range(n):
+                store.append_many(batch)
+            direct = n * per_request / (time.perf_counter() - t)
+            result[f"direct_records_per_s_{per_request}_per_transaction"] = direct
+            result[f"ratio_service_over_direct_{per_request}"] = (
+                result[f"service_records_per_s_{per_request}_per_request"] / direct)
+            store.engine.dispose()
+    print(f"audit service, {args.clients} concurrent clients x {args.requests} requests, durable (synchronous=FULL):")
+    for k in (1, 20):
+        print(f"  {k:>2} record(s)/request: {result[f'service_records_per_s_{k}_per_request']:>9,.0f} rec/s acknowledged;"
+              f" direct append {result[f'direct_records_per_s_{k}_per_transaction']:>9,.0f} rec/s;"
+              f" ratio {result[f'ratio_service_over_direct_{k}']:.2f}x")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
