@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from ngp_research.audit import AuditRecord, AuditStore  # noqa: E402
 from ngp_research.platform import Platform  # noqa: E402
-from ngp_research.audit.service import Caller, ServiceContext  # noqa: E402
+from ngp_research.audit.service import Caller  # noqa: E402
 from tests.test_audit_service import SERVICE_SCRIPT, free_port, post  # noqa: E402
 
 

@@ -357,6 +357,77 @@ def test_a_region_admin_reads_the_report_page_behind_hub_login(alice_workspace, 
     assert status == 403 and "not a region admin" in Page(body).text
 
 
+ACCESS_CELL = r'''
+import os, pathlib, subprocess, pysam
+f = "/data/syd/syd-cohort/syd-cohort.vcf.gz"
+open(f, "rb").read(2)
+os.close(os.open("/data/norr/norr-cohort/norr-cohort.vcf.gz", os.O_RDONLY))
+pathlib.Path("/data/uppsala/uppsala-cohort/uppsala-phenopackets.json").read_bytes()
+os.listdir("/data/stockholm/stockholm-cohort")
+subprocess.run(["cat", "/data/syd/syd-cohort/syd-phenopackets.json"], capture_output=True)
+sum(1 for _ in pysam.VariantFile(f).fetch("chr1", 1, 50000))
+print("done")
+'''
+
+
+@needs_root
+def test_every_access_path_leaves_a_record_with_user_project_dataset_region_and_code(alice_workspace, platform_up):
+    from .hubclient import run_code
+
+    procs, catalog = platform_up
+    before = catalog.audit.records()[-1].seq if catalog.audit.records() else 0
+    out = asyncio.run(run_code(procs.url + alice_workspace["server"]["url"], alice_workspace["token"], ACCESS_CELL))
+    assert out.strip() == "done"
+    new = [r for r in catalog.audit.records() if r.seq > before and r.actor == "alice"]
+    (query,) = [r for r in new if r.action == "query.execute" and "pysam.VariantFile" in (r.detail.get("code") or "")]
+    caused = [r for r in new if r.detail.get("msg_id") == query.detail["msg_id"] and r.action != "query.execute"]
+    assert all(r.project == "cardio-gwas" for r in caused)
+    assert query.seq < min(r.seq for r in caused)  # the code was recorded before anything it did
+    seen = {(r.action, r.path, r.region, r.dataset) for r in caused}
+    for expected in [
+        ("file.open", "/data/syd/syd-cohort/syd-cohort.vcf.gz", "syd", "syd-cohort"),
+        ("file.open", "/data/norr/norr-cohort/norr-cohort.vcf.gz", "norr", "norr-cohort"),
+        ("file.open", "/data/uppsala/uppsala-cohort/uppsala-phenopackets.json", "uppsala", "uppsala-cohort"),
+        ("file.list", "/data/stockholm/stockholm-cohort", "stockholm", "stockholm-cohort"),
+        ("data.open", "/data/syd/syd-cohort/syd-cohort.vcf.gz", "syd", "syd-cohort"),
+    ]:
+        assert expected in seen, expected
+    assert any(r.action == "process.exec" and "cat" in str(r.detail) for r in caused)
+    assert any(r.action == "data.open" and r.detail.get("start") == 1 for r in caused)
+
+
+def _service_pid(procs):
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            env = open(f"/proc/{pid}/environ", "rb").read()
+        except OSError:
+            continue
+        if b"ngp_research.audit.service" in cmd and str(procs.platform.home_path).encode() in env:
+            return int(pid)
+    raise AssertionError("the audit service is not running")
+
+
+@needs_root
+def test_with_the_audit_service_down_cells_are_refused_and_resume_when_it_returns(alice_workspace, platform_up):
+    import signal as _signal
+
+    from .hubclient import run_code
+
+    procs, catalog = platform_up
+    url, token = procs.url + alice_workspace["server"]["url"], alice_workspace["token"]
+    pid = _service_pid(procs)
+    os.kill(pid, _signal.SIGSTOP)
+    try:
+        with pytest.raises(RuntimeError, match="audit service cannot be reached; no code was run"):
+            asyncio.run(run_code(url, token, "open('/project/ran-while-audit-down', 'w').write('x')", timeout=90))
+    finally:
+        os.kill(pid, _signal.SIGCONT)
+    assert not (procs.platform.projects_dir / "cardio-gwas" / "shared" / "ran-while-audit-down").exists()
+    assert asyncio.run(run_code(url, token, "print('back')")).strip() == "back"
+    assert catalog.audit.verify().ok
+
+
 @needs_root
 def test_a_revoked_tag_stops_the_running_workspace_and_the_restart_no_longer_shows_it(alice_workspace,
                                                                                          platform_up):

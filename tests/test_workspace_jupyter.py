@@ -235,7 +235,9 @@ def workspace():
     seed_demo(platform, samples_per_region=5, variants=60)
     catalog = Catalog.open(platform)
     token = secrets.token_hex(24)
-    environment = dict(singleuser_environment("alice", env), JUPYTER_TOKEN=token)
+    kernel_token = secrets.token_hex(24)
+    environment = dict(singleuser_environment("alice", env), JUPYTER_TOKEN=token, JUPYTERHUB_API_TOKEN=kernel_token,
+                       NGP_AUDIT_URL="http://127.0.0.1:8082/services/audit/")
     plan = plan_for(catalog, "alice", "cardio-gwas", python_env=env, runtime=True, environment=environment,
                     extra_mounts=jupyter_mounts(env))
     prepare_areas(platform, plan)
@@ -270,12 +272,25 @@ def workspace():
     server_relay = TcpToUnix(str(runtime / "server.sock"))
     loop(hub_relay.start())
     loop(server_relay.start())
+    # The audited kernel refuses to run code without the audit service: a real service app, whose token
+    # check is a stand-in for the hub's.
+    from ngp_research.audit.service import Caller, ServiceContext
+
+    from .test_audit_service import ServiceThread
+
+    async def auth(t):
+        return Caller("alice", "cardio-gwas") if t == kernel_token else None
+
+    audit = ServiceThread(ServiceContext(catalog.audit, auth, catalog)).__enter__()
+    audit_relay = UnixToTcp(str(runtime / "audit.sock"), "127.0.0.1", audit.port, owner=plan.uid)
+    loop(audit_relay.start())
 
     cgroup = f"test-jupyter-{os.getpid()}"
     t = time.monotonic()
     log_path = os.path.join(base, "server.log")
     with open(log_path, "wb") as log:
-        proc = LocalSandbox().start(plan, singleuser_command(env, ["--ServerApp.log_level=WARN"], server="jupyter-server"),
+        proc = LocalSandbox().start(plan, singleuser_command(env, ["--ServerApp.log_level=WARN"], server="jupyter-server",
+                                                                relays=["127.0.0.1:8082=/run/ngp/audit.sock"]),
                                     cgroup=cgroup, stdout=log, stderr=subprocess.STDOUT)
     client = Client(server_relay.port, token)
     deadline = time.time() + 60
@@ -299,7 +314,8 @@ def workspace():
     timings["server_start"] = time.monotonic() - t
     print(f"\nworkspace jupyter timings: {timings}")
     try:
-        yield {"client": client, "plan": plan, "platform": platform, "env": env, "runtime": runtime, "home": home}
+        yield {"client": client, "plan": plan, "platform": platform, "env": env, "runtime": runtime, "home": home,
+               "catalog": catalog}
     finally:
         os.killpg(proc.pid, 15)
         try:
@@ -309,6 +325,8 @@ def workspace():
             proc.wait()
         loop(server_relay.stop())
         loop(hub_relay.stop())
+        loop(audit_relay.stop())
+        audit.__exit__(None, None, None)
         loop.close()
         hub.shutdown()
         time.sleep(0.2)
@@ -427,3 +445,15 @@ def test_bridge_sockets_are_private(workspace):
         st = os.stat(workspace["runtime"] / name)
         assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
         assert st.st_uid == workspace["plan"].uid
+
+
+def test_the_kernels_file_opens_reach_the_audit_service_with_the_cells_code(workspace, kernel):
+    kernel["ws"].execute("open('/data/syd/syd-cohort/syd-cohort.vcf.gz', 'rb').read(2)")
+    catalog = workspace["catalog"]
+    opens = [r for r in catalog.audit.records(action="file.open", actor="alice")
+             if r.path == "/data/syd/syd-cohort/syd-cohort.vcf.gz"]
+    assert opens, "no file.open record"
+    rec = opens[-1]
+    assert (rec.project, rec.region, rec.dataset) == ("cardio-gwas", "syd", "syd-cohort")
+    queries = {q.detail.get("msg_id"): q.detail.get("code") for q in catalog.audit.records(action="query.execute")}
+    assert "syd-cohort.vcf.gz" in queries[rec.detail["msg_id"]]

@@ -1,0 +1,57 @@
+"""The audited kernel: what runs inside every workspace kernel (design invariant 4).
+
+Launched as ``python -P -s -m ngp_research.kernel -f {connection_file}`` (the only kernelspec,
+``kernels/ngp-python/kernel.json``). It needs ``NGP_AUDIT_URL`` (the audit service, e.g.
+``http://127.0.0.1:8082/``) and ``JUPYTERHUB_API_TOKEN`` (the caller's identity, sent as
+``Authorization: token <T>``); without them it refuses to run any code.
+
+- :mod:`.auditor`: a PEP 578 audit hook, installed before IPython is imported, turns ``open``,
+  ``os.listdir``/``os.scandir``, ``shutil`` copies, ``subprocess.Popen``, ``os.system``,
+  ``os.exec*``/``os.posix_spawn``, ``ctypes.dlopen`` and ``socket.connect`` into records; a bounded
+  buffer (10,000) delivers them in batches, acknowledged by the service, retried with backoff;
+  nothing leaves the buffer unacknowledged.
+- :mod:`.kernel`: an ``IPythonKernel`` whose execute path sends the cell's code (``query.execute``)
+  and waits for the acknowledgement before running it; no acknowledgement, no execution
+  (``AuditUnavailable``). Buffered records are delivered before each reply; if they cannot be, the
+  next cell is refused until they are.
+- :mod:`.entrypoints`: ``data.open`` records for libraries that open files in C (pysam's
+  ``VariantFile``/``AlignmentFile``/``TabixFile``/``FastaFile`` and their ``fetch`` regions;
+  Hail's readers when Hail is installed), and :func:`~.entrypoints.record_data_access` for others.
+
+IPython reads startup files and profile config from ``IPYTHONDIR``, which the member can write
+(``/tmp/ipython``). The kernel points ``IPYTHONDIR`` at a fresh private directory it creates
+(``mkdtemp``, empty) before IPython starts and drops ``PYTHONSTARTUP``, so no member-written file
+runs unrecorded; the audit hook is installed even before that. ``-P`` and
+``--InteractiveShellApp.ignore_cwd=True`` keep the working directory off ``sys.path`` (a
+``/project/json.py`` cannot shadow what the kernel imports).
+
+What Python can see of tampering is refused or recorded:
+
+- An audit hook cannot be removed once added (PEP 578): no API exists to clear it.
+- The hook, its buffer, the connection and the "blocked" state live in closures, not in module
+  globals; the kernel's methods hold the auditor's functions in closures too.
+- Before each execution, and once a second from the sender thread, the kernel checks that its
+  ``do_execute``/``execute_request`` (class, instance, handler table, ``__code__``), the
+  ``IPythonKernel`` methods it calls, the comm handlers and the auditor's functions and hook code
+  are the objects built at start. A change is restored where possible, recorded as
+  ``audit.tamper`` and from then on every cell is refused (restart the kernel).
+  Assigning a function's ``__code__`` and re-importing ``ngp_research.kernel`` are also recorded
+  (audit events), as is ``sys.addaudithook``.
+
+What a determined user can still do, honestly: code that runs in the kernel shares its address
+space. ``ctypes`` (or any C extension, or a compiled program started with ``subprocess``, whose
+start is recorded but whose own opens are not) can make system calls that raise no audit event;
+it can also rewrite closure cells (``cell.cell_contents``) or the interpreter's memory, stop the
+sender thread, or forge extra records with ``sys.audit``. Those bypasses are themselves code in a
+cell, and every cell's code is recorded *before* it runs, so the trail shows the cell that did it.
+Invariants 1 and 2 do not rest on the kernel at all: the bubblewrap sandbox mounts only the files
+of the project's active tags, read-only, under a non-root uid without capabilities, so whatever a
+user does inside the kernel reaches only data the project is entitled to see and cannot change it;
+the audit kernel adds *who looked at what, when*, not the boundary.
+
+Other known gaps: ``complete_request``/``inspect_request`` can evaluate attribute access on user
+objects without a ``query.execute`` record; opens done by threads started from a cell are
+attributed to the latest execution; ``isinstance`` against the original pysam classes works
+both ways, but pysam objects created inside pysam's C code (not through the wrapped constructors)
+record no ``data.open``.
+"""

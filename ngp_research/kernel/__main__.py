@@ -1,0 +1,41 @@
+"""``python -P -s -m ngp_research.kernel -f CONNECTION_FILE``: start the audited kernel.
+
+Order matters: the audit hook goes in first (before IPython, ipykernel or any startup file), then
+IPython is pointed at a fresh, empty, private IPYTHONDIR, pysam's file classes are wrapped, and only
+then does ipykernel's app start with :func:`~.kernel.make_kernel_class`'s class.
+"""
+
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+
+
+def main(argv=None) -> None:
+    if sys.path and sys.path[0] in ("", os.getcwd()):  # without -P: keep the working directory out
+        del sys.path[0]
+    # No member-written file runs before or around the hook: no PYTHONSTARTUP, and an IPYTHONDIR of
+    # our own (profile config and startup files are read from it).
+    os.environ.pop("PYTHONSTARTUP", None)
+    ipython_dir = tempfile.mkdtemp(prefix="ngp-ipython-")
+    os.environ["IPYTHONDIR"] = ipython_dir
+    atexit.register(shutil.rmtree, ipython_dir, True)
+
+    from .auditor import install  # noqa: PLC0415
+
+    auditor = install(os.environ.get("NGP_AUDIT_URL"), os.environ.get("JUPYTERHUB_API_TOKEN"))
+
+    from .entrypoints import wrap_hail, wrap_pysam  # noqa: PLC0415
+    from .kernel import make_kernel_class  # noqa: PLC0415
+
+    wrap_pysam()
+    wrap_hail()
+
+    from ipykernel.kernelapp import IPKernelApp  # noqa: PLC0415
+
+    IPKernelApp.launch_instance(argv=argv, kernel_class=make_kernel_class(auditor))
+
+
+if __name__ == "__main__":
+    main()

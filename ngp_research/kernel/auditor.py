@@ -1,0 +1,519 @@
+"""The kernel's side of the audit: a PEP 578 audit hook, a bounded buffer and its delivery to the service.
+
+:func:`install` is called once, first thing in the kernel process (before IPython or ipykernel are
+imported). It adds an audit hook (``sys.addaudithook``: it cannot be removed for the life of the
+process) and starts a sender thread. Everything they share (the buffer, the connection, the
+"blocked" state, the current execution) lives in closures made here; no module global holds it.
+What the kernel gets back is an :class:`Auditor`, a tuple of those closures.
+
+Records are dicts ``{"action", "path", "detail"}`` posted as ``{"records": [...]}`` to
+``{url}records`` with ``Authorization: token <T>``; the service answers 200
+``{"acknowledged": n, ...}`` once they are durable. Anything else is "not acknowledged".
+Records leave the buffer only when acknowledged: nothing is dropped. When the buffer is full and
+cannot be delivered, the audited operation itself is refused (the hook raises
+:class:`AuditUnavailable`, a ``PermissionError``) and the kernel runs no further code until the
+buffer is delivered.
+"""
+
+import collections
+import http.client
+import json
+import os
+import sys
+import threading
+import time
+import urllib.parse
+from typing import Callable, NamedTuple
+
+__all__ = ["AuditUnavailable", "Auditor", "install", "UNREACHABLE"]
+
+UNREACHABLE = "the audit service cannot be reached; no code was run"
+
+#: Audit events recorded (and the record action each maps to); every other event returns at once.
+EVENT_ACTIONS = {
+    "open": "file.open",
+    "os.listdir": "file.list",
+    "os.scandir": "file.list",
+    "shutil.copyfile": "file.open",
+    "shutil.copytree": "file.list",
+    "shutil.make_archive": "file.list",
+    "shutil.unpack_archive": "file.open",
+    "subprocess.Popen": "process.exec",
+    "os.system": "process.exec",
+    "os.exec": "process.exec",
+    "os.posix_spawn": "process.exec",
+    "os.spawn": "process.exec",
+    "pty.spawn": "process.exec",
+    "os.fork": "process.exec",
+    "ctypes.dlopen": "library.load",
+    "socket.connect": "socket.connect",
+    "ngp.data.open": "data.open",  # raised by ngp_research.kernel.entrypoints.record_data_access
+    "sys.addaudithook": "audit.tamper",
+    "import": "audit.tamper",  # only for (re)imports of ngp_research.kernel after start
+}
+
+#: Paths always recorded, whatever the ignore list says.
+ALWAYS = ("/data", "/project", "/home")
+
+
+class AuditUnavailable(PermissionError):
+    """Raised where an access cannot be recorded: the access does not happen."""
+
+
+class Auditor(NamedTuple):
+    write_ahead: Callable  # (record, timeout) -> None | reason: sends one record, waits for its ack
+    flush: Callable  # (timeout) -> None | reason: delivers the whole buffer
+    begin: Callable  # (msg_id, cell_id) -> token: records from now on are attributed to this execution
+    end: Callable  # (token) -> None
+    blocked: Callable  # () -> None | reason the kernel must not run code
+    tamper: Callable  # (what, **detail) -> None: records audit.tamper and blocks the kernel for good
+    record: Callable  # (action, path, detail) -> None: buffers one record (attributed)
+    stats: Callable  # () -> dict
+    watch: Callable  # (check) -> None: a () -> None | str integrity check the sender runs each round
+
+
+_EMPTY = object()
+
+
+def closure_guard(functions):
+    """A check that the closure cells and code of ``functions`` still hold what they hold now.
+
+    Returns ``check(restore=False) -> None | str``; with ``restore`` it puts the originals back.
+
+    >>> def outer():
+    ...     x = 1
+    ...     def inner():
+    ...         return x
+    ...     return inner
+    >>> f = outer(); check = closure_guard([f]); check() is None
+    True
+    >>> f.__closure__[0].cell_contents = 2; check(restore=True)
+    'inner: closure cell x was replaced'
+    >>> f(), check()
+    (1, None)
+    """
+    def cells(fn):
+        out = []
+        for c in fn.__closure__ or ():
+            try:
+                out.append(c.cell_contents)
+            except ValueError:
+                out.append(_EMPTY)
+        return out
+
+    snapshot = [(fn, fn.__code__, fn.__closure__, cells(fn)) for fn in functions]
+
+    def check(restore=False):
+        problems = []
+        for fn, code, closure, contents in snapshot:
+            if fn.__code__ is not code:
+                problems.append(f"{fn.__name__}.__code__ was replaced")
+                if restore:
+                    fn.__code__ = code
+            for name, cell, value in zip(code.co_freevars, closure or (), contents):
+                try:
+                    now = cell.cell_contents
+                except ValueError:
+                    now = _EMPTY
+                if now is not value:
+                    problems.append(f"{fn.__name__}: closure cell {name} was replaced")
+                    if restore and value is not _EMPTY:
+                        cell.cell_contents = value
+        return "; ".join(problems) or None
+
+    snapshot.append((check, check.__code__, check.__closure__, cells(check)))
+    return check
+
+
+def _default_ignored() -> tuple:
+    """Prefixes of the kernel's own opens (the environment, the stdlib, runtime dirs): not recorded."""
+    prefixes = {sys.prefix, sys.exec_prefix, sys.base_prefix + "/lib", sys.base_exec_prefix + "/lib",
+                "/usr/lib", "/usr/local/lib", "/usr/share", "/proc/self", f"/proc/{os.getpid()}", "/sys",
+                "/dev/null", "/dev/urandom", "/dev/random", "/dev/shm", "/dev/pts", "/dev/tty"}
+    for var in ("IPYTHONDIR", "JUPYTER_RUNTIME_DIR", "MPLCONFIGDIR"):
+        value = os.environ.get(var)
+        if value and os.path.isabs(value):
+            prefixes.add(value)
+    out = []
+    for p in prefixes:
+        p = os.path.normpath(p)
+        if p == "/" or any(p == a or p.startswith(a + "/") for a in ALWAYS):
+            continue  # never let a setting hide /data, /project or /home
+        out.append(p)
+    return tuple(sorted(out))
+
+
+def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch: int = 500,
+            linger: float = 0.05, timeout: float = 5.0, ignored: tuple | None = None,
+            add_hook: bool = True) -> Auditor:
+    """Add the audit hook and start the sender thread; returns the :class:`Auditor` (call once)."""
+    ignored = _default_ignored() if ignored is None else tuple(ignored)
+    ignored_slash = tuple(p + "/" for p in ignored)
+    ignored_set = frozenset(ignored)
+    always_slash = tuple(a + "/" for a in ALWAYS)
+    parsed = urllib.parse.urlsplit(url or "")
+    base_path = (parsed.path or "/").rstrip("/") + "/"
+    headers = {"Content-Type": "application/json", "Authorization": f"token {token or ''}"}
+    buffer = collections.deque()
+    lock = threading.Lock()  # guards buffer and state
+    send_lock = threading.Lock()  # one POST at a time, in order; records leave the buffer only when acked
+    wake = threading.Event()
+    tls = threading.local()
+    actions_get = EVENT_ACTIONS.get
+    forked = []
+    current = [(None, None)]  # (msg_id, cell_id) of the execution records are attributed to
+    state = {"armed": False, "blocked": None, "tampered": None, "posts": 0, "records": 0,
+             "failures": 0, "errors": 0}
+    checks = []
+    conn_box = [None]
+    fspath, fsdecode, normpath, getcwd = os.fspath, os.fsdecode, os.path.normpath, os.getcwd
+    monotonic, _get_ident = time.monotonic, threading.get_ident
+    dumps, loads = json.dumps, json.loads
+
+    # -- delivery ---------------------------------------------------------------------------------
+
+    def _connection(t):
+        conn = conn_box[0]
+        if conn is None:
+            if parsed.scheme == "https":
+                conn = http.client.HTTPSConnection(parsed.hostname, parsed.port, timeout=t)
+            else:
+                conn = http.client.HTTPConnection(parsed.hostname, parsed.port or 80, timeout=t)
+            conn_box[0] = conn
+        conn.timeout = t
+        if conn.sock is not None:
+            conn.sock.settimeout(t)
+        return conn
+
+    def _post(records, t):
+        """POST one batch; None when acknowledged, else the reason. Caller holds send_lock."""
+        if not url or not parsed.hostname:
+            return "NGP_AUDIT_URL is not set"
+        if not token:
+            return "JUPYTERHUB_API_TOKEN is not set"
+        body = dumps({"records": records}, default=str).encode()
+        tls.busy = True  # the connection's own opens and connects are not recorded
+        try:
+            for attempt in (0, 1):  # a kept-alive connection the server closed is retried once
+                conn = _connection(t)
+                try:
+                    conn.request("POST", base_path + "records", body, headers)
+                    resp = conn.getresponse()
+                    text = resp.read()
+                except (OSError, http.client.HTTPException) as e:
+                    conn.close()
+                    conn_box[0] = None
+                    if attempt == 0 and isinstance(e, (http.client.RemoteDisconnected, BrokenPipeError,
+                                                       ConnectionResetError)):
+                        continue
+                    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                if resp.status != 200:
+                    return f"HTTP {resp.status} {resp.reason}"
+                try:
+                    ack = loads(text)
+                    if int(ack.get("acknowledged", -1)) != len(records):
+                        return f"the service acknowledged {ack.get('acknowledged')} of {len(records)} records"
+                except (ValueError, AttributeError, TypeError):
+                    return "the service's answer is not an acknowledgement"
+                state["posts"] += 1
+                state["records"] += len(records)
+                return None
+            return "connection closed"
+        finally:
+            tls.busy = False
+
+    def _deliver(deadline, limit=None):
+        """Deliver buffered records in batches until the buffer is empty (or ``limit`` batches)."""
+        if not send_lock.acquire(timeout=max(0.0, deadline - monotonic())):
+            return "the audit sender is busy"
+        try:
+            n = 0
+            while True:
+                with lock:
+                    chunk = [buffer[i] for i in range(min(batch, len(buffer)))]
+                if not chunk:
+                    return None
+                reason = _post(chunk, max(0.1, deadline - monotonic()))
+                if reason is not None:
+                    with lock:
+                        state["failures"] += 1
+                    return reason
+                with lock:
+                    for _ in range(len(chunk)):
+                        buffer.popleft()
+                    if not buffer and state["blocked"] and not state["tampered"]:
+                        state["blocked"] = None
+                n += 1
+                if limit is not None and n >= limit:
+                    return None
+        finally:
+            send_lock.release()
+
+    def write_ahead(record, t=timeout):
+        deadline = monotonic() + t
+        reason = blocked()
+        if reason is None:
+            with lock:
+                pending = len(buffer)
+            if pending:  # records of earlier work first, so the order stays true
+                reason = _deliver(deadline)
+        elif not state["tampered"]:
+            retry = _deliver(deadline)  # blocked on undelivered records: try them again now
+            if retry is None:
+                reason = blocked()
+            else:
+                with lock:
+                    if not state["tampered"]:
+                        state["blocked"] = f"{len(buffer)} audit records could not be delivered ({retry})"
+                reason = blocked()
+        if reason is not None:
+            return reason
+        if not send_lock.acquire(timeout=max(0.0, deadline - monotonic())):
+            return "the audit sender is busy"
+        try:
+            return _post([record], max(0.1, deadline - monotonic()))
+        finally:
+            send_lock.release()
+
+    def flush(t=timeout):
+        reason = _deliver(monotonic() + t)
+        if reason is not None:
+            with lock:
+                if state["blocked"] is None:
+                    state["blocked"] = f"{len(buffer)} audit records could not be delivered ({reason})"
+        return reason
+
+    def blocked():
+        if state["tampered"]:
+            return state["tampered"]
+        return state["blocked"]
+
+    # -- recording --------------------------------------------------------------------------------
+
+    def record(action, path, detail):
+        detail["msg_id"], detail["cell_id"] = current[0]
+        rec = {"action": action, "path": path, "detail": detail}
+        # Appends go to the right end and only the sender (holding send_lock) pops from the left, so
+        # no lock is needed here (deque.append is atomic).
+        n = len(buffer)
+        if n < capacity:
+            buffer.append(rec)
+            if n == 0 or n + 1 == batch:
+                wake.set()
+            return
+        # Full: try to make room now; if that fails the access does not happen.
+        if _deliver(monotonic() + timeout) is None:
+            buffer.append(rec)
+            return
+        with lock:
+            state["blocked"] = state["blocked"] or "the audit buffer is full and cannot be delivered"
+        raise AuditUnavailable(f"{UNREACHABLE.split(';')[0]}; this access was refused "
+                               f"(audit buffer full: {capacity} records)")
+
+    def _path(p):
+        if p is None or isinstance(p, int):
+            return None
+        if isinstance(p, bytes):
+            p = fsdecode(p)
+        elif not isinstance(p, str):
+            p = fspath(p)
+            if isinstance(p, bytes):
+                p = fsdecode(p)
+        if p[:1] != "/":
+            p = getcwd() + "/" + p
+        if "/." in p or "//" in p:
+            p = normpath(p)
+        return p
+
+    def _ignored(path):
+        if path is None:
+            return False
+        if path.startswith(always_slash) or path in ALWAYS:
+            return False
+        return path in ignored or path.startswith(ignored_slash)
+
+    def _handle(event, args, action):
+        if event == "open":
+            path = _path(args[0])
+            if path is None or _ignored(path):
+                return
+            record(action, path, {"event": event, "mode": args[1], "flags": args[2]})
+        elif action == "file.list":
+            path = _path(args[0] if args and args[0] is not None else ".")
+            if path is None or _ignored(path):
+                return
+            detail = {"event": event}
+            if len(args) > 1:
+                detail["target"] = str(args[1])
+            record(action, path, detail)
+        elif event.startswith("shutil."):
+            path = _path(args[0])
+            if _ignored(path):
+                return
+            record(action, path, {"event": event, "args": [str(a) for a in args[1:]]})
+        elif action == "process.exec":
+            if event == "subprocess.Popen":
+                executable, argv, cwd = args[0], args[1], args[2]
+                argv = [argv] if isinstance(argv, (str, bytes)) else list(argv or [])
+                argv = [fsdecode(a) if isinstance(a, bytes) else str(a) for a in argv]
+                path = str(executable if executable is not None else (argv[0] if argv else ""))
+                record(action, path, {"event": event, "argv": argv, "cwd": None if cwd is None else str(cwd)})
+            elif event == "os.system":
+                cmd = args[0]
+                record(action, None, {"event": event, "command": fsdecode(cmd) if isinstance(cmd, bytes) else str(cmd)})
+            else:  # os.exec / os.posix_spawn: (path, argv, env); os.spawn: (mode, path, argv, env)
+                a = args[1:] if event == "os.spawn" else args
+                path = _path(a[0]) if a else None
+                argv = a[1] if len(a) > 1 else []
+                argv = [argv] if isinstance(argv, (str, bytes)) else list(argv or [])
+                record(action, path, {"event": event,
+                                      "argv": [fsdecode(x) if isinstance(x, bytes) else str(x) for x in argv]})
+        elif action == "library.load":
+            name = args[0]
+            path = None if name is None else (fsdecode(name) if isinstance(name, bytes) else str(name))
+            if path and path.startswith("/") and _ignored(normpath(path)):
+                return
+            record(action, path, {"event": event})
+        elif action == "socket.connect":
+            sock, address = args[0], args[1]
+            record(action, None, {"event": event, "address": address if isinstance(address, str) else
+                                  [a if isinstance(a, (int, str)) else str(a) for a in address]
+                                  if isinstance(address, tuple) else str(address),
+                                  "family": int(getattr(sock, "family", 0))})
+        elif action == "data.open":
+            path, detail = args[0], args[1]
+            detail = dict(detail) if isinstance(detail, dict) else {"detail": str(detail)}
+            p = None
+            if isinstance(path, (str, bytes, os.PathLike)):
+                p = _path(path)
+            elif path is not None:
+                detail["object"] = repr(path)[:200]
+            record(action, p, detail)
+        elif event == "import":
+            name = args[0]
+            if state["armed"] and isinstance(name, str) and name.startswith("ngp_research.kernel"):
+                tamper("import", module=name)
+        elif event == "os.fork":
+            record(action, None, {"event": event})
+        elif event == "sys.addaudithook":
+            record(action, None, {"what": "sys.addaudithook"})
+
+    def hook(event, args):
+        action = actions_get(event)
+        if action is None:
+            return
+        if event == "open":  # the hot path, inlined: a plain absolute str path (nothing here raises events)
+            p = args[0]
+            if p.__class__ is str and p[:1] == "/" and "/." not in p and "//" not in p:
+                if (p in ignored_set or p.startswith(ignored_slash)) and not p.startswith(always_slash):
+                    return
+                if forked or getattr(tls, "busy", False):
+                    return
+                n = len(buffer)
+                if n < capacity:
+                    ids = current[0]
+                    buffer.append({"action": "file.open", "path": p, "detail": {
+                        "event": "open", "mode": args[1], "flags": args[2], "msg_id": ids[0], "cell_id": ids[1]}})
+                    if n == 0 or n + 1 == batch:
+                        wake.set()
+                    return
+        if event == "import" and not (args and isinstance(args[0], str) and args[0].startswith("ngp_research")):
+            return
+        if getattr(tls, "busy", False) or forked:
+            return  # our own I/O; or a forked child (no sender thread there; the fork itself is recorded)
+        tls.busy = True
+        try:
+            _handle(event, args, action)
+        except AuditUnavailable:
+            raise  # fail closed: the access does not happen
+        except Exception as e:  # a record we could not shape: keep what we can, never drop it silently
+            with lock:
+                state["errors"] += 1
+            try:
+                record(action, None, {"event": event, "raw": repr(args)[:1000], "error": repr(e)[:200]})
+            except AuditUnavailable:
+                raise
+            except Exception:
+                pass
+        finally:
+            tls.busy = False
+
+    # -- executions and integrity ------------------------------------------------------------------
+
+    def begin(msg_id, cell_id):
+        with lock:
+            prev = current[0]
+            current[0] = (msg_id, cell_id)
+            state["armed"] = True  # from the first execution on, (re)loading our modules is tampering
+        return prev
+
+    def end(prev):
+        with lock:
+            current[0] = prev
+
+    def tamper(what, **detail):
+        with lock:
+            first = state["tampered"] is None
+            state["tampered"] = (f"the kernel's audit machinery was modified ({what}); no code was run. "
+                                 "Restart the kernel.")
+            state["blocked"] = state["tampered"]
+        if first or what == "import":
+            detail["what"] = what
+            msg_id, cell_id = current[0]
+            detail.update(msg_id=msg_id, cell_id=cell_id)
+            with lock:
+                buffer.append({"action": "audit.tamper", "path": None, "detail": detail})
+            wake.set()
+
+    def watch(check):
+        checks.append(check)
+
+    def stats():
+        with lock:
+            return {"pending": len(buffer), "posts": state["posts"], "delivered": state["records"],
+                    "failures": state["failures"], "errors": state["errors"], "blocked": blocked()}
+
+    def _run_checks():
+        for check in checks:
+            try:
+                problem = check()
+            except Exception as e:
+                problem = f"integrity check failed: {e!r}"
+            if problem and not state["tampered"]:
+                tamper(problem)
+
+    def sender():
+        tls.busy = True  # nothing this thread does is recorded
+        backoff = 0.1
+        while True:
+            wake.wait(1.0)
+            _run_checks()
+            with lock:
+                pending = len(buffer)
+            if not pending:
+                wake.clear()
+                continue
+            if pending < batch:
+                time.sleep(linger)  # let a burst of opens collect into one batch
+            with lock:
+                wake.clear()
+            reason = _deliver(monotonic() + timeout, limit=4)
+            if reason is None:
+                backoff = 0.1
+                with lock:
+                    if buffer:
+                        wake.set()
+            else:
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                wake.set()
+
+    auditor = Auditor(write_ahead, flush, begin, end, blocked, tamper, record, stats, watch)
+    guard = closure_guard([hook, _handle, record, _path, _ignored, _post, _deliver, _connection, write_ahead,
+                           flush, blocked, begin, end, tamper, watch, stats, _run_checks, sender])
+    checks.append(lambda: guard(restore=True))
+    os.register_at_fork(after_in_child=lambda: forked.append(True))
+    if add_hook:
+        sys.addaudithook(hook)
+    threading.Thread(target=sender, name="ngp-audit-sender", daemon=True).start()
+    return auditor

@@ -1,0 +1,178 @@
+"""Records for libraries that open files in C, without a Python audit event (htslib/pysam, Hail).
+
+:func:`record_data_access` raises the audit event ``ngp.data.open``, which the kernel's audit hook
+turns into a ``data.open`` record attributed to the running cell. So the sink is the hook itself
+(which cannot be removed) and nothing here holds state a user could swap. Outside the audited
+kernel (no hook installed) it does nothing.
+
+:func:`wrap_pysam` replaces ``VariantFile``, ``AlignmentFile``, ``TabixFile`` and ``FastaFile`` (and
+their old aliases) in ``pysam`` and in the extension modules that define them by subclasses whose
+constructor records ``data.open`` (path, mode) and whose ``fetch`` records ``data.open`` with the
+region. ``isinstance`` keeps working both ways (a metaclass answers for the original class too).
+"""
+
+import os
+import sys
+
+__all__ = ["record_data_access", "wrap_pysam", "wrap_hail", "describe_region"]
+
+_audit = sys.audit  # bound now: reassigning sys.audit later does not silence these records
+
+
+def record_data_access(path, **detail) -> None:
+    """Record that ``path`` was opened by a library the audit hook cannot see (``data.open``).
+
+    ``detail`` is free-form (JSON-able): e.g. ``mode``, ``region``, ``library``, ``entry_point``.
+
+    >>> record_data_access("/data/norr/ds/x.vcf.gz", mode="r", library="example")  # no hook: no-op
+    """
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    _audit("ngp.data.open", path, detail)
+
+
+def describe_region(args, kwargs, names=("contig", "start", "stop")) -> dict:
+    """The region a ``fetch(...)`` call asks for, from its positional and keyword arguments.
+
+    >>> describe_region(("chr1", 100, 200), {})
+    {'contig': 'chr1', 'start': 100, 'stop': 200}
+    >>> describe_region((), {"region": "chr1:100-200"})
+    {'region': 'chr1:100-200'}
+    >>> describe_region((), {"reference": "chr2", "end": 5}, ("reference", "start", "end"))
+    {'contig': 'chr2', 'stop': 5}
+    """
+    out = {}
+    values = dict(zip(names, args))
+    for key, value in kwargs.items():
+        values.setdefault(key, value)
+    contig = values.get("contig", values.get("reference"))
+    if contig is not None:
+        out["contig"] = contig if isinstance(contig, (str, int)) else str(contig)
+    for key in ("start",):
+        if values.get(key) is not None:
+            out[key] = values[key]
+    stop = values.get("stop", values.get("end"))
+    if stop is not None:
+        out["stop"] = stop
+    if values.get("region") is not None:
+        out["region"] = str(values["region"])
+    if values.get("tid") is not None:
+        out["tid"] = values["tid"]
+    if values.get("until_eof"):
+        out["until_eof"] = True
+    return out
+
+
+def _filename(obj):
+    if isinstance(obj, (str, bytes, os.PathLike)):
+        p = os.fsdecode(os.fspath(obj))
+        return p if p == "-" or "://" in p else os.path.abspath(p)
+    if isinstance(obj, int):
+        return None
+    name = getattr(obj, "name", None)  # a Python file object
+    return _filename(name) if isinstance(name, (str, bytes)) else None
+
+
+# (class name, module that defines it, the fetch argument names, old aliases)
+_PYSAM_CLASSES = (
+    ("VariantFile", "pysam.libcbcf", ("contig", "start", "stop", "region"), ()),
+    ("AlignmentFile", "pysam.libcalignmentfile", ("contig", "start", "stop", "region", "tid"), ("Samfile",)),
+    ("TabixFile", "pysam.libctabix", ("reference", "start", "end", "region"), ("Tabixfile",)),
+    ("FastaFile", "pysam.libcfaidx", ("reference", "start", "end", "region"), ("Fastafile",)),
+)
+
+
+def _audited_subclass(base, fetch_names):
+    record = record_data_access
+    region_of = describe_region
+    filename_of = _filename
+
+    class _Meta(type):
+        def __instancecheck__(cls, obj):
+            return isinstance(obj, base)
+
+        def __subclasscheck__(cls, sub):
+            return issubclass(sub, base)
+
+    def __init__(self, *args, **kwargs):
+        target = args[0] if args else kwargs.get("filename", kwargs.get("filepath_or_object"))
+        mode = args[1] if len(args) > 1 and isinstance(args[1], str) else kwargs.get("mode", "r")
+        record(filename_of(target), mode=mode, library="pysam", entry_point=base.__name__,
+               **({} if filename_of(target) else {"object": repr(target)[:200]}))
+        base.__init__(self, *args, **kwargs)
+
+    def fetch(self, *args, **kwargs):
+        detail = region_of(args, kwargs, fetch_names)
+        fn = getattr(self, "filename", None)
+        record(filename_of(fn) if fn is not None else None, library="pysam",
+               entry_point=f"{base.__name__}.fetch", **detail)
+        return base.fetch(self, *args, **kwargs)
+
+    ns = {"__init__": __init__, "fetch": fetch, "__module__": base.__module__,
+          "__doc__": base.__doc__, "__qualname__": base.__qualname__}
+    cls = _Meta(base.__name__, (base,), ns)
+    cls._ngp_audited_base = base
+    return cls
+
+
+def wrap_pysam(pysam=None) -> list[str]:
+    """Replace pysam's file classes by recording subclasses; returns the names wrapped (idempotent)."""
+    if pysam is None:
+        try:
+            import pysam  # noqa: PLC0415
+        except ImportError:
+            return []
+    import importlib  # noqa: PLC0415
+
+    wrapped = []
+    for name, modname, fetch_names, aliases in _PYSAM_CLASSES:
+        base = getattr(pysam, name, None)
+        if base is None or getattr(base, "_ngp_audited_base", None) is not None:
+            continue
+        cls = _audited_subclass(base, fetch_names)
+        targets = [pysam]
+        try:
+            targets.append(importlib.import_module(modname))
+        except ImportError:
+            pass
+        for mod in targets:
+            for attr in (name, *aliases):
+                if getattr(mod, attr, None) is base:
+                    setattr(mod, attr, cls)
+        wrapped.append(name)
+    return wrapped
+
+
+def wrap_hail() -> list[str]:
+    """Record Hail's import/read entry points, if Hail is installed (it is not yet: returns [])."""
+    try:
+        import hail  # noqa: PLC0415
+    except ImportError:
+        return []
+    import functools  # noqa: PLC0415
+
+    record = record_data_access
+    wrapped = []
+    for name in ("import_vcf", "import_plink", "import_bgen", "read_matrix_table", "read_table"):
+        fn = getattr(hail, name, None)
+        if fn is None or getattr(fn, "_ngp_audited", False):
+            continue
+
+        def make(fn, name):
+            @functools.wraps(fn)
+            def audited(path=None, *args, **kwargs):
+                paths = path if isinstance(path, (list, tuple)) else [path]
+                for p in paths:
+                    record(p if isinstance(p, (str, os.PathLike)) else None, library="hail", entry_point=name)
+                if name == "import_plink":  # bed/bim/fam are keywords
+                    for key in ("bed", "bim", "fam"):
+                        if kwargs.get(key):
+                            record(kwargs[key], library="hail", entry_point=name)
+                return fn(path, *args, **kwargs) if path is not None else fn(*args, **kwargs)
+
+            audited._ngp_audited = True
+            return audited
+
+        setattr(hail, name, make(fn, name))
+        wrapped.append(name)
+    return wrapped

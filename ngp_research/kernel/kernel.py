@@ -1,0 +1,177 @@
+"""The audited kernel: ipykernel's ``IPythonKernel`` whose execute path records before it runs.
+
+:func:`make_kernel_class` builds the class around one :class:`~.auditor.Auditor`; its methods hold
+the auditor's functions in closures (there is no attribute to swap). Each execute request:
+
+1. checks that the execute path is still the one built here (else: restores it, records
+   ``audit.tamper`` and refuses this and every later cell);
+2. sends a ``query.execute`` record (code, cell id, silent, msg id, user expressions) and waits
+   for the service's acknowledgement; without one the code is not run and the reply is an error
+   ``AuditUnavailable`` shown to the user;
+3. runs the cell with file records attributed to it (msg id, cell id);
+4. delivers the buffered file records before replying; if that fails the reply says so and the
+   next cell is refused until they are delivered (it retries first, so no restart is needed).
+
+Comm messages (widgets) are recorded the same way before their handlers run; the debugger is off.
+"""
+
+import json
+
+from .auditor import UNREACHABLE, closure_guard
+
+ENAME = "AuditUnavailable"
+ACK_TIMEOUT = 5.0
+
+
+def make_kernel_class(auditor, timeout: float = ACK_TIMEOUT):
+    """The kernel class for ``IPKernelApp(kernel_class=...)``, bound to ``auditor``."""
+    from ipykernel.ipkernel import IPythonKernel  # noqa: PLC0415
+
+    write_ahead, flush, begin, tamper, watch = (auditor.write_ahead, auditor.flush, auditor.begin,
+                                                auditor.tamper, auditor.watch)
+    base_do_execute = IPythonKernel.__dict__["do_execute"]
+    base_execute_request = IPythonKernel.__dict__["execute_request"]
+    dumps = json.dumps
+    instances = []  # the one kernel instance, once created
+    comm_wrappers = {}
+
+    def _evalue(reason: str) -> str:
+        if reason.startswith("the kernel's audit machinery"):
+            return reason
+        return f"{UNREACHABLE} ({reason})"
+
+    def check(kernel, restore: bool):
+        """None when the execute path is the one built here; else what changed (restored if asked)."""
+        problems = []
+        if type(kernel) is not cls:
+            problems.append("the kernel's class was changed")
+            if restore:
+                kernel.__class__ = cls
+        for name, fn in originals.items():
+            if cls.__dict__.get(name) is not fn:
+                problems.append(f"AuditedKernel.{name} was replaced")
+                if restore:
+                    setattr(cls, name, fn)
+            if name in kernel.__dict__:
+                problems.append(f"kernel.{name} was replaced")
+                if restore:
+                    del kernel.__dict__[name]
+            if fn.__code__ is not codes[name]:
+                problems.append(f"AuditedKernel.{name}.__code__ was replaced")
+                if restore:
+                    fn.__code__ = codes[name]
+        for name, fn in (("do_execute", base_do_execute), ("execute_request", base_execute_request)):
+            if IPythonKernel.__dict__.get(name) is not fn:
+                problems.append(f"IPythonKernel.{name} was replaced")
+                if restore:
+                    setattr(IPythonKernel, name, fn)
+        handler = kernel.shell_handlers.get("execute_request")
+        if getattr(handler, "__func__", None) is not originals["execute_request"] or \
+                getattr(handler, "__self__", None) is not kernel:
+            problems.append("the execute_request handler was replaced")
+            if restore:
+                kernel.shell_handlers["execute_request"] = originals["execute_request"].__get__(kernel)
+        problem = guard[0](restore=restore) if guard else None
+        if problem:
+            problems.append(problem)
+        for msg_type, wrapper in comm_wrappers.items():
+            if kernel.shell_handlers.get(msg_type) is not wrapper:
+                problems.append(f"the {msg_type} handler was replaced")
+                if restore:
+                    kernel.shell_handlers[msg_type] = wrapper
+        return "; ".join(problems) or None
+
+    def audited_comm(kernel, msg_type, handler):
+        def handle(stream, ident, msg):
+            header = msg.get("header") or {}
+            content = msg.get("content") or {}
+            try:
+                data = dumps(content.get("data"), default=str)[:4000]
+            except Exception:
+                data = repr(content.get("data"))[:4000]
+            record = {"action": "query.execute", "path": None, "detail": {
+                "code": None, "msg_type": msg_type, "comm_id": content.get("comm_id"),
+                "target_name": content.get("target_name"), "data": data, "silent": True,
+                "msg_id": header.get("msg_id"), "cell_id": None}}
+            reason = write_ahead(record, timeout)
+            if reason is not None:
+                kernel.log.error("%s: %s; the %s was not handled", ENAME, _evalue(reason), msg_type)
+                return None
+            begin(header.get("msg_id"), None)
+            return handler(stream, ident, msg)
+
+        handle.__name__ = f"audited_{msg_type}"
+        return handle
+
+    class AuditedKernel(IPythonKernel):
+        """IPythonKernel that records every execution before running it (see the module docstring)."""
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            for msg_type in ("comm_open", "comm_msg", "comm_close"):
+                handler = self.shell_handlers.get(msg_type)
+                if handler is not None:
+                    comm_wrappers[msg_type] = self.shell_handlers[msg_type] = audited_comm(self, msg_type, handler)
+            instances.append(self)
+            _guard_now()
+            watch(lambda: check(self, restore=False))
+
+        async def execute_request(self, stream, ident, parent):
+            problem = check(self, restore=True)
+            if problem:
+                tamper(problem)
+            await base_execute_request(self, stream, ident, parent)
+
+        async def do_execute(self, code, silent, store_history=True, user_expressions=None,
+                             allow_stdin=False, *, cell_meta=None, cell_id=None):
+            parent = self.get_parent("shell") or {}
+            header = parent.get("header") or {}
+            msg_id = header.get("msg_id")
+            if cell_id is None:
+                cell_id = (parent.get("metadata") or {}).get("cellId")
+            problem = check(self, restore=True)
+            if problem:
+                tamper(problem)
+            record = {"action": "query.execute", "path": None, "detail": {
+                "code": code, "cell_id": cell_id, "silent": bool(silent), "store_history": bool(store_history),
+                "msg_id": msg_id, "msg_type": header.get("msg_type", "execute_request"),
+                "user_expressions": dict(user_expressions or {}),
+                "claimed": {"username": header.get("username"), "session": header.get("session")}}}
+            reason = write_ahead(record, timeout)
+            if reason is not None:
+                return self._ngp_refuse(reason, silent)
+            begin(msg_id, cell_id)
+            try:
+                reply = await base_do_execute(self, code, silent, store_history, user_expressions, allow_stdin,
+                                              cell_meta=cell_meta, cell_id=cell_id)
+            finally:
+                undelivered = flush(timeout)
+            if undelivered is not None and not silent:
+                self.send_response(self.iopub_socket, "stream", ident=self._topic("stream"), content={
+                    "name": "stderr",
+                    "text": f"{ENAME}: the audit records of this cell could not be delivered ({undelivered}); "
+                            "the next cell will not run until they are.\n"})
+            return reply
+
+        def _ngp_refuse(self, reason, silent):
+            evalue = _evalue(reason)
+            content = {"ename": ENAME, "evalue": evalue,
+                       "traceback": [f"\x1b[0;31m{ENAME}\x1b[0m: {evalue}"]}
+            if not silent:
+                self.send_response(self.iopub_socket, "error", content, ident=self._topic("error"))
+            return {"status": "error", "execution_count": self.shell.execution_count,
+                    "user_expressions": {}, "payload": [], **content}
+
+        async def do_debug_request(self, msg):
+            return {"type": "response", "request_seq": msg.get("seq"), "success": False,
+                    "command": msg.get("command"), "message": "the debugger is off in the audited kernel"}
+
+    cls = AuditedKernel
+    originals = {name: AuditedKernel.__dict__[name] for name in ("do_execute", "execute_request", "_ngp_refuse")}
+    codes = {name: fn.__code__ for name, fn in originals.items()}
+    guard = []  # the closure guard, made once the instance (and its comm wrappers) exist
+
+    def _guard_now():
+        guard.append(closure_guard([*originals.values(), check, audited_comm, *comm_wrappers.values()]))
+    AuditedKernel.__module__ = __name__
+    return AuditedKernel

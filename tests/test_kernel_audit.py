@@ -1,0 +1,435 @@
+"""The audited kernel (ngp_research.kernel) against a stub audit service.
+
+The kernel runs as a real process of the workspace environment (``make workspace-env``), started
+from its installed kernelspec by jupyter_client in a driver process of that environment (the
+project's own venv has no jupyter_client). The stub is a threaded ``http.server`` that records
+every POST, checks the token, and can be stopped, restarted or made to refuse.
+
+No sandbox here: the files are in tmp_path (the hook records every path outside the kernel's own
+environment; /data, /project and /home always).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import textwrap
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from ngp_research.workspace.environment import default_workspace_env, is_built, kernel_dir
+
+ENV = default_workspace_env()
+PYTHON = os.path.join(ENV, "bin", "python")
+TOKEN = "test-token-" + uuid.uuid4().hex
+
+pytestmark = pytest.mark.skipif(not is_built(ENV), reason="needs the workspace environment (make workspace-env)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class StubAudit:
+    """A stand-in for the audit service: POST /records, GET /health; up, down or refusing."""
+
+    def __init__(self):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.lock = threading.Lock()
+        self.records, self.posts = [], []
+        self.refuse = False
+        self.probe = None  # called with each record as it arrives; its result is kept with the record
+        self.conns = set()
+        self.server = None
+        self.start()
+
+    def _handler(self):
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            wbufsize = -1  # one write per response (no Nagle + delayed-ACK stall on keep-alive)
+
+            def setup(self):
+                super().setup()
+                with stub.lock:
+                    stub.conns.add(self.connection)
+
+            def finish(self):
+                with stub.lock:
+                    stub.conns.discard(self.connection)
+                super().finish()
+
+            def _reply(self, status, obj):
+                body = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                self._reply(200, {"ok": True}) if self.path == "/health" else self._reply(404, {})
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path != "/records":
+                    return self._reply(404, {})
+                if self.headers.get("Authorization") != f"token {TOKEN}":
+                    return self._reply(403, {"error": "bad token"})
+                if stub.refuse:
+                    return self._reply(503, {"error": "refused"})
+                records = json.loads(body)["records"]
+                with stub.lock:
+                    first = len(stub.records) + 1
+                    for r in records:
+                        r["_seen_at"] = time.time()
+                        if stub.probe:
+                            r["_probe"] = stub.probe(r)
+                        stub.records.append(r)
+                    stub.posts.append(len(records))
+                self._reply(200, {"acknowledged": len(records), "first_seq": first, "last_seq": first + len(records) - 1})
+
+            def log_message(self, *args):
+                pass
+
+        return Handler
+
+    def start(self):
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+        with self.lock:
+            for c in list(self.conns):
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def find(self, action=None, **detail):
+        with self.lock:
+            return [r for r in self.records if (action is None or r["action"] == action)
+                    and all(r["detail"].get(k) == v for k, v in detail.items())]
+
+
+DRIVER = r'''
+import json, os, sys, time
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+
+kernels_dir, cwd = sys.argv[1], sys.argv[2]
+km = KernelManager(kernel_name="ngp-python", kernel_spec_manager=KernelSpecManager(kernel_dirs=[kernels_dir]))
+km.start_kernel(env=json.loads(os.environ["DRIVER_KERNEL_ENV"]), cwd=cwd)
+kc = km.client()
+kc.start_channels()
+kc.wait_for_ready(timeout=60)
+out = sys.stdout
+out.write(json.dumps({"ready": True}) + "\n"); out.flush()
+for line in sys.stdin:
+    cmd = json.loads(line)
+    if cmd["op"] == "stop":
+        break
+    content = {"code": cmd["code"], "silent": cmd.get("silent", False),
+               "store_history": cmd.get("store_history", not cmd.get("silent", False)),
+               "user_expressions": {}, "allow_stdin": False, "stop_on_error": True}
+    msg = kc.session.msg("execute_request", content, metadata={"cellId": cmd.get("cell_id")} if cmd.get("cell_id") else {})
+    kc.shell_channel.send(msg)
+    msg_id = msg["header"]["msg_id"]
+    outputs, reply, idle, t0 = [], None, False, time.monotonic()
+    while (reply is None or not idle) and time.monotonic() - t0 < cmd.get("timeout", 30):
+        if reply is None:
+            try:
+                m = kc.get_shell_msg(timeout=0.05)
+                if m["parent_header"].get("msg_id") == msg_id:
+                    reply = m["content"]
+            except Exception:
+                pass
+        try:
+            m = kc.get_iopub_msg(timeout=0.05)
+        except Exception:
+            continue
+        if m["parent_header"].get("msg_id") != msg_id:
+            continue
+        if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
+            idle = True
+        elif m["msg_type"] in ("stream", "error", "execute_result"):
+            outputs.append({"type": m["msg_type"], **m["content"]})
+    out.write(json.dumps({"msg_id": msg_id, "reply": reply, "outputs": outputs,
+                          "seconds": time.monotonic() - t0}) + "\n")
+    out.flush()
+kc.stop_channels()
+km.shutdown_kernel(now=True)
+'''
+
+
+class Kernel:
+    """The audited kernel, driven through jupyter_client in a workspace-environment process."""
+
+    def __init__(self, tmp, stub, cwd, ipython_dir=None):
+        driver = tmp / "driver.py"
+        driver.write_text(DRIVER)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "COV"))}
+        env.update(NGP_AUDIT_URL=stub.url, JUPYTERHUB_API_TOKEN=TOKEN,
+                   IPYTHONDIR=str(ipython_dir or tmp / "ipython"), JUPYTER_RUNTIME_DIR=str(tmp / "runtime"))
+        env.pop("PYTHONPATH", None)
+        denv = dict(os.environ, DRIVER_KERNEL_ENV=json.dumps(env), JUPYTER_RUNTIME_DIR=str(tmp / "runtime"))
+        denv.pop("PYTHONPATH", None)
+        self.proc = subprocess.Popen([PYTHON, str(driver), os.path.dirname(kernel_dir(ENV)), str(cwd)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=denv,
+                                     cwd=str(tmp))
+        assert json.loads(self.proc.stdout.readline()).get("ready"), "the kernel did not start"
+
+    def run(self, code, **kw):
+        self.proc.stdin.write(json.dumps({"op": "execute", "code": textwrap.dedent(code), **kw}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, "the driver died"
+        return json.loads(line)
+
+    def close(self):
+        try:
+            self.proc.stdin.write(json.dumps({"op": "stop"}) + "\n")
+            self.proc.stdin.flush()
+            self.proc.wait(15)
+        except Exception:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def stub():
+    s = StubAudit()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("kernel")
+    project = d / "project"
+    project.mkdir()
+    # A /project/json.py-style shadow, and a member-written IPython startup file: neither may run.
+    (project / "json.py").write_text(f"open({str(d / 'SHADOWED')!r}, 'w').close()\n")
+    startup = d / "ipython" / "profile_default" / "startup"
+    startup.mkdir(parents=True)
+    (startup / "00-evil.py").write_text(f"open({str(d / 'STARTUP_RAN')!r}, 'w').close()\n")
+    data = d / "data"
+    data.mkdir()
+    for i in range(5):
+        (data / f"f{i}.txt").write_text(f"file {i}\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def kernel(workdir, stub):
+    k = Kernel(workdir, stub, workdir / "project")
+    yield k
+    k.close()
+
+
+def ok(result):
+    assert result["reply"] is not None, result
+    assert result["reply"]["status"] == "ok", result
+    return result
+
+
+def wait_for(predicate, timeout=10):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_code_is_recorded_before_it_runs(kernel, stub, workdir):
+    marker = workdir / "ran-1"
+    stub.probe = lambda r: os.path.exists(marker)
+    try:
+        r = ok(kernel.run(f"open({str(marker)!r}, 'w').close()", cell_id="cell-A"))
+    finally:
+        stub.probe = None
+    [rec] = stub.find("query.execute", msg_id=r["msg_id"])
+    assert rec["path"] is None
+    assert rec["detail"]["cell_id"] == "cell-A" and rec["detail"]["silent"] is False
+    assert "ran-1" in rec["detail"]["code"]
+    assert rec["_probe"] is False, "the code ran before its record arrived"
+    assert marker.exists()
+    assert "user" not in rec and "project" not in rec
+    # the shadowing json.py in the kernel's cwd and the member's startup file never ran
+    assert not (workdir / "SHADOWED").exists()
+    assert not (workdir / "STARTUP_RAN").exists()
+    ok(kernel.run("import json, sys; assert json.__file__.startswith(sys.prefix) or json.__file__.startswith(sys.base_prefix), json.__file__"))
+
+
+def test_silent_execution_is_recorded(kernel, stub, workdir):
+    r = kernel.run("x_silent = 41 + 1", silent=True)
+    assert r["reply"]["status"] == "ok"
+    [rec] = stub.find("query.execute", msg_id=r["msg_id"])
+    assert rec["detail"]["silent"] is True and rec["detail"]["code"] == "x_silent = 41 + 1"
+
+
+def test_refused_record_means_the_cell_does_not_run(kernel, stub, workdir):
+    marker = workdir / "ran-refused"
+    stub.refuse = True
+    try:
+        r = kernel.run(f"open({str(marker)!r}, 'w').close()")
+    finally:
+        stub.refuse = False
+    assert r["reply"]["status"] == "error" and r["reply"]["ename"] == "AuditUnavailable"
+    assert "no code was run" in r["reply"]["evalue"] and "503" in r["reply"]["evalue"]
+    assert not marker.exists()
+    ok(kernel.run(f"open({str(marker)!r}, 'w').close()"))
+    assert marker.exists()
+
+
+def test_service_down_refuses_then_resumes(kernel, stub, workdir):
+    marker = workdir / "ran-down"
+    stub.stop()
+    try:
+        r = kernel.run(f"open({str(marker)!r}, 'w').close()", cell_id="cell-down")
+        assert r["reply"]["status"] == "error"
+        assert r["reply"]["ename"] == "AuditUnavailable"
+        assert r["reply"]["evalue"].startswith("the audit service cannot be reached; no code was run")
+        [err] = [o for o in r["outputs"] if o["type"] == "error"]  # shown to the user
+        assert err["ename"] == "AuditUnavailable"
+        assert not marker.exists()
+        assert not stub.find("query.execute", cell_id="cell-down")
+    finally:
+        stub.start()
+    r = ok(kernel.run(f"open({str(marker)!r}, 'w').close()", cell_id="cell-up"))
+    assert marker.exists()
+    assert stub.find("query.execute", cell_id="cell-up")
+    assert any(x["path"] == str(marker) for x in stub.find("file.open", msg_id=r["msg_id"]))
+
+
+def test_file_access_records(kernel, stub, workdir):
+    data = workdir / "data"
+    vcf = data / "tiny.vcf.gz"
+    code = f"""
+        import os, pathlib, subprocess, pysam
+        d = {str(data)!r}
+        with open(os.path.join(d, "f0.txt")) as f: f.read()
+        os.close(os.open(os.path.join(d, "f1.txt"), os.O_RDONLY))
+        pathlib.Path(d, "f2.txt").read_bytes()
+        os.listdir(d)
+        subprocess.run(["cat", os.path.join(d, "f3.txt")], check=True, capture_output=True)
+        vcf = {str(vcf)!r}
+        with open(vcf[:-3], "w") as f:
+            f.write("##fileformat=VCFv4.2\\n##contig=<ID=chr1,length=1000>\\n"
+                    "#CHROM\\tPOS\\tID\\tREF\\tALT\\tQUAL\\tFILTER\\tINFO\\n" +
+                    "".join(f"chr1\\t{{p}}\\t.\\tA\\tG\\t.\\tPASS\\t.\\n" for p in (50, 150, 250)))
+        pysam.tabix_index(vcf[:-3], preset="vcf", force=True)
+        assert isinstance(pysam.VariantFile(vcf), pysam.libcbcf.VariantFile)
+        n = len(list(pysam.VariantFile(vcf).fetch("chr1", 100, 200)))
+        assert n == 1, n
+    """
+    r = ok(kernel.run(code, cell_id="cell-files"))
+    msg_id = r["msg_id"]
+    mine = [x for x in stub.records if x["detail"].get("msg_id") == msg_id]
+    assert all(x["detail"]["cell_id"] == "cell-files" for x in mine)
+
+    def has(action, path, **detail):
+        return any(x["action"] == action and x["path"] == path
+                   and all(x["detail"].get(k) == v for k, v in detail.items()) for x in mine)
+
+    assert has("file.open", str(data / "f0.txt"), mode="r")
+    assert has("file.open", str(data / "f1.txt"))  # os.open
+    assert has("file.open", str(data / "f2.txt"), mode="r")  # pathlib (FileIO raises the event: "r", not "rb")
+    assert has("file.list", str(data))
+    execs = [x for x in mine if x["action"] == "process.exec"]
+    assert any(x["detail"]["argv"] == ["cat", str(data / "f3.txt")] for x in execs), execs
+    assert has("data.open", str(vcf), mode="r", entry_point="VariantFile")
+    assert has("data.open", str(vcf), contig="chr1", start=100, stop=200, entry_point="VariantFile.fetch")
+
+
+def test_records_are_batched(kernel, stub, workdir):
+    data = workdir / "data"
+    before = len(stub.posts)
+    r = ok(kernel.run(f"""
+        import os
+        for i in range(1000):
+            with open(os.path.join({str(data)!r}, f"f{{i % 5}}.txt")) as f: pass
+    """))
+    opens = [x for x in stub.find("file.open", msg_id=r["msg_id"])]
+    assert len(opens) == 1000
+    posts = len(stub.posts) - before
+    assert posts <= 12, f"{posts} POSTs for 1000 records"
+
+
+def test_tampering_with_the_execute_path_is_refused_and_recorded(workdir, stub):
+    k = Kernel(workdir, stub, workdir / "project")
+    try:
+        marker = workdir / "ran-after-tamper"
+        ok(k.run("""
+            k = get_ipython().kernel
+            k.do_execute = lambda *a, **kw: {"status": "ok"}
+        """, cell_id="cell-tamper"))
+        r = k.run(f"open({str(marker)!r}, 'w').close()")
+        assert r["reply"]["status"] == "error" and "audit machinery was modified" in r["reply"]["evalue"], r
+        assert not marker.exists()
+        tampers = wait_for(lambda: stub.find("audit.tamper", cell_id="cell-tamper"))
+        assert tampers and "kernel.do_execute was replaced" in tampers[0]["detail"]["what"]
+        assert k.run("1")["reply"]["status"] == "error"  # refused for good: restart the kernel
+    finally:
+        k.close()
+
+
+def test_replacing_the_clients_send_is_refused_and_recorded(workdir, stub):
+    k = Kernel(workdir, stub, workdir / "project")
+    try:
+        marker = workdir / "ran-after-send"
+        ok(k.run("""
+            k = get_ipython().kernel
+            f = type(k).do_execute
+            for name, cell in zip(f.__code__.co_freevars, f.__closure__):
+                if name == "write_ahead":
+                    cell.cell_contents = lambda *a, **kw: None
+        """, cell_id="cell-send"))
+        r = k.run(f"open({str(marker)!r}, 'w').close()", cell_id="cell-after-send")
+        assert r["reply"]["status"] == "error" and "write_ahead" in r["reply"]["evalue"], r
+        assert not marker.exists()
+        assert wait_for(lambda: stub.find("audit.tamper"))
+        assert stub.find("query.execute", cell_id="cell-after-send") == []
+    finally:
+        k.close()
+
+
+def test_undelivered_file_records_block_the_next_cell_until_delivered(kernel, stub, workdir):
+    data = workdir / "data"
+    marker = workdir / "ran-blocked"
+
+    def refuse_after_this_cell(record):  # the service fails right after acknowledging the cell's code
+        if record["action"] == "query.execute" and "outage-cell" in (record["detail"].get("code") or ""):
+            stub.refuse = True
+
+    stub.probe = refuse_after_this_cell
+    try:
+        r = kernel.run(f"# outage-cell\nopen({str(data / 'f4.txt')!r}).close()", timeout=60)
+        assert r["reply"]["status"] == "ok"  # the code ran (its record was acknowledged) ...
+        assert any("could not be delivered" in o.get("text", "") for o in r["outputs"])  # ... and the user is told
+        first = r["msg_id"]
+        r = kernel.run(f"open({str(marker)!r}, 'w').close()")
+        assert r["reply"]["status"] == "error" and r["reply"]["ename"] == "AuditUnavailable"
+        assert "could not be delivered" in r["reply"]["evalue"]
+        assert not marker.exists()
+    finally:
+        stub.probe = None
+        stub.refuse = False
+    r = ok(kernel.run(f"open({str(marker)!r}, 'w').close()"))
+    assert marker.exists()
+    # the held-back record arrived, before the code of the cell that ran next
+    [held] = [x for x in stub.find("file.open", msg_id=first) if x["path"] == str(data / "f4.txt")]
+    [nxt] = stub.find("query.execute", msg_id=r["msg_id"])
+    assert stub.records.index(held) < stub.records.index(nxt)
