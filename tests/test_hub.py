@@ -278,6 +278,9 @@ def test_browser_logs_in_starts_a_workspace_and_sees_the_tagged_data(platform_up
         finally:
             browser.close()
     assert (OUTPUT / "jupyterlab-data.png").stat().st_size > 10_000
+    listed = [r for r in platform_up[1].audit.records(action="server.file", actor="lars")
+              if r.detail.get("operation") == "list"]
+    assert any(r.path == "/data" and r.project == "cardio-gwas" for r in listed)
 
 
 @needs_root

@@ -457,3 +457,21 @@ def test_the_kernels_file_opens_reach_the_audit_service_with_the_cells_code(work
     assert (rec.project, rec.region, rec.dataset) == ("cardio-gwas", "syd", "syd-cohort")
     queries = {q.detail.get("msg_id"): q.detail.get("code") for q in catalog.audit.records(action="query.execute")}
     assert "syd-cohort.vcf.gz" in queries[rec.detail["msg_id"]]
+
+
+def test_the_servers_own_file_operations_are_recorded_before_they_happen(workspace):
+    client, catalog = workspace["client"], workspace["catalog"]
+    target = min(m.target for m in workspace["plan"].data_files)
+    status, _ = client.request("GET", "/api/contents" + target + "?content=1&format=base64")
+    assert status == 200
+    status, _ = client.request("PUT", "/api/contents/project/audited.txt",
+                               {"type": "file", "format": "text", "content": "x"})
+    assert status in (200, 201)
+    status, _ = client.request("PATCH", "/api/contents/project/audited.txt", {"path": "project/renamed.txt"})
+    assert status == 200
+    records = [(r.detail.get("operation"), r.path, r.dataset) for r in catalog.audit.records(action="server.file")]
+    assert ("open", target, target.split("/")[3]) in records
+    assert ("save", "/project/audited.txt", None) in records
+    assert ("rename", "/project/audited.txt", None) in records
+    rec = [r for r in catalog.audit.records(action="server.file") if r.path == target][-1]
+    assert (rec.actor, rec.project) == ("alice", "cardio-gwas")

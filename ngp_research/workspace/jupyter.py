@@ -96,16 +96,59 @@ def jupyter_mounts(workspace_env: str) -> tuple[Mount, ...]:
 
 
 def _contents_manager_class():
+    import json
+    import os
+
     from jupyter_server.services.contents.largefilemanager import AsyncLargeFileManager
+    from tornado import web
+    from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
     class WorkspaceContentsManager(AsyncLargeFileManager):
-        """Lists only /data, /home and /project at the root of the file browser."""
+        """Lists only /data, /home and /project at the root of the file browser, and records every file
+        the server itself opens, lists, saves, renames or deletes (JupyterLab's file browser, editors,
+        downloads and uploads) in the audit service *before* doing it. Without an acknowledgement the
+        operation is refused (503), as the audited kernel refuses a cell.
+        """
+
+        async def _audit(self, action, path, **detail):
+            url = os.environ.get("NGP_AUDIT_URL")
+            token = os.environ.get("JUPYTERHUB_API_TOKEN")
+            reason = "NGP_AUDIT_URL is not set"
+            if url and token:
+                body = json.dumps({"records": [{"action": "server.file", "path": "/" + path.strip("/"),
+                                                "detail": {"operation": action, **detail}}]})
+                try:
+                    r = await AsyncHTTPClient().fetch(HTTPRequest(
+                        url + "records", method="POST", body=body, request_timeout=10,
+                        headers={"Authorization": f"token {token}", "Content-Type": "application/json"}),
+                        raise_error=False)
+                    if r.code == 200:
+                        return
+                    reason = f"the service answered {r.code}"
+                except Exception as e:  # connection refused, timeout
+                    reason = str(e)
+            raise web.HTTPError(503, f"the audit service cannot be reached; the file operation was refused ({reason})")
 
         async def get(self, path, content=True, type=None, format=None, **kwargs):
+            if content:
+                is_dir = await self.dir_exists(path)
+                await self._audit("list" if is_dir else "open", path, type=type)
             model = await super().get(path, content=content, type=type, format=format, **kwargs)
             if path.strip("/") == "" and model.get("type") == "directory" and isinstance(model.get("content"), list):
                 model["content"] = [m for m in model["content"] if m["name"] in SHOWN_AT_ROOT]
             return model
+
+        async def save(self, model, path=""):
+            await self._audit("save", path, type=model.get("type"), chunk=model.get("chunk"))
+            return await super().save(model, path)
+
+        async def rename_file(self, old_path, new_path):
+            await self._audit("rename", old_path, to="/" + new_path.strip("/"))
+            return await super().rename_file(old_path, new_path)
+
+        async def delete_file(self, path):
+            await self._audit("delete", path)
+            return await super().delete_file(path)
 
     return WorkspaceContentsManager
 
