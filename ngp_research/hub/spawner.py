@@ -18,6 +18,7 @@ traffic goes, through a TCP port on 127.0.0.1 that this spawner opens.
 
 import asyncio
 import html
+from datetime import datetime, timezone
 import os
 import signal
 import threading
@@ -38,6 +39,25 @@ from . import state
 
 #: Where kernels inside a sandbox reach the audit service (a relay to /run/ngp/audit.sock).
 INSIDE_AUDIT = ("127.0.0.1", 8082)
+
+
+def idle_seconds(last_activity, now) -> float | None:
+    """Seconds since the hub last saw activity on a server (JupyterHub keeps naive UTC times).
+
+    >>> from datetime import datetime, timedelta
+    >>> t = datetime(2026, 1, 1, 12, 0)
+    >>> idle_seconds(t, t + timedelta(minutes=90))
+    5400.0
+    >>> idle_seconds(None, t) is None
+    True
+    """
+    if last_activity is None:
+        return None
+    if getattr(last_activity, "tzinfo", None) is not None:
+        last_activity = last_activity.replace(tzinfo=None)
+    if getattr(now, "tzinfo", None) is not None:
+        now = now.replace(tzinfo=None)
+    return (now - last_activity).total_seconds()
 
 
 def _reasons_html(reasons) -> str:
@@ -116,6 +136,7 @@ class WorkspaceSpawner(Spawner):
     _bridges = ()
     _cgroup = None
     _files = None
+    _idle_timeout = None
 
     def _audit_service_url(self) -> str:
         """Where the audit service listens on the host (the hub-managed service named ``audit``)."""
@@ -185,6 +206,7 @@ class WorkspaceSpawner(Spawner):
         self.log.info("Starting workspace %s for %s as uid %s", self.name, self.user.name, plan.uid)
         self.proc = sandbox.start(plan, command, cgroup=self._cgroup)
         self._files = {m.target for m in plan.data_files}
+        self._idle_timeout = plan.profile.idle_timeout
         # What this workspace was started with, kept with the server so the admin page shows it.
         self.user_options = {
             **(self.user_options or {}),
@@ -215,6 +237,14 @@ class WorkspaceSpawner(Spawner):
         if status is not None:
             await self._cleanup()
             return status
+        # The lead's idle timeout: a workspace nobody has used for that long is stopped.
+        orm = getattr(self, "orm_spawner", None)
+        idle = idle_seconds(getattr(orm, "last_activity", None), datetime.now(timezone.utc))
+        if idle is not None and self._idle_timeout and idle > self._idle_timeout:
+            self.log.info("Stopping %s: idle for %d s (limit %d s)", self._log_name, idle, self._idle_timeout)
+            await self.stop(now=True)
+            self._audit("workspace.stop", reason="idle", idle_seconds=int(idle), limit=self._idle_timeout)
+            return 0
         # Reconcile with the access policy: a workspace that would lose access is stopped now.
         try:
             d = self._decision()

@@ -145,8 +145,16 @@ def _default_ignored() -> tuple:
 
 def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch: int = 500,
             linger: float = 0.05, timeout: float = 5.0, ignored: tuple | None = None,
-            add_hook: bool = True) -> Auditor:
-    """Add the audit hook and start the sender thread; returns the :class:`Auditor` (call once)."""
+            add_hook: bool = True, max_post: int = 2000) -> Auditor:
+    """Add the audit hook and start the sender thread; returns the :class:`Auditor` (call once).
+
+    ``batch`` buffered records wake the sender early; one POST carries at most ``max_post`` records
+    (fewer, larger POSTs: the service commits each one durably).
+
+    The hot paths (``open`` of a plain absolute path, ``ngp.data.open``) append a tuple to the
+    buffer; the dict the service gets is built from it in :func:`_materialize`, when it is sent.
+    """
+    max_post = max(1, min(max_post, 5000))  # the service takes at most 5000 records per request
     ignored = _default_ignored() if ignored is None else tuple(ignored)
     ignored_slash = tuple(p + "/" for p in ignored)
     ignored_set = frozenset(ignored)
@@ -158,8 +166,10 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
     lock = threading.Lock()  # guards buffer and state
     send_lock = threading.Lock()  # one POST at a time, in order; records leave the buffer only when acked
     wake = threading.Event()
-    tls = threading.local()
+    busy = set()  # idents of threads whose audit events are our own I/O (not recorded)
     actions_get = EVENT_ACTIONS.get
+    events = frozenset(EVENT_ACTIONS)
+    buffer_append = buffer.append
     forked = []
     current = [(None, None)]  # (msg_id, cell_id) of the execution records are attributed to
     state = {"armed": False, "blocked": None, "tampered": None, "posts": 0, "records": 0,
@@ -192,7 +202,9 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
         if not token:
             return "JUPYTERHUB_API_TOKEN is not set"
         body = dumps({"records": records}, default=str).encode()
-        tls.busy = True  # the connection's own opens and connects are not recorded
+        me = _get_ident()
+        was_busy = me in busy
+        busy.add(me)  # the connection's own opens and connects are not recorded
         try:
             for attempt in (0, 1):  # a kept-alive connection the server closed is retried once
                 conn = _connection(t)
@@ -220,7 +232,8 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
                 return None
             return "connection closed"
         finally:
-            tls.busy = False
+            if not was_busy:
+                busy.discard(me)
 
     def _deliver(deadline, limit=None):
         """Deliver buffered records in batches until the buffer is empty (or ``limit`` batches)."""
@@ -230,9 +243,10 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             n = 0
             while True:
                 with lock:
-                    chunk = [buffer[i] for i in range(min(batch, len(buffer)))]
-                if not chunk:
+                    items = [buffer[i] for i in range(min(max_post, len(buffer)))]
+                if not items:
                     return None
+                chunk = [x if x.__class__ is dict else _materialize(x) for x in items]
                 reason = _post(chunk, max(0.1, deadline - monotonic()))
                 if reason is not None:
                     with lock:
@@ -289,6 +303,16 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
         return state["blocked"]
 
     # -- recording --------------------------------------------------------------------------------
+
+    def _materialize(item):
+        """The record dict of a hot-path tuple: ("o", path, mode, flags, ids) or ("d", path, detail, ids)."""
+        if item[0] == "o":
+            _, path, mode, flags, ids = item
+            return {"action": "file.open", "path": path, "detail": {
+                "event": "open", "mode": mode, "flags": flags, "msg_id": ids[0], "cell_id": ids[1]}}
+        _, path, detail, ids = item
+        detail["msg_id"], detail["cell_id"] = ids
+        return {"action": "data.open", "path": path, "detail": detail}
 
     def record(action, path, detail):
         detail["msg_id"], detail["cell_id"] = current[0]
@@ -399,29 +423,38 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             record(action, None, {"what": "sys.addaudithook"})
 
     def hook(event, args):
-        action = actions_get(event)
-        if action is None:
+        if event not in events:  # nearly every event: one set lookup
             return
         if event == "open":  # the hot path, inlined: a plain absolute str path (nothing here raises events)
             p = args[0]
             if p.__class__ is str and p[:1] == "/" and "/." not in p and "//" not in p:
-                if (p in ignored_set or p.startswith(ignored_slash)) and not p.startswith(always_slash):
+                if (p.startswith(ignored_slash) or p in ignored_set) and not p.startswith(always_slash):
                     return
-                if forked or getattr(tls, "busy", False):
+                if forked or (busy and _get_ident() in busy):
                     return
                 n = len(buffer)
                 if n < capacity:
-                    ids = current[0]
-                    buffer.append({"action": "file.open", "path": p, "detail": {
-                        "event": "open", "mode": args[1], "flags": args[2], "msg_id": ids[0], "cell_id": ids[1]}})
+                    buffer_append(("o", p, args[1], args[2], current[0]))
+                    if n == 0 or n + 1 == batch:
+                        wake.set()
+                    return
+        elif event == "ngp.data.open" and len(args) == 2:  # pysam's fetch/open wrappers: same idea
+            p, detail = args
+            if p.__class__ is str and detail.__class__ is dict and p[:1] == "/" and "/." not in p \
+                    and "//" not in p and not forked and not (busy and _get_ident() in busy):
+                n = len(buffer)
+                if n < capacity:
+                    buffer_append(("d", p, dict(detail), current[0]))
                     if n == 0 or n + 1 == batch:
                         wake.set()
                     return
         if event == "import" and not (args and isinstance(args[0], str) and args[0].startswith("ngp_research")):
             return
-        if getattr(tls, "busy", False) or forked:
+        action = actions_get(event)
+        me = _get_ident()
+        if me in busy or forked:
             return  # our own I/O; or a forked child (no sender thread there; the fork itself is recorded)
-        tls.busy = True
+        busy.add(me)
         try:
             _handle(event, args, action)
         except AuditUnavailable:
@@ -436,7 +469,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             except Exception:
                 pass
         finally:
-            tls.busy = False
+            busy.discard(me)
 
     # -- executions and integrity ------------------------------------------------------------------
 
@@ -483,7 +516,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
                 tamper(problem)
 
     def sender():
-        tls.busy = True  # nothing this thread does is recorded
+        busy.add(_get_ident())  # nothing this thread does is recorded
         backoff = 0.1
         while True:
             wake.wait(1.0)
@@ -509,7 +542,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
                 wake.set()
 
     auditor = Auditor(write_ahead, flush, begin, end, blocked, tamper, record, stats, watch)
-    guard = closure_guard([hook, _handle, record, _path, _ignored, _post, _deliver, _connection, write_ahead,
+    guard = closure_guard([hook, _handle, _materialize, record, _path, _ignored, _post, _deliver, _connection, write_ahead,
                            flush, blocked, begin, end, tamper, watch, stats, _run_checks, sender])
     checks.append(lambda: guard(restore=True))
     os.register_at_fork(after_in_child=lambda: forked.append(True))
