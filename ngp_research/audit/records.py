@@ -79,6 +79,7 @@ class AuditRecord:
     path: str | None = None
     detail: dict = field(default_factory=dict)
     time: datetime | None = None
+    detail_text: str = field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if not self.action or not isinstance(self.action, str):
@@ -87,8 +88,8 @@ class AuditRecord:
             raise ValueError("actor: an audit record needs the acting identity")
         if not isinstance(self.detail, dict):
             raise ValueError("detail: must be a dict")
-        # detail must be JSON-encodable now, not at append time
-        canonical(self.detail)
+        # detail must be JSON-encodable now, not at append time; its encoding is kept for sealing
+        object.__setattr__(self, "detail_text", canonical(self.detail).decode("utf-8"))
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ class StoredRecord:
     detail: dict
     prev_hash: str
     hash: str
+    detail_text: str = field(default="", repr=False, compare=False)  # the stored (canonical) detail
 
     def content(self) -> dict:
         """Every field but the hash: what the hash covers."""
@@ -133,18 +135,32 @@ def record_hash(content: dict) -> str:
     return hashlib.sha256(canonical(content)).hexdigest()
 
 
+_dump = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def content_hash(seq, time, action, actor, project, region, dataset, path, detail_text, prev_hash) -> str:
+    """:func:`record_hash` of a record's content, with its detail already in canonical form.
+
+    Builds the same bytes as ``canonical(content)`` (keys in sorted order) without encoding the
+    detail again, so appending and verifying encode each detail once.
+
+    >>> c = {"seq": 1, "time": "t", "action": "a", "actor": "u", "project": None, "region": "r",
+    ...      "dataset": "d", "path": "/p", "detail": {"b": [1], "a": "å"}, "prev_hash": "0"}
+    >>> content_hash(**{k: v for k, v in c.items() if k != "detail"},
+    ...              detail_text=canonical(c["detail"]).decode()) == record_hash(c)
+    True
+    """
+    text = (f'{{"action":{_dump(action)},"actor":{_dump(actor)},"dataset":{_dump(dataset)},'
+            f'"detail":{detail_text},"path":{_dump(path)},"prev_hash":{_dump(prev_hash)},'
+            f'"project":{_dump(project)},"region":{_dump(region)},"seq":{_dump(seq)},"time":{_dump(time)}}}')
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def seal(record: AuditRecord, seq: int, prev_hash: str, now: datetime) -> StoredRecord:
     """Give a record its place in the chain: sequence number, time, previous hash and own hash."""
-    content = {
-        "seq": seq,
-        "time": format_time(record.time or now),
-        "action": record.action,
-        "actor": record.actor,
-        "project": record.project,
-        "region": record.region,
-        "dataset": record.dataset,
-        "path": record.path,
-        "detail": record.detail,
-        "prev_hash": prev_hash,
-    }
-    return StoredRecord(**content, hash=record_hash(content))
+    time = format_time(record.time or now)
+    h = content_hash(seq, time, record.action, record.actor, record.project, record.region, record.dataset,
+                     record.path, record.detail_text, prev_hash)
+    return StoredRecord(seq=seq, time=time, action=record.action, actor=record.actor, project=record.project,
+                        region=record.region, dataset=record.dataset, path=record.path, detail=record.detail,
+                        prev_hash=prev_hash, hash=h, detail_text=record.detail_text)

@@ -121,7 +121,7 @@ class GroupCommitter:
     ``submit`` returns when the caller's records are durable, with their sequence numbers.
     """
 
-    def __init__(self, store, max_batch=5000, max_wait=0.002):
+    def __init__(self, store, max_batch=5000, max_wait=0.0):
         self.store = store
         self.max_batch = max_batch
         self.max_wait = max_wait
@@ -142,15 +142,20 @@ class GroupCommitter:
             first = await self.queue.get()
             batch = [first]
             size = len(first[0])
+            # Whatever queued up while the previous transaction ran joins this one: concurrent writers
+            # share commits without a lone writer ever waiting for company (max_wait adds a wait).
             deadline = loop.time() + self.max_wait
             while size < self.max_batch:
-                timeout = deadline - loop.time()
-                if timeout <= 0:
-                    break
                 try:
-                    item = await asyncio.wait_for(self.queue.get(), timeout)
-                except asyncio.TimeoutError:
-                    break
+                    item = self.queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    timeout = deadline - loop.time()
+                    if timeout <= 0:
+                        break
+                    try:
+                        item = await asyncio.wait_for(self.queue.get(), timeout)
+                    except asyncio.TimeoutError:
+                        break
                 batch.append(item)
                 size += len(item[0])
             records = [r for recs, _ in batch for r in recs]

@@ -37,7 +37,7 @@ from sqlalchemy import (
 
 from ..catalog.database import make_engine
 from ..errors import AuditIntegrityError
-from .records import GENESIS, AuditRecord, StoredRecord, canonical, format_time, record_hash, seal, utc_now
+from .records import GENESIS, AuditRecord, StoredRecord, canonical, content_hash, format_time, seal, utc_now
 from .signing import CheckpointSigner
 
 metadata = MetaData()
@@ -225,7 +225,9 @@ class AuditStore:
                 sealed.append(s)
             conn.execute(
                 insert(records_table),
-                [{**s.to_json(), "detail": canonical(s.detail).decode("utf-8")} for s in sealed],
+                [{"seq": s.seq, "time": s.time, "action": s.action, "actor": s.actor, "project": s.project,
+                  "region": s.region, "dataset": s.dataset, "path": s.path, "detail": s.detail_text,
+                  "prev_hash": s.prev_hash, "hash": s.hash} for s in sealed],
             )
             last_checkpoint = self._last_checkpoint_seq(conn)
             # The first append anchors the chain with a checkpoint, so a chain with records
@@ -361,12 +363,8 @@ class AuditStore:
             detail = json.loads(row.detail)
             if canonical(detail).decode("utf-8") != row.detail:
                 return None
-            content = {
-                "seq": row.seq, "time": row.time, "action": row.action, "actor": row.actor,
-                "project": row.project, "region": row.region, "dataset": row.dataset, "path": row.path,
-                "detail": detail, "prev_hash": row.prev_hash,
-            }
-            return record_hash(content)
+            return content_hash(row.seq, row.time, row.action, row.actor, row.project, row.region, row.dataset,
+                                row.path, row.detail, row.prev_hash)
         except (ValueError, TypeError, UnicodeError, RecursionError, OverflowError):
             return None
 
