@@ -313,3 +313,38 @@ def test_sigkill_under_load_loses_no_acknowledged_record(platform, tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_code_that_is_not_text_is_refused(service, store):
+    status, body = post(service.url, [{"action": "query.execute", "detail": {"code": {"x": 1}}}])
+    assert status == 400 and "detail.code must be a string" in body["error"]
+    assert store.records() == []
+
+
+def test_cells_that_reach_into_the_interpreter_are_flagged(service, store):
+    status, _ = post(service.url, [{"action": "query.execute",
+                                    "detail": {"code": "import gc\n[o for o in gc.get_objects()]", "msg_id": "x"}}])
+    assert status == 200
+    assert "possible tampering" in store.records()[-1].detail["flag"]
+
+
+def test_a_token_that_names_no_workspace_is_flagged(service, store):
+    status, _ = post(service.url, [{"action": "file.open", "path": "/project/x"}], token="tok-lars-user")
+    assert status == 200 and "the token names no workspace" in store.records()[-1].detail["flag"]
+
+
+def test_a_non_member_named_by_a_token_is_flagged():
+    rec = build_record(Caller("bob", "cardio-gwas"), {"action": "file.open", "path": "/project/x"}, None,
+                       members={"alice", "lars"})
+    assert "bob is not a member of project 'cardio-gwas'" in rec.detail["flag"]
+
+
+def test_a_later_record_reusing_a_cells_msg_id_cannot_change_the_code_shown(reported):
+    from ngp_research.audit.service import Caller as C
+
+    forged = build_record(C("alice", "cardio-gwas"),
+                          {"action": "query.execute", "detail": {"msg_id": "m1", "code": "print('QC plot')"}}, None)
+    reported.audit.append(forged)
+    (row,) = region_report(reported.audit, reported, "admin-syd", "syd")
+    assert row["code"] == "open('/data/syd/syd-cohort/syd-cohort.vcf.gz')"
+    assert "another record reused this cell's msg_id" in row["flag"]

@@ -269,7 +269,7 @@ def workspace():
     threading.Thread(target=hub.serve_forever, daemon=True).start()
     loop = Loop()
     hub_relay = UnixToTcp(str(runtime / "hub.sock"), "127.0.0.1", hub.server_address[1], owner=plan.uid)
-    server_relay = TcpToUnix(str(runtime / "server.sock"))
+    server_relay = TcpToUnix(str(runtime / "server" / "server.sock"), owner=plan.uid)
     loop(hub_relay.start())
     loop(server_relay.start())
     # The audited kernel refuses to run code without the audit service: a real service app, whose token
@@ -302,7 +302,7 @@ def workspace():
     while True:
         if proc.poll() is not None:
             pytest.fail("the server ended: " + log_tail())
-        if (runtime / "server.sock").exists():
+        if (runtime / "server" / "server.sock").exists():
             try:
                 if client.request("GET", "/api/status")[0] == 200:
                     break
@@ -441,7 +441,7 @@ def test_file_browser_root_shows_data_project_and_home(workspace):
 def test_bridge_sockets_are_private(workspace):
     import stat
 
-    for name in ("hub.sock", "server.sock"):
+    for name in ("hub.sock", "server/server.sock"):
         st = os.stat(workspace["runtime"] / name)
         assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
         assert st.st_uid == workspace["plan"].uid
@@ -475,3 +475,50 @@ def test_the_servers_own_file_operations_are_recorded_before_they_happen(workspa
     assert ("rename", "/project/audited.txt", None) in records
     rec = [r for r in catalog.audit.records(action="server.file") if r.path == target][-1]
     assert (rec.actor, rec.project) == ("alice", "cardio-gwas")
+
+
+def test_the_hubs_sockets_cannot_be_replaced_from_inside(kernel):
+    out, error = kernel["ws"].execute(
+        "import os\n"
+        "r = []\n"
+        "for f in (lambda: os.rename('/run/ngp/audit.sock', '/run/ngp/x'), lambda: os.unlink('/run/ngp/hub.sock'),\n"
+        "          lambda: open('/run/ngp/audit.sock.new', 'w')):\n"
+        "    try:\n"
+        "        f(); r.append('done')\n"
+        "    except OSError as e:\n"
+        "        r.append(e.strerror)\n"
+        "print(r)")
+    assert error is None and "done" not in out, out
+
+
+def test_the_server_relay_never_follows_a_planted_link(tmp_path):
+    import asyncio
+    import socket as _socket
+
+    victim = tmp_path / "victim.sock"
+    listener = _socket.socket(_socket.AF_UNIX)
+    listener.bind(str(victim))
+    listener.listen()
+    (tmp_path / "server.sock").symlink_to(victim)
+
+    async def attempt():
+        relay = TcpToUnix(str(tmp_path / "server.sock"), owner=os.getuid())
+        await relay.start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+            writer.write(b"GET / HTTP/1.0\r\n\r\n")
+            await writer.drain()
+            try:
+                data = await asyncio.wait_for(reader.read(100), 5)
+            except ConnectionResetError:
+                data = b""
+            writer.close()
+            return data
+        finally:
+            await relay.stop()
+
+    assert asyncio.run(attempt()) == b""  # the relay refused to connect through the link
+    listener.settimeout(0.5)
+    with pytest.raises(OSError):
+        listener.accept()
+    listener.close()

@@ -29,14 +29,23 @@ def region_report(store, catalog, actor: str, region: str, since: datetime | Non
     rows = []
     records = [r for r in store.records(region=region, actor=user, dataset=dataset, since=since, until=until)
                if r.action in ACCESS_ACTIONS]
-    wanted = {(r.actor, r.detail.get("msg_id")) for r in records if r.detail.get("msg_id")}
-    code = {}
+    # Each access is joined to the FIRST query.execute with the same user, project and msg_id that precedes
+    # it: a later record reusing a msg_id cannot change the code shown, and is flagged.
+    wanted = {(r.actor, r.project, r.detail.get("msg_id")) for r in records if r.detail.get("msg_id")}
+    queries: dict = {}
     if wanted:
         for q in store.records(action="query.execute", since=None, until=until):
-            key = (q.actor, q.detail.get("msg_id"))
+            key = (q.actor, q.project, q.detail.get("msg_id"))
             if key in wanted:
-                code[key] = q.detail.get("code")
+                queries.setdefault(key, []).append(q)
     for r in records:
+        candidates = [q for q in queries.get((r.actor, r.project, r.detail.get("msg_id")), []) if q.seq < r.seq]
+        first = candidates[0] if candidates else None
+        flags = [r.detail.get("flag")] if r.detail.get("flag") else []
+        if first is not None and first.detail.get("flag"):
+            flags.append("cell: " + first.detail["flag"])
+        if len(queries.get((r.actor, r.project, r.detail.get("msg_id")), [])) > 1:
+            flags.append("another record reused this cell's msg_id")
         detail = {k: v for k, v in r.detail.items() if k not in ("flag",)}
         rows.append({
             "time": r.time,
@@ -47,8 +56,8 @@ def region_report(store, catalog, actor: str, region: str, since: datetime | Non
             "action": r.action,
             "path": r.path,
             "detail": detail,
-            "code": code.get((r.actor, r.detail.get("msg_id"))),
-            "flag": r.detail.get("flag"),
+            "code": first.detail.get("code") if first is not None else None,
+            "flag": "; ".join(flags) or None,
             "seq": r.seq,
         })
     store.append(AuditRecord("report.read", actor, region=region,
@@ -80,8 +89,8 @@ def render(rows: list[dict], fmt: str, region: str) -> str:
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(r[k] or ''))}</td>" for k in
                          ("time", "user", "project", "dataset", "action", "path"))
-        + f"<td><pre>{html.escape(r['code'] or '')}</pre></td>"
-        + f"<td class='flag'>{html.escape(r['flag'] or '')}</td></tr>"
+        + f"<td><pre>{html.escape(str(r['code'] or ''))}</pre></td>"
+        + f"<td class='flag'>{html.escape(str(r['flag'] or ''))}</td></tr>"
         for r in rows)
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Access report: {html.escape(region)}"
             "</title><style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"

@@ -86,7 +86,13 @@ def resolve(path):
     return None, None
 
 
-def build_record(caller: Caller, raw: dict, visible: set | None) -> AuditRecord:
+#: Code that reaches into the interpreter or the audit machinery: in-process auditing cannot stop a determined
+#: user (see ngp_research.kernel), so such cells are flagged where the region admin reads them.
+TAMPERING_SIGNS = ("gc.", "get_objects", "get_referrers", "ctypes", "__closure__", "cell_contents", "__code__",
+                   "addaudithook", "ngp_research.kernel", "_ngp", "/run/ngp", "sys.modules[", "__globals__")
+
+
+def build_record(caller: Caller, raw: dict, visible: set | None, members: set | None = None) -> AuditRecord:
     """One stored record from one submitted record: identity from ``caller``, location from the path."""
     if not isinstance(raw, dict):
         raise ValueError("each record must be an object")
@@ -100,7 +106,16 @@ def build_record(caller: Caller, raw: dict, visible: set | None) -> AuditRecord:
     if not isinstance(detail, dict):
         raise ValueError("detail must be an object")
     detail = dict(detail)
+    code = detail.get("code")
+    if code is not None and not isinstance(code, str):
+        raise ValueError("detail.code must be a string")
     flags = []
+    if caller.project is None:
+        flags.append("the token names no workspace")
+    elif members is not None and caller.user not in members:
+        flags.append(f"{caller.user} is not a member of project {caller.project!r}")
+    if code and any(sign in code for sign in TAMPERING_SIGNS):
+        flags.append("the code reaches into the interpreter or the audit machinery (possible tampering)")
     for key, real in (("user", caller.user), ("actor", caller.user), ("project", caller.project)):
         claimed = raw.get(key, detail.get(key))
         if claimed is not None and claimed != real:
@@ -202,7 +217,7 @@ class RecordsHandler(_Base):
             if not isinstance(raw, list) or not raw or len(raw) > MAX_RECORDS_PER_REQUEST:
                 raise ValueError(f"records: a list of 1 to {MAX_RECORDS_PER_REQUEST} records")
             visible = self.ctx.visible(caller)
-            records = [build_record(caller, r, visible) for r in raw]
+            records = [build_record(caller, r, visible, self.ctx.members(caller)) for r in raw]
         except (ValueError, KeyError, TypeError) as e:
             return self.write_json(400, {"error": str(e)})
         try:
@@ -249,6 +264,21 @@ class ServiceContext:
             pairs = set()
         self._visible[key] = (time.monotonic() + self.visible_ttl, pairs)
         return pairs
+
+    def members(self, caller: Caller):
+        """Members of the caller's project (cached with the visible datasets), or None if unknown."""
+        if self.catalog is None or caller.project is None:
+            return None
+        key = ("members", caller.project)
+        hit = self._visible.get(key)
+        if hit and hit[0] > time.monotonic():
+            return hit[1]
+        try:
+            names = {m.user.username for m in self.catalog.project(caller.project).memberships}
+        except Exception:
+            names = set()
+        self._visible[key] = (time.monotonic() + self.visible_ttl, names)
+        return names
 
     def log(self, text):
         print(f"[audit-service] {text}", flush=True)

@@ -11,9 +11,12 @@ no extra process with rights over every workspace.
 
 The sandbox has its own network namespace with only loopback. Two socket
 bridges cross it, both in the runtime folder bound at ``/run/ngp``:
-``hub.sock`` (created here, outside) leads to the hub's API, and
-``server.sock`` (created inside by the workspace) is where the proxy's
-traffic goes, through a TCP port on 127.0.0.1 that this spawner opens.
+``hub.sock`` and ``audit.sock`` (created here, outside, in a folder only
+root writes, bound read-only) lead to the hub's API and the audit service;
+``server/server.sock`` (created inside by the workspace, in the member's
+own folder) is where the proxy's traffic goes, through a TCP port on
+127.0.0.1 that this spawner opens. That relay connects only to a socket
+owned by the member, never through a link they planted.
 """
 
 import asyncio
@@ -182,8 +185,8 @@ class WorkspaceSpawner(Spawner):
             raise web.HTTPError(403, "This workspace cannot start: " + "; ".join(e.reasons)) from None
         platform = catalog.platform
         prepare_areas(platform, plan)
-        runtime = next(m.source for m in plan.mounts if m.kind == "runtime")
-        for name in ("hub.sock", "server.sock", "audit.sock"):
+        runtime = next(m.source for m in plan.mounts if m.kind == "runtime" and not m.writable)
+        for name in ("hub.sock", "server/server.sock", "audit.sock"):
             try:
                 os.unlink(os.path.join(runtime, name))
             except FileNotFoundError:
@@ -192,7 +195,7 @@ class WorkspaceSpawner(Spawner):
         hub_bridge = UnixToTcp(os.path.join(runtime, "hub.sock"), api.hostname or "127.0.0.1", api.port,
                                owner=plan.uid)
         await hub_bridge.start()
-        server_bridge = TcpToUnix(os.path.join(runtime, "server.sock"))
+        server_bridge = TcpToUnix(os.path.join(runtime, "server", "server.sock"), owner=plan.uid)
         await server_bridge.start()
         audit = urlparse(self._audit_service_url())
         audit_bridge = UnixToTcp(os.path.join(runtime, "audit.sock"), audit.hostname, audit.port, owner=plan.uid)

@@ -42,8 +42,15 @@ What a determined user can still do, honestly: code that runs in the kernel shar
 space. ``ctypes`` (or any C extension, or a compiled program started with ``subprocess``, whose
 start is recorded but whose own opens are not) can make system calls that raise no audit event;
 it can also rewrite closure cells (``cell.cell_contents``) or the interpreter's memory, stop the
-sender thread, or forge extra records with ``sys.audit``. Those bypasses are themselves code in a
-cell, and every cell's code is recorded *before* it runs, so the trail shows the cell that did it.
+sender thread, or forge extra records with ``sys.audit``. Pure Python is enough for some of
+this: ``gc.get_objects()`` reaches the hook's buffer and state, and mutating their contents (not
+replacing them, which the checks catch) can silence file records without an ``audit.tamper``
+record (shown by a review, 2026-11-29). Those bypasses are themselves code in a cell, and every
+cell's code is recorded *before* it runs, so the trail shows the cell that did it; the audit
+service flags cells whose code reaches into the interpreter or the audit machinery (``gc``,
+``ctypes``, closures, ``__code__``, ``/run/ngp``, ...) as "possible tampering", and the region report
+shows that flag on every access the cell caused. The sockets the kernel talks to sit in a folder
+the member cannot write (``/run/ngp``, read-only), so a member cannot put a fake service there.
 Invariants 1 and 2 do not rest on the kernel at all: the bubblewrap sandbox mounts only the files
 of the project's active tags, read-only, under a non-root uid without capabilities, so whatever a
 user does inside the kernel reaches only data the project is entitled to see and cannot change it;

@@ -170,7 +170,8 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
     actions_get = EVENT_ACTIONS.get
     events = frozenset(EVENT_ACTIONS)
     buffer_append = buffer.append
-    forked = []
+    home_pid = os.getpid()  # a process other than this one (a fork) is not delivered from here
+    getpid = os.getpid
     current = [(None, None)]  # (msg_id, cell_id) of the execution records are attributed to
     state = {"armed": False, "blocked": None, "tampered": None, "posts": 0, "records": 0,
              "failures": 0, "errors": 0}
@@ -430,7 +431,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             if p.__class__ is str and p[:1] == "/" and "/." not in p and "//" not in p:
                 if (p.startswith(ignored_slash) or p in ignored_set) and not p.startswith(always_slash):
                     return
-                if forked or (busy and _get_ident() in busy):
+                if (busy and _get_ident() in busy) or getpid() != home_pid:
                     return
                 n = len(buffer)
                 if n < capacity:
@@ -441,7 +442,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
         elif event == "ngp.data.open" and len(args) == 2:  # pysam's fetch/open wrappers: same idea
             p, detail = args
             if p.__class__ is str and detail.__class__ is dict and p[:1] == "/" and "/." not in p \
-                    and "//" not in p and not forked and not (busy and _get_ident() in busy):
+                    and "//" not in p and not (busy and _get_ident() in busy) and getpid() == home_pid:
                 n = len(buffer)
                 if n < capacity:
                     buffer_append(("d", p, dict(detail), current[0]))
@@ -452,7 +453,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             return
         action = actions_get(event)
         me = _get_ident()
-        if me in busy or forked:
+        if me in busy or getpid() != home_pid:
             return  # our own I/O; or a forked child (no sender thread there; the fork itself is recorded)
         busy.add(me)
         try:
@@ -545,7 +546,6 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
     guard = closure_guard([hook, _handle, _materialize, record, _path, _ignored, _post, _deliver, _connection, write_ahead,
                            flush, blocked, begin, end, tamper, watch, stats, _run_checks, sender])
     checks.append(lambda: guard(restore=True))
-    os.register_at_fork(after_in_child=lambda: forked.append(True))
     if add_hook:
         sys.addaudithook(hook)
     threading.Thread(target=sender, name="ngp-audit-sender", daemon=True).start()

@@ -5,7 +5,8 @@ Run as root (the hub), these give::
     $NGP_HOME                  0710 root:<data group>   only sandboxed workspaces traverse it
       state/                   0700 root                never reachable from a workspace uid
       regions/, projects/      0710 root:<data group>
-      runtime/<p>/<user>/      0700 <user uid>   the workspace's bridge sockets, /run/ngp inside
+      runtime/<p>/<user>/      0750 root:<project group>   the hub's bridge sockets, /run/ngp (read-only) inside
+        server/                0700 <user uid>   the server's socket, /run/ngp/server inside
       projects/<p>/            0710 root:<project group>
         shared/               02770 root:<project group> members write, files keep the project group
         home/                  0710 root:<project group>
@@ -67,12 +68,15 @@ def runtime_dir(platform, project: str, user: str) -> Path:
 
 
 def runtime_area(platform, project: str, user: str, uid: int, project_gid: int) -> Path:
-    """Create the runtime folder: $NGP_HOME/runtime/<project>/<user>, 0700 for the member."""
+    """Create the runtime folders: $NGP_HOME/runtime/<project>/<user> (root's: the hub's sockets) and
+    its ``server/`` (the member's: the server's socket)."""
     root = platform.home_path / "runtime"
     proj = root / project
     path = proj / user
-    path.mkdir(parents=True, exist_ok=True)
+    server = path / "server"
+    server.mkdir(parents=True, exist_ok=True)
     _own(root, 0o710, gid=platform.workspace_data_gid)
     _own(proj, 0o710, gid=project_gid)
-    _own(path, 0o700, uid=uid, gid=project_gid)
+    _own(path, 0o750, gid=project_gid)
+    _own(server, 0o700, uid=uid, gid=project_gid)
     return path

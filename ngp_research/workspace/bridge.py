@@ -124,8 +124,9 @@ class UnixToTcp(_Relay):
         finally:
             os.umask(old)
         if self.owner is not None or self.group is not None:
-            os.chown(self.path, -1 if self.owner is None else self.owner, -1 if self.group is None else self.group)
-        os.chmod(self.path, self.mode)
+            os.chown(self.path, -1 if self.owner is None else self.owner, -1 if self.group is None else self.group,
+                     follow_symlinks=False)
+        os.chmod(self.path, self.mode)  # just bound by us in a folder only root writes (see the spawner)
         self._server = await asyncio.start_unix_server(self._handle, sock=sock, limit=CHUNK)
 
     async def stop(self) -> None:
@@ -137,12 +138,24 @@ class UnixToTcp(_Relay):
 class TcpToUnix(_Relay):
     """Listens on ``host:port`` (port 0: any free port, see :attr:`port`) and relays to the unix socket ``path``."""
 
-    def __init__(self, path: str, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, path: str, host: str = "127.0.0.1", port: int = 0, owner: int | None = None):
         super().__init__()
         self.path, self.host, self.port = str(path), host, int(port)
+        self.owner = owner  # when set: connect only to a socket (not a symlink) owned by this uid
 
     async def _connect_upstream(self):
-        return await asyncio.open_unix_connection(self.path, limit=CHUNK)
+        if self.owner is None:
+            return await asyncio.open_unix_connection(self.path, limit=CHUNK)
+        # The relay runs as root and the socket's folder belongs to the member: never follow a link they
+        # planted to another socket (another workspace's server, a daemon's control socket).
+        fd = os.open(self.path, os.O_PATH | os.O_NOFOLLOW)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISSOCK(st.st_mode) or st.st_uid != self.owner:
+                raise ConnectionRefusedError(f"{self.path} is not a socket owned by uid {self.owner}")
+            return await asyncio.open_unix_connection(f"/proc/self/fd/{fd}", limit=CHUNK)
+        finally:
+            os.close(fd)
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.host, self.port, limit=CHUNK,

@@ -20,7 +20,7 @@ from .environment import config_dir
 from .plan import RUNTIME_PATH, Mount
 
 HUB_SOCKET = f"{RUNTIME_PATH}/hub.sock"  # created by the hub, outside, owned by the member, 0600
-SERVER_SOCKET = f"{RUNTIME_PATH}/server.sock"  # created by the server, inside, as the member, 0600
+SERVER_SOCKET = f"{RUNTIME_PATH}/server/server.sock"  # created by the server, inside, as the member, 0600
 INSIDE_HUB_API = ("127.0.0.1", 8081)  # where the server finds the hub API inside (JUPYTERHUB_API_URL)
 #: Folders at the top of the file browser; the rest of / stays reachable by path, read-only.
 SHOWN_AT_ROOT = ("data", "home", "project")

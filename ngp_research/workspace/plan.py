@@ -193,7 +193,10 @@ def plan_workspace(
     mounts.append(Mount(shared_area, PROJECT_PATH, True, "project"))
     mounts.append(Mount(home_area, home, True, "home"))
     if runtime_area is not None:
-        mounts.append(Mount(runtime_area, RUNTIME_PATH, True, "runtime"))
+        # The hub's sockets (hub.sock, audit.sock) sit in a folder only root writes, bound read-only, so
+        # the member cannot replace them; the server's own socket gets a folder of the member's.
+        mounts.append(Mount(runtime_area, RUNTIME_PATH, False, "runtime"))
+        mounts.append(Mount(f"{runtime_area}/server", f"{RUNTIME_PATH}/server", True, "runtime"))
     for m in system_mounts:
         if m.writable:
             raise ValueError(f"system mount {m.target} must be read-only")
