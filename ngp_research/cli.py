@@ -510,6 +510,12 @@ def demo_start(platform, args) -> int:
             print(f"  {u.username:<18} {', '.join(u.role_labels())}")
         if os.geteuid() != 0:
             print("note: not running as root, so workspaces cannot start their sandboxes")
+        from .workspace.areas import check_reachable
+
+        try:
+            check_reachable(platform.home_path)
+        except PermissionError as e:
+            print(f"note: {e}")
         print("Ctrl-C stops everything.", flush=True)
         while not stop["now"] and procs.hub.poll() is None:
             time.sleep(0.5)

@@ -271,3 +271,12 @@ def test_limits_are_required_by_default(world):
 
     with pytest.raises(LimitsUnavailable, match="name the workspace's cgroup"):
         LocalSandbox().start(world["plan"], ["true"])
+
+
+def test_a_platform_home_workspaces_cannot_reach_is_refused_clearly(tmp_path):
+    from ngp_research.workspace.areas import check_reachable
+
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    with pytest.raises(PermissionError, match="is not searchable by other users"):
+        check_reachable(private / "ngp")

@@ -184,7 +184,10 @@ class WorkspaceSpawner(Spawner):
             self._audit("workspace.refused", reasons=list(e.reasons))
             raise web.HTTPError(403, "This workspace cannot start: " + "; ".join(e.reasons)) from None
         platform = catalog.platform
-        prepare_areas(platform, plan)
+        try:
+            prepare_areas(platform, plan)
+        except PermissionError as e:
+            raise web.HTTPError(500, f"The platform is misconfigured: {e}") from None
         runtime = next(m.source for m in plan.mounts if m.kind == "runtime" and not m.writable)
         for name in ("hub.sock", "server/server.sock", "audit.sock"):
             try:

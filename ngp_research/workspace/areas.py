@@ -26,9 +26,23 @@ def _own(path: Path, mode: int, uid: int | None = None, gid: int | None = None) 
     os.chmod(path, mode)
 
 
+def check_reachable(path: Path) -> None:
+    """Refuse a platform home that workspace uids cannot reach: every folder above it needs o+x.
+
+    bubblewrap binds the tagged files as the member's uid, so it must be able to walk down to them.
+    """
+    for parent in Path(path).resolve().parents:
+        mode = parent.stat().st_mode
+        if not mode & 0o001:
+            raise PermissionError(
+                f"workspaces cannot reach {path}: {parent} is not searchable by other users (mode "
+                f"{oct(mode & 0o777)}). Put NGP_HOME somewhere every user can traverse, e.g. /srv/ngp")
+
+
 def secure_platform_home(platform) -> None:
     """Gate the platform's home behind the data group; keep the state private."""
     platform.ensure_layout()
+    check_reachable(platform.home_path)
     gid = platform.workspace_data_gid
     _own(platform.home_path, 0o710, gid=gid)
     _own(platform.regions_dir, 0o710, gid=gid)
