@@ -1,7 +1,7 @@
 """A real Jupyter server in alice's cardio-gwas sandbox, reached from the host through the socket bridges.
 
 The server (plain ``jupyter server``: no hub here) runs inside a bubblewrap sandbox behind
-``ngp_research.workspace.launch`` and listens on ``/run/ngp/server.sock``; the host reaches it through
+``ngp_research.workspace.launch`` and listens on ``/run/ngp/server/server.sock``; the host reaches it through
 a :class:`TcpToUnix` relay, and the kernel reaches a stand-in for the hub API through the launcher's
 relay (127.0.0.1:8081 inside -> ``hub.sock``) and the host's :class:`UnixToTcp`. Everything is
 checked over HTTP and the kernel websocket, as a browser would.

@@ -5,7 +5,7 @@ Pure functions for the spawner (:func:`singleuser_environment`, :func:`singleuse
 
     <env>/bin/python -P -s -m ngp_research.workspace.launch \\
         --tcp-to-unix 127.0.0.1:8081=/run/ngp/hub.sock -- \\
-        <env>/bin/jupyterhub-singleuser --sock=/run/ngp/server.sock --ServerApp.sock_mode=0600 \
+        <env>/bin/jupyterhub-singleuser --sock=/run/ngp/server/server.sock --ServerApp.sock_mode=0600 \
         --ServerApp.port=8888 ...
 
 The launcher relays the hub API into the sandbox (127.0.0.1:8081 inside -> ``hub.sock``, which the
@@ -70,7 +70,7 @@ def singleuser_command(workspace_env: str, extra_args=(), server: str = "jupyter
     Examples
     --------
     >>> singleuser_command("/e", ["--debug"])[-5:]
-    ['/e/bin/jupyterhub-singleuser', '--sock=/run/ngp/server.sock', '--ServerApp.sock_mode=0600', '--ServerApp.port=8888', '--debug']
+    ['/e/bin/jupyterhub-singleuser', '--sock=/run/ngp/server/server.sock', '--ServerApp.sock_mode=0600', '--ServerApp.port=8888', '--debug']
     """
     env = workspace_env.rstrip("/")
     host, port = INSIDE_HUB_API
