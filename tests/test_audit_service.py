@@ -66,8 +66,18 @@ class ServiceThread:
         return self
 
     def __exit__(self, *exc):
-        self.loop.call_soon_threadsafe(self.server.stop)
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        async def shutdown():
+            self.server.stop()
+            task = self.ctx.committer.task
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+            self.loop.stop()
+
+        self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(shutdown()))
         self.thread.join(10)
 
     @property
