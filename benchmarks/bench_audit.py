@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results import save  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ngp_research.audit import AuditRecord, AuditStore  # noqa: E402
@@ -104,10 +106,7 @@ def main(argv=None):
           f"{result['plain_single_append_per_s']:>10,.0f} rec/s   ratio {result['single_append_ratio_plain_over_chain']:.2f}x")
     print(f"  verify:           {result['chain_verify_per_s']:>10,.0f} rec/s   plain scan   "
           f"{result['plain_scan_per_s']:>10,.0f} rec/s   ratio {result['verify_ratio_scan_over_verify']:.2f}x")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
-    return result
+    return save(args.out, result)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ the ratio is what the service's HTTP and group commit cost or save.
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -17,12 +16,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from results import save  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ngp_research.audit import AuditRecord, AuditStore  # noqa: E402
-from ngp_research.platform import Platform  # noqa: E402
 from ngp_research.audit.service import Caller  # noqa: E402
+from ngp_research.platform import Platform  # noqa: E402
 from tests.test_audit_service import SERVICE_SCRIPT, free_port, post  # noqa: E402
 
 
@@ -85,10 +86,7 @@ def main(argv=None):
         print(f"  {k:>2} record(s)/request: {result[f'service_records_per_s_{k}_per_request']:>9,.0f} rec/s acknowledged;"
               f" direct append {result[f'direct_records_per_s_{k}_per_transaction']:>9,.0f} rec/s;"
               f" ratio {result[f'ratio_service_over_direct_{k}']:.2f}x")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
-    return result
+    return save(args.out, result)
 
 
 if __name__ == "__main__":

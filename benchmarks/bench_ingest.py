@@ -10,12 +10,13 @@ record + ``bcftools index --tbi`` (htslib's bcftools, as shipped in pysam).
 
 import argparse
 import hashlib
-import json
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from results import save  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -79,10 +80,7 @@ def main(argv=None):
     print(f"  ngp dataset ingest:                 {result['ngp_ingest_s']:7.2f} s")
     print(f"  copy+sha256+bcftools view+index:    {result['bcftools_view_index_s']:7.2f} s")
     print(f"  ratio (ngp / bcftools):             {result['ratio_ngp_over_bcftools']:7.2f}x")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
-    return result
+    return save(args.out, result)
 
 
 if __name__ == "__main__":

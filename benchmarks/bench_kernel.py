@@ -40,6 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from results import save  # noqa: E402
+
 from ngp_research.platform import Platform  # noqa: E402
 from ngp_research.testing import write_vcf  # noqa: E402
 from ngp_research.workspace.environment import default_workspace_env  # noqa: E402
@@ -256,10 +258,7 @@ def main(argv=None):
           f"  added {e['added_median']:.2f} ms median, {e['added_p95']:.2f} ms p95  (target < 2 ms median)")
     print(f"  stored: {stored['file_open_in_bench_folder']:,} file.open records for the bench folder "
           f"(expected {result['expected_file_opens_in_folder']:,}); by action {stored['by_action']}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
-    return result
+    return save(args.out, result)
 
 
 if __name__ == "__main__":

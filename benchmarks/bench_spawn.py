@@ -11,7 +11,6 @@ wait until ready, start a kernel and get the reply to ``1 + 1``.
 
 import argparse
 import asyncio
-import json
 import os
 import pwd
 import shutil
@@ -21,6 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from results import save  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -150,10 +151,7 @@ def main(argv=None):
     print(f"  plain JupyterHub LocalProcessSpawner:                   "
           f"{result['plain_jupyterhub_spawn_to_kernel_s']:6.2f} s")
     print(f"  ratio (ngp / plain):                                    {result['ratio_ngp_over_plain']:6.2f}x")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
-    return result
+    return save(args.out, result)
 
 
 if __name__ == "__main__":

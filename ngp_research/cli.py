@@ -434,7 +434,9 @@ def run(args) -> int:
                              ["inside", "mode", "kind", "host"]))
             _emit(args, data, text)
         elif g == "workspace" and c == "run":
+            from .audit.records import AuditRecord
             from .workspace import plan_for
+            from .workspace.limits import CgroupLimits
             from .workspace.sandbox import LocalSandbox, prepare_areas
 
             command = args.argv
@@ -442,8 +444,11 @@ def run(args) -> int:
                 raise UsageError("give the command after --")
             plan = plan_for(catalog, args.user, args.project)
             prepare_areas(platform, plan)
-            from .workspace.limits import CgroupLimits
-
+            # The operator's command reaches the member's data: recorded (durably) before it starts.
+            catalog.audit.append(AuditRecord(
+                "workspace.run", catalog.actor_label(None), project=plan.project,
+                detail={"as_user": plan.user, "command": command,
+                        "datasets": sorted(f"{d['region']}/{d['name']}" for d in plan.manifest["datasets"])}))
             cgroup = f"{plan.project}.{plan.user}.run{os.getpid()}"
             proc = LocalSandbox().start(plan, command, stdout=None, stderr=None, cgroup=cgroup)
             try:

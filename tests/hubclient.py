@@ -125,8 +125,6 @@ def wait_until_ready(browser, hub_url, user, server, token, timeout=150):
         s = (model or {}).get("servers", {}).get(server) if isinstance(model, dict) else None
         if s and s.get("ready"):
             return s
-        if s is None and status == 200 and time.time() > deadline - timeout + 5:
-            pass
         time.sleep(0.5)
     raise TimeoutError(f"{user}/{server} did not become ready")
 

@@ -195,6 +195,9 @@ def test_ngp_workspace_run_and_plan_from_the_command_line(world):
                               "id -un; ls /data"], env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["alice", "norr", "stockholm", "syd", "uppsala"]
+    run = world["catalog"].audit.records(action="workspace.run")[-1]
+    assert run.project == "cardio-gwas" and run.detail["as_user"] == "alice"
+    assert run.detail["command"] == ["/bin/sh", "-c", "id -un; ls /data"]
     p = subprocess.run(ngp + ["workspace", "run", "cardio-gwas", "--user", "bob", "--", "true"], env=env,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "bob is not a member of project 'cardio-gwas'" in p.stderr
@@ -273,10 +276,16 @@ def test_limits_are_required_by_default(world):
         LocalSandbox().start(world["plan"], ["true"])
 
 
-def test_a_platform_home_workspaces_cannot_reach_is_refused_clearly(tmp_path):
+def test_a_platform_home_workspaces_cannot_reach_is_refused_clearly():
     from ngp_research.workspace.areas import check_reachable
 
-    private = tmp_path / "private"
-    private.mkdir(mode=0o700)
-    with pytest.raises(PermissionError, match="is not searchable by other users"):
-        check_reachable(private / "ngp")
+    base = Path(tempfile.mkdtemp(prefix="ngp-reach-"))
+    try:
+        os.chmod(base, 0o711)
+        check_reachable(base / "ngp")  # every folder above is searchable
+        private = base / "private"
+        private.mkdir(mode=0o700)
+        with pytest.raises(PermissionError, match=f"{private} is not searchable by other users"):
+            check_reachable(private / "ngp")
+    finally:
+        shutil.rmtree(base)

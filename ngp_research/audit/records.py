@@ -33,6 +33,7 @@ ACTIONS = {
     "file.open": "a file was opened inside a workspace",
     "workspace.start": "a project workspace started (detail: uid, datasets)",
     "workspace.stop": "a project workspace stopped (detail: why, e.g. access revoked)",
+    "workspace.run": "an operator ran a command in a member's workspace sandbox (detail: command)",
     "workspace.refused": "a workspace start was refused (detail: the access policy's reasons)",
     "query.execute": "code was sent to a kernel to run",
 }

@@ -114,8 +114,7 @@ def report_handlers(prefix: str, ctx):
         def get(self):
             user = self.get_current_user()["name"]
             region = self.get_argument("region", None)
-            admin_of = [r.split(":", 1)[1] for r in ctx.catalog.user(user).role_labels()
-                        if r.startswith("region-admin:")] if _known(ctx.catalog, user) else []
+            admin_of = _regions_administered(ctx.catalog, user)
             if region is None and len(admin_of) == 1:
                 region = admin_of[0]
             if region is None:
@@ -140,9 +139,12 @@ def report_handlers(prefix: str, ctx):
     return [(prefix + "report", ReportHandler), (prefix + "oauth_callback", HubOAuthCallbackHandler)]
 
 
-def _known(catalog, user) -> bool:
+def _regions_administered(catalog, user) -> list[str]:
+    """Regions ``user`` administers; none for a user the catalog does not know."""
+    from ..errors import NotFoundError
+
     try:
-        catalog.user(user)
-        return True
-    except Exception:
-        return False
+        labels = catalog.user(user).role_labels()
+    except NotFoundError:
+        return []
+    return [label.split(":", 1)[1] for label in labels if label.startswith("region-admin:")]

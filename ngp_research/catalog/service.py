@@ -12,7 +12,6 @@ working on the host (the CLI without ``--as``), recorded as
 ``operator:<login>``.
 """
 
-import json
 import os
 import pwd
 from contextlib import contextmanager
@@ -551,6 +550,3 @@ class _ChangeSession:
     def __getattr__(self, name):
         return getattr(self._session, name)
 
-
-def metadata_json(document) -> str | None:
-    return None if document is None else json.dumps(document, sort_keys=True)

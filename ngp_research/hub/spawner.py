@@ -33,6 +33,7 @@ from traitlets import Bool, Integer, Unicode, default
 
 from ..access import AccessPolicy
 from ..audit.records import AuditRecord
+from ..errors import NotFoundError
 from ..workspace import WorkspaceRefused, plan_for
 from ..workspace.limits import CgroupLimits
 from ..workspace.plan import RUNTIME_PATH
@@ -102,17 +103,21 @@ class WorkspaceSpawner(Spawner):
     def _decision(self):
         return AccessPolicy(state.catalog()).files(self.user.name, self.name)
 
-    def _project_exists(self) -> bool:
-        return any(p.name == self.name for p in state.catalog().projects())
+    def _project(self):
+        """The catalog's project named like this server, or None."""
+        try:
+            return state.catalog().project(self.name) if self.name else None
+        except NotFoundError:
+            return None
 
     async def _options_form(self, spawner):
         if not self.name:
             return ("<p>Workspaces belong to projects. Choose a project on the "
                     "<a href='../home'>home page</a>.</p>")
-        if not self._project_exists():
+        p = self._project()
+        if p is None:
             return f"<p class='alert alert-danger'>There is no project named {html.escape(self.name)}.</p>"
         d = self._decision()
-        p = state.catalog().project(self.name)
         head = (f"<h2>{html.escape(p.title)}</h2><p>Project <b>{html.escape(p.name)}</b>, ethics approval "
                 f"{html.escape(p.approval_number)} valid {p.valid_from} to {p.valid_until}. Workspace: "
                 f"{p.workspace_cpu:g} CPU, {html.escape(p.workspace_memory)} memory.</p>")
@@ -126,7 +131,7 @@ class WorkspaceSpawner(Spawner):
             + withheld + "<input type='hidden' name='project' value='" + html.escape(self.name) + "'>"
 
     def options_from_form(self, formdata):
-        if not self.name or not self._project_exists():
+        if self._project() is None:
             raise web.HTTPError(404, f"There is no project named {self.name!r}.")
         d = self._decision()
         if not d.allowed:
@@ -163,11 +168,15 @@ class WorkspaceSpawner(Spawner):
         env["NGP_AUDIT_URL"] = f"http://{INSIDE_AUDIT[0]}:{INSIDE_AUDIT[1]}/services/audit/"
         return env
 
-    def _audit(self, action, **detail):
+    def _audit(self, action, required=False, **detail):
+        """Append a workspace record. ``required``: a failure propagates (the start is refused)."""
         try:
             state.catalog().audit.append(
                 AuditRecord(action, self.user.name, project=self.name or None, detail=detail))
-        except Exception:  # pragma: no cover - the audit store is local; log and go on
+        except Exception:
+            if required:
+                raise
+            # A stop goes ahead whatever the log says: losing access must never wait for it.
             self.log.exception("could not append %s to the audit log", action)
 
     async def start(self):
@@ -205,6 +214,12 @@ class WorkspaceSpawner(Spawner):
         await audit_bridge.start()
         self._bridges = (hub_bridge, server_bridge, audit_bridge)
 
+        datasets = sorted(f"{d['region']}/{d['name']}" for d in plan.manifest["datasets"])
+        try:  # the start is recorded before the sandbox exists; no record, no workspace
+            self._audit("workspace.start", required=True, uid=plan.uid, datasets=datasets)
+        except Exception:
+            await self._cleanup()
+            raise web.HTTPError(503, "The audit log cannot be written, so the workspace was not started.") from None
         sandbox = LocalSandbox(require_limits=self.require_limits)
         self._cgroup = f"{self.name}.{self.user.name}"
         command = singleuser_command(self.workspace_env, self.get_args(),
@@ -218,22 +233,19 @@ class WorkspaceSpawner(Spawner):
             **(self.user_options or {}),
             "project": self.name,
             "profile": plan.profile.to_json(),
-            "datasets": sorted({f"{m.target.split('/')[2]}/{m.target.split('/')[3]}" for m in plan.data_files}),
+            "datasets": datasets,
             "uid": plan.uid,
         }
         if getattr(self, "orm_spawner", None) is not None:
             self.orm_spawner.user_options = self.user_options
-        for stream, level in ((self.proc.stdout, self.log.info), (self.proc.stderr, self.log.info)):
-            threading.Thread(target=self._drain, args=(stream, level), daemon=True).start()
-        self._audit("workspace.start", uid=plan.uid, datasets=[f"{r}/{d}" for r, d in
-                                                               {(m.target.split('/')[2], m.target.split('/')[3])
-                                                                for m in plan.data_files}])
+        for stream in (self.proc.stdout, self.proc.stderr):
+            threading.Thread(target=self._drain, args=(stream,), daemon=True).start()
         return ("127.0.0.1", server_bridge.port)
 
-    def _drain(self, stream, log):
+    def _drain(self, stream):
         prefix = f"[{self.name}/{self.user.name}] "
         for line in iter(stream.readline, b""):
-            log(prefix + line.decode(errors="replace").rstrip())
+            self.log.info(prefix + line.decode(errors="replace").rstrip())
         stream.close()
 
     async def poll(self):
@@ -295,12 +307,6 @@ class WorkspaceSpawner(Spawner):
             await asyncio.sleep(0.1)
             CgroupLimits().remove(self._cgroup)
             self._cgroup = None
-
-    def get_state(self):
-        return super().get_state()
-
-    def load_state(self, state_):
-        super().load_state(state_)
 
     def clear_state(self):
         super().clear_state()

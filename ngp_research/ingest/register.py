@@ -34,13 +34,6 @@ from ..errors import IngestError, InvalidInputError
 from ..names import check_name
 from . import checks
 
-DATA_SUFFIXES = {
-    ".vcf.gz": "vcf",
-    ".vcf.bgz": "vcf",
-    ".bcf": "bcf",
-    ".bam": "bam",
-    ".cram": "cram",
-}
 INDEX_SUFFIXES = (".tbi", ".csi", ".bai", ".crai")
 
 
