@@ -44,6 +44,7 @@ def plan_for(catalog, user: str, project: str, at: datetime | None = None, pytho
         summaries[name] = DatasetSummary(
             name, ds.region.name, ds.kind, len(ds.samples),
             {f.name: {"size": f.size, "sha256": f.sha256, "role": f.role} for f in ds.files},
+            ds.genome_build,
         )
     platform = catalog.platform
     python_bin = f"{python_env}/bin" if python_env else "/usr/bin"

@@ -95,6 +95,7 @@ class DatasetSummary:
     kind: str
     samples: int
     files: dict  # file name -> {"size": int, "sha256": str, "role": str}
+    genome_build: str | None = None
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,7 @@ def plan_workspace(
             "region": region,
             "kind": summary.kind,
             "samples": summary.samples,
+            "genome_build": summary.genome_build,
             "files": [{"name": f.name, "path": f.workspace_path, **summary.files.get(f.name, {})} for f in files],
         })
 
