@@ -15,7 +15,7 @@ STAMP    := $(VENV)/.installed
 APT_STAMP := $(VENV)/.system-packages
 
 # Debian packages the platform and its tests need.
-APT_PACKAGES := postgresql bubblewrap python3-venv chromium
+APT_PACKAGES := postgresql bubblewrap python3-venv chromium plink2 bcftools tabix
 
 .PHONY: demo test bench install system-packages clean
 

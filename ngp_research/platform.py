@@ -122,6 +122,11 @@ class Platform(Configurable):
         return self.state_dir / "keys"
 
     @property
+    def reference_dir(self) -> Path:
+        """Shared, non-patient reference files (gene panels, annotations) shown read-only at ``/reference``."""
+        return self.home_path / "reference"
+
+    @property
     def regions_dir(self) -> Path:
         return self.home_path / "regions"
 

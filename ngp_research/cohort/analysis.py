@@ -30,6 +30,7 @@ from .inputs import CohortDataset, CohortError, phenotype_table, read_manifest, 
 __all__ = ["Cohort", "PCAResult"]
 
 VARIANT_COLUMNS = ["contig", "position", "variant_id", "ref", "alt"]
+DEFAULT_SHARDS = 8
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ class Cohort:
         Where converted tables and genotype blocks are kept (default:
         ``$NGP_COHORT_CACHE``, else ``/project/.ngp-cache``).
     shards : int, optional
-        Genome shards (default: 2 per worker).
+        Genome shards, each one Dask task (default 8). Results do not depend
+        on the number of workers.
     hail_memory : str
         Java heap of each worker's Hail context.
     progress : bool
@@ -102,18 +104,18 @@ class Cohort:
         self.genome = self._check_genome()
         self.samples = self._sample_table()
         self._own_cluster = None
+        scratch = tempfile.mkdtemp(prefix="ngp-dask-")
         if client is None:
             from distributed import Client, LocalCluster
 
-            scratch = tempfile.mkdtemp(prefix="ngp-dask-")
             self._own_cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                              host="127.0.0.1", dashboard_address="127.0.0.1:0",
                                              local_directory=scratch, memory_limit=0)
             client = Client(self._own_cluster)
-            client.register_plugin(engine.HailWorker(scratch, memory=hail_memory))
+        client.register_plugin(engine.HailWorker(scratch, memory=hail_memory))
         self.client = client
-        n_workers = max(1, len(client.scheduler_info().get("workers", {})) or workers)
-        self.shards = engine.plan_shards(self.genome, shards or 2 * n_workers)
+        # The shards do not depend on the number of workers, so any cluster gives the same numbers.
+        self.shards = engine.plan_shards(self.genome, shards or DEFAULT_SHARDS)
         self._blocks: list[str] | None = None
         self._variants: pd.DataFrame | None = None
 
@@ -242,6 +244,7 @@ class Cohort:
         """The cohort's variants in genome order: ``contig``, ``position``, ``variant_id``, ``ref``, ``alt``."""
         if self._variants is None:
             parts = [engine.read_variants(prefix) for prefix in self.prepare()]
+            self._shard_sizes = [len(p) for p in parts]
             self._variants = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=VARIANT_COLUMNS)
         return self._variants.copy()
 
@@ -250,6 +253,52 @@ class Cohort:
         for name, values in columns.items():
             table[name] = values
         return table
+
+    def genotypes(self, rows) -> np.ndarray:
+        """ALT allele counts (-1 missing) of the given :meth:`variants` rows for every sample.
+
+        Parameters
+        ----------
+        rows : sequence of int
+            Row positions in :meth:`variants`.
+
+        Returns
+        -------
+        numpy.ndarray of int8, shape (len(rows), samples)
+
+        Examples
+        --------
+        >>> cohort.genotypes([0, 1]).shape                  # doctest: +SKIP
+        (2, 160)
+        """
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        n_variants = len(self.variants())
+        if rows.size and (rows.min() < 0 or rows.max() >= n_variants):
+            raise ValueError(f"rows: must be row positions between 0 and {n_variants - 1}")
+        offsets = np.cumsum([0] + self._shard_sizes)
+        shard_of = np.searchsorted(offsets, rows, side="right") - 1
+        futures = {}
+        for shard in np.unique(shard_of):
+            local = (rows[shard_of == shard] - offsets[shard]).tolist()
+            futures[int(shard)] = self.client.submit(engine.block_statistic, self._blocks[shard], len(self.samples),
+                                                     "rows", {"rows": local}, pure=False)
+        parts = dict(zip(futures, self._gather(list(futures.values()), "reading genotypes")))
+        out = np.empty((len(rows), len(self.samples)), dtype=np.int8)
+        for shard, block in parts.items():
+            out[shard_of == shard] = block
+        return out
+
+    def clinical_variants(self, panel, annotations, max_af: float = 0.01, significance=None):
+        """Candidate clinically relevant variants per carrier; see :func:`.clinical.clinical_variants`.
+
+        Examples
+        --------
+        >>> cohort.clinical_variants("/reference/demo-panel.bed", "/reference/demo-annotations.tsv",
+        ...                          max_af=0.95)                                  # doctest: +SKIP
+        """
+        from .clinical import PATHOGENIC, clinical_variants
+
+        return clinical_variants(self, panel, annotations, max_af, significance or PATHOGENIC)
 
     # --- analyses --------------------------------------------------------------------
 

@@ -335,6 +335,8 @@ def block_statistic(prefix: str, n_samples: int, name: str, kwargs: dict):
     block = read_block(prefix, n_samples)
     if name == "groups":
         return _group_counts(block, kwargs["groups"])
+    if name == "rows":
+        return block[np.asarray(kwargs["rows"], dtype=np.int64)]
     if name == "gram":
         columns = kwargs.get("columns")
         return statistics.gram_block(block if columns is None else block[:, columns], kwargs.get("min_maf", 0.0))

@@ -16,6 +16,7 @@ from datetime import date, datetime, timedelta, timezone
 from ..access import AccessPolicy
 from ..catalog import Catalog
 from ..ingest import ingest_dataset
+from .annotation import write_demo_reference
 from .simulate import simulate_cohorts
 
 LEAD = "lars"
@@ -125,8 +126,10 @@ def seed_demo(platform, samples_per_region: int = 40, variants: int = 2000, seed
 
         inbox = tempfile.mkdtemp(prefix="ngp-demo-inbox-")
         try:
-            cohorts, _planted = simulate_cohorts(inbox, regions=regions, samples_per_region=samples_per_region,
-                                                 variants=variants, seed=seed)
+            cohorts, planted_variants = simulate_cohorts(inbox, regions=regions,
+                                                         samples_per_region=samples_per_region,
+                                                         variants=variants, seed=seed)
+            write_demo_reference(platform.reference_dir, cohorts, planted_variants)
             for c in cohorts:
                 ingest_dataset(catalog, c.region, dataset_of(c.region), [c.vcf], admin_of(c.region),
                                metadata=c.metadata)

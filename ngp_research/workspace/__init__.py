@@ -2,7 +2,7 @@
 
 from datetime import datetime
 
-from .plan import DatasetSummary, Mount, Profile, WorkspacePlan, WorkspaceRefused, plan_workspace
+from .plan import REFERENCE_PATH, DatasetSummary, Mount, Profile, WorkspacePlan, WorkspaceRefused, plan_workspace
 
 __all__ = [
     "DatasetSummary", "Mount", "Profile", "WorkspacePlan", "WorkspaceRefused", "plan_for", "plan_workspace",
@@ -47,6 +47,8 @@ def plan_for(catalog, user: str, project: str, at: datetime | None = None, pytho
             ds.genome_build,
         )
     platform = catalog.platform
+    if platform.reference_dir.is_dir():  # non-patient reference files: every workspace sees them, read-only
+        extra_mounts = (Mount(str(platform.reference_dir), REFERENCE_PATH, False, "reference"), *extra_mounts)
     python_bin = f"{python_env}/bin" if python_env else "/usr/bin"
     return plan_workspace(
         decision,

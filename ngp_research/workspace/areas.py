@@ -48,6 +48,8 @@ def secure_platform_home(platform) -> None:
     _own(platform.regions_dir, 0o710, gid=gid)
     _own(platform.projects_dir, 0o710, gid=gid)
     _own(platform.state_dir, 0o700)
+    if platform.reference_dir.is_dir():
+        _own(platform.reference_dir, 0o750, gid=gid)
     for region in platform.regions_dir.iterdir():
         if region.is_dir():
             _own(region, 0o710, gid=gid)

@@ -12,6 +12,7 @@ Inside every workspace the layout is the same (design, section 4)::
     /data/<region>/<dataset>/<file>   tagged files only, read-only
     /project                          the project's shared area, writable by members
     /home/<user>                      the member's home in this project
+    /reference                        non-patient reference files (panels, annotations), read-only
     /etc/ngp/workspace.json           the manifest: project, datasets, files, checksums
 """
 
@@ -24,6 +25,7 @@ from ..names import check_name
 
 MANIFEST_PATH = "/etc/ngp/workspace.json"
 PROJECT_PATH = "/project"
+REFERENCE_PATH = "/reference"  # shared non-patient reference files (gene panels, annotations)
 RUNTIME_PATH = "/run/ngp"  # sockets that bridge allowed services into the sandbox's own network namespace
 
 
@@ -40,7 +42,8 @@ class Mount:
     """One path inside the workspace and where it comes from.
 
     ``kind`` is ``data`` (a tagged file), ``project``, ``home``, ``system``
-    (the operating system and the Python environment) or ``runtime``.
+    (the operating system and the Python environment), ``reference``
+    (non-patient reference files) or ``runtime``.
     """
 
     source: str
