@@ -293,7 +293,7 @@ def test_the_admin_api_shows_each_workspaces_profile_and_data(alice_workspace, p
     status, model = hub_api(olof, procs.url, "/users/clara", token=token)
     assert status == 200 and model["admin"] is False
     options = model["servers"]["cardio-gwas"]["user_options"]
-    assert options["profile"] == {"cpu": 1.0, "memory": "2G", "idle_timeout": 3600}
+    assert options["profile"] == {"cpu": 2.0, "memory": "8G", "idle_timeout": 3600}
     assert "syd/syd-cohort" in options["datasets"]
 
 
@@ -397,6 +397,43 @@ def test_every_access_path_leaves_a_record_with_user_project_dataset_region_and_
         assert expected in seen, expected
     assert any(r.action == "process.exec" and "cat" in str(r.detail) for r in caused)
     assert any(r.action == "data.open" and r.detail.get("start") == 1 for r in caused)
+
+
+COHORT_CELL = """
+from ngp_research.cohort import Cohort
+cohort = Cohort.from_workspace(datasets=["syd-cohort", "norr-cohort"], workers=1, progress=False, hail_memory="1g")
+freq = cohort.allele_frequencies(by="region")
+opened = cohort.client.submit(lambda p: len(open(p, "rb").read(16)),
+                              "/data/uppsala/uppsala-cohort/uppsala-phenopackets.json").result()
+cohort.close()
+print(len(freq), sorted(c for c in freq.columns if c.startswith("af")), opened)
+"""
+
+
+@needs_root
+def test_cohort_in_a_workspace_hail_and_dask_workers_leave_records_of_the_cell(alice_workspace, platform_up):
+    """Hail's import_vcf and a Dask worker's open, in workers the kernel started, are recorded for its cell."""
+    from .hubclient import run_code
+
+    procs, catalog = platform_up
+    before = catalog.audit.records()[-1].seq
+    out = asyncio.run(run_code(procs.url + alice_workspace["server"]["url"], alice_workspace["token"], COHORT_CELL,
+                               timeout=400))
+    assert out.strip().splitlines()[-1] == "60 ['af', 'af_norr', 'af_syd'] 16"
+    new = [r for r in catalog.audit.records() if r.seq > before]
+    (query,) = [r for r in new if r.action == "query.execute" and "Cohort.from_workspace" in (r.detail.get("code") or "")]
+    mine = [r for r in new if r.detail.get("msg_id") == query.detail["msg_id"] and r.action != "query.execute"]
+    assert all((r.actor, r.project) == ("alice", "cardio-gwas") for r in mine)
+    assert query.seq < min(r.seq for r in mine)
+    hail = [r for r in mine if r.action == "data.open" and r.detail.get("entry_point") == "import_vcf"]
+    assert {(r.path, r.region, r.dataset) for r in hail} == {
+        ("/data/syd/syd-cohort/syd-cohort.vcf.gz", "syd", "syd-cohort"),
+        ("/data/norr/norr-cohort/norr-cohort.vcf.gz", "norr", "norr-cohort")}
+    # uppsala's file was opened only by the Dask worker's task: the worker ran the hook, for this cell
+    assert ("file.open", "/data/uppsala/uppsala-cohort/uppsala-phenopackets.json", "uppsala") in {
+        (r.action, r.path, r.region) for r in mine}
+    assert any(r.action == "data.open" and r.detail.get("via") == "ngp_research.cohort" for r in mine)
+    assert not [r for r in new if r.action == "audit.tamper"]
 
 
 def _service_pid(procs):

@@ -144,6 +144,8 @@ def seed_demo(platform, samples_per_region: int = 40, variants: int = 2000, seed
         # An approved project with data from four regions.
         catalog.create_project("cardio-gwas", LEAD, "2025-01234-01", date(2025, 1, 1), today + timedelta(days=730),
                                title="Genetics of hypertrophic cardiomyopathy and serum cholesterol")
+        # Hail runs a JVM in each Dask worker: the lead gives the workspace two cores and 8 GiB.
+        catalog.set_workspace_profile("cardio-gwas", LEAD, cpu=2, memory="8G")
         catalog.add_member("cardio-gwas", RESEARCHER, "member", actor=LEAD)
         catalog.add_member("cardio-gwas", REVIEWER, "reviewer", actor=LEAD)
         for r in pick(["norr", "uppsala", "stockholm", "syd"], 3):

@@ -26,11 +26,15 @@ def main(argv=None) -> None:
 
     auditor = install(os.environ.get("NGP_AUDIT_URL"), os.environ.get("JUPYTERHUB_API_TOKEN"))
 
-    from .entrypoints import wrap_hail, wrap_pysam  # noqa: PLC0415
+    from .entrypoints import wrap_hail_on_import, wrap_pysam  # noqa: PLC0415
     from .kernel import make_kernel_class  # noqa: PLC0415
 
     wrap_pysam()
-    wrap_hail()
+    auditor.watch(wrap_hail_on_import())  # Hail is wrapped when imported (importing it takes seconds)
+    try:  # so that every execution can tag the Dask tasks it submits (see ngp_research.kernel.worker)
+        import dask  # noqa: F401, PLC0415
+    except ImportError:
+        pass
 
     from ipykernel.kernelapp import IPKernelApp  # noqa: PLC0415
 

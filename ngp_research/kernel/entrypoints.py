@@ -14,7 +14,7 @@ region. ``isinstance`` keeps working both ways (a metaclass answers for the orig
 import os
 import sys
 
-__all__ = ["record_data_access", "wrap_pysam", "wrap_hail", "describe_region"]
+__all__ = ["record_data_access", "wrap_pysam", "wrap_hail", "wrap_hail_on_import", "describe_region"]
 
 _audit = sys.audit  # bound now: reassigning sys.audit later does not silence these records
 
@@ -176,3 +176,60 @@ def wrap_hail() -> list[str]:
         setattr(hail, name, make(fn, name))
         wrapped.append(name)
     return wrapped
+
+
+class _WrapAfterImport:
+    """A ``sys.meta_path`` finder that wraps Hail's entry points as soon as ``import hail`` has run.
+
+    Importing Hail takes seconds, so the kernel does not import it at start; this finder delegates
+    the import to the other finders and calls :func:`wrap_hail` right after the module executes.
+    """
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "hail":
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None and spec.loader is not None:
+                break
+        else:
+            return None
+        original = spec.loader.exec_module
+
+        def exec_module(module):
+            original(module)
+            wrap_hail()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def wrap_hail_on_import():
+    """Wrap Hail's entry points now if it is imported, else as soon as it is; returns an integrity check.
+
+    The check (for the auditor's ``watch``) reports a problem when the finder was taken out of
+    ``sys.meta_path`` while Hail is still unwrapped.
+
+    >>> check = wrap_hail_on_import()
+    >>> check() is None
+    True
+    """
+    if "hail" in sys.modules:
+        wrap_hail()
+        return lambda: None
+    finder = _WrapAfterImport()
+    sys.meta_path.insert(0, finder)
+
+    def check():
+        hail = sys.modules.get("hail")
+        if hail is not None and getattr(getattr(hail, "__spec__", None), "_initializing", False):
+            return None  # still being imported: the finder wraps it when that is done
+        if hail is not None and not getattr(getattr(hail, "import_vcf", None), "_ngp_audited", False):
+            return "Hail's entry points are not wrapped"
+        if hail is None and finder not in sys.meta_path:
+            return "the finder that wraps Hail's entry points was removed"
+        return None
+
+    return check

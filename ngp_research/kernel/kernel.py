@@ -15,12 +15,27 @@ the auditor's functions in closures (there is no attribute to swap). Each execut
 Comm messages (widgets) are recorded the same way before their handlers run; the debugger is off.
 """
 
+import sys
 import json
 
 from .auditor import UNREACHABLE, closure_guard
 
 ENAME = "AuditUnavailable"
 ACK_TIMEOUT = 5.0
+
+
+def annotate_dask(msg_id, cell_id):
+    """Tag the Dask tasks this execution submits with its msg_id/cell_id (see :mod:`.worker`).
+
+    Returns the entered ``dask.annotate`` context (exit it when the execution ends), or None when
+    Dask is not installed.
+    """
+    dask = sys.modules.get("dask")
+    if dask is None or not hasattr(dask, "annotate"):
+        return None
+    context = dask.annotate(ngp_msg_id=msg_id, ngp_cell_id=cell_id)
+    context.__enter__()
+    return context
 
 
 def make_kernel_class(auditor, timeout: float = ACK_TIMEOUT):
@@ -141,10 +156,13 @@ def make_kernel_class(auditor, timeout: float = ACK_TIMEOUT):
             if reason is not None:
                 return self._ngp_refuse(reason, silent)
             begin(msg_id, cell_id)
+            annotation = annotate_dask(msg_id, cell_id)
             try:
                 reply = await base_do_execute(self, code, silent, store_history, user_expressions, allow_stdin,
                                               cell_meta=cell_meta, cell_id=cell_id)
             finally:
+                if annotation is not None:
+                    annotation.__exit__(None, None, None)
                 undelivered = flush(timeout)
             if undelivered is not None and not silent:
                 self.send_response(self.iopub_socket, "stream", ident=self._topic("stream"), content={

@@ -19,6 +19,10 @@ def system_mounts(python_env: str | None = None) -> tuple[Mount, ...]:
                  "/etc/nsswitch.conf", "/etc/mime.types"):
         if os.path.exists(path):
             mounts.append(Mount(path, path))
+    import glob
+
+    for path in sorted(glob.glob("/etc/java-*")):  # the JVM's configuration (Hail runs on it)
+        mounts.append(Mount(path, path))
     if python_env and not python_env.startswith("/usr/"):
         mounts.append(Mount(python_env, python_env))
     return tuple(mounts)

@@ -28,7 +28,9 @@ import time
 from pathlib import Path
 
 BASE_PYTHON = "/usr/bin/python3"
-PACKAGES = ("jupyterhub==6.1.1", "jupyterlab", "jupyter_server", "ipykernel", "numpy", "pysam")
+PACKAGES = ("jupyterhub==6.1.1", "jupyterlab", "jupyter_server", "ipykernel", "numpy", "pysam",
+            "hail==0.2.139", "dask[array,distributed]==2026.8.0", "pandas>=2.2", "scipy>=1.11", "ipywidgets",
+            "matplotlib")
 KERNEL_NAME = "ngp-python"
 PYTHON_PLACEHOLDER = "@WORKSPACE_PYTHON@"
 CONFIG_SUBDIR = "etc/ngp-jupyter"

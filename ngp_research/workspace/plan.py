@@ -237,6 +237,8 @@ def plan_workspace(
         "PYTHONNOUSERSITE": "1",
         "NGP_PROJECT": project,
         "NGP_WORKSPACE_MANIFEST": MANIFEST_PATH,
+        # Every Dask worker started in the workspace runs the audit hook (ngp_research.kernel.worker).
+        "DASK_DISTRIBUTED__WORKER__PRELOAD": '["ngp_research.kernel.worker"]',
     }
     env.update(environment or {})
     return WorkspacePlan(
