@@ -436,6 +436,22 @@ def test_cohort_in_a_workspace_hail_and_dask_workers_leave_records_of_the_cell(a
     assert not [r for r in new if r.action == "audit.tamper"]
 
 
+@needs_root
+def test_the_cohort_tutorial_runs_in_a_workspace_and_finds_the_planted_variants(alice_workspace, platform_up):
+    import json as _json
+
+    from .hubclient import run_code
+
+    procs, _ = platform_up
+    notebook = _json.loads((Path(__file__).parents[1] / "notebooks" / "tutorial-cohort.ipynb").read_text())
+    code = "\n".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code")
+    out = asyncio.run(run_code(procs.url + alice_workspace["server"]["url"], alice_workspace["token"], code,
+                               timeout=500))
+    planted = _json.loads((procs.platform.home_path / "planted.json").read_text())["planted"]
+    found = next(line for line in out.splitlines() if line.startswith("candidate variants:"))
+    assert found.split(":", 1)[1].split() == sorted(p["id"] for p in planted)
+
+
 def _service_pid(procs):
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
