@@ -177,6 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--user")
     c.add_argument("--dataset")
     c.add_argument("--format", default="table", choices=["table", "csv", "json", "html"])
+    report = group("report", "parameterised clinical review reports")
+    cmd(report, "templates", "list the report templates and their parameters")
+    c = cmd(report, "run", "run a report template in a member's workspace (the platform must be running)")
+    c.add_argument("template")
+    c.add_argument("--project", required=True)
+    c.add_argument("--as", dest="actor", required=True, metavar="USER")
+    c.add_argument("-p", "--parameter", dest="parameters", action="append", default=[], metavar="NAME=VALUE")
+    c.add_argument("--format", default="html", choices=["html", "ipynb"], help="which output's path to print")
+    c = cmd(report, "show", "the provenance of a report run")
+    c.add_argument("run", help="<project>/<template>/<timestamp>")
+
     c = cmd(audit, "log", "show audit records")
     c.add_argument("--region")
     c.add_argument("--user")
@@ -281,6 +292,8 @@ def run(args) -> int:
 
     platform = Platform()
     g, c = args.group, args.command
+    if g == "report":
+        return report_command(platform, args)
 
     if g == "audit" and c == "verify":
         if args.trusted_key:
@@ -483,6 +496,59 @@ def run(args) -> int:
             raise UsageError(f"unknown command {g} {c}")
     finally:
         catalog.close()
+    return EXIT_OK
+
+
+def report_command(platform, args) -> int:
+    """`ngp report templates|run|show`."""
+    from .catalog import Catalog
+    from .reports.runner import HubSession, find_run, plan_report, run_report
+    from .reports.templates import template_names, template_parameters, template_path
+
+    if args.command == "templates":
+        out = {n: [p.to_json() for p in template_parameters(template_path(n)).values()] for n in template_names()}
+        lines = []
+        for name, params in out.items():
+            lines.append(name)
+            lines += [f"  {p['name']:<14} {p['type']:<6} default {p['default']!r:<40} {p['help']}" for p in params]
+        _emit(args, out, "\n".join(lines))
+        return EXIT_OK
+    if args.command == "run":
+        given = {}
+        for item in args.parameters:
+            name, sep, value = item.partition("=")
+            if not sep or not name:
+                raise UsageError(f"-p {item!r}: give parameters as NAME=VALUE")
+            given[name.strip()] = value
+        plan = plan_report(args.template, args.project, args.actor, given)  # refuses before anything runs
+        catalog = Catalog.open(platform)
+        try:
+            provenance = run_report(catalog, plan, HubSession.from_platform(platform),
+                                    echo=lambda text: print(text, end="", flush=True))
+        finally:
+            catalog.close()
+        name = "report.html" if args.format == "html" else "report.ipynb"
+        _emit(args, provenance, f"\nreport {plan.run} written to {provenance['folder']}/{name}\n"
+                                f"  (on this host: {platform.projects_dir / plan.project / 'shared' / plan.relative_dir / name})")
+        return EXIT_OK
+    catalog = Catalog.open(platform)
+    try:
+        provenance = find_run(catalog, args.run)
+    finally:
+        catalog.close()
+    text = [f"run           {provenance['run']} ({provenance.get('status')})",
+            f"template      {provenance['template']} sha256 {provenance['template_sha256']}",
+            f"parameters    {json.dumps(provenance.get('parameters', {}), sort_keys=True)}",
+            f"user          {provenance['user']} in project {provenance['project']}",
+            f"started       {provenance.get('started_at')}  finished {provenance.get('finished_at')}",
+            "inputs"]
+    for d in provenance.get("inputs", []):
+        for f in d.get("files", []):
+            text.append(f"  {d['region']}/{d['dataset']}/{f['name']}  sha256 {f.get('sha256')}")
+    text.append("outputs")
+    for name, digest in (provenance.get("outputs") or {}).items():
+        text.append(f"  {provenance.get('folder')}/{name}  sha256 {digest}")
+    _emit(args, provenance, "\n".join(text))
     return EXIT_OK
 
 

@@ -452,6 +452,77 @@ def test_the_cohort_tutorial_runs_in_a_workspace_and_finds_the_planted_variants(
     assert found.split(":", 1)[1].split() == sorted(p["id"] for p in planted)
 
 
+TEST_TEMPLATES = Path(__file__).parent / "data" / "reports"
+
+
+@needs_root
+def test_a_report_runs_in_the_members_workspace_with_the_audited_kernel_and_records_provenance(alice_workspace,
+                                                                                              platform_up, monkeypatch):
+    import hashlib
+    import json as _json
+
+    from ngp_research.cli import main as ngp
+    from ngp_research.reports.runner import HubSession, find_run, plan_report, run_report
+
+    procs, catalog = platform_up
+    before = catalog.audit.records()[-1].seq
+    plan = plan_report("hello", "cardio-gwas", "alice", {"repeat": "3"}, templates_dir=TEST_TEMPLATES)
+    shown = []
+    run_report(catalog, plan, HubSession.from_platform(procs.platform), echo=shown.append)
+    assert "Executing" in "".join(shown)  # papermill's progress, streamed while it ran
+    run_dir = procs.platform.projects_dir / "cardio-gwas" / "shared" / plan.relative_dir
+    notebook = _json.loads((run_dir / "report.ipynb").read_text())
+    text = "".join("".join(o.get("text", "")) for c in notebook["cells"] for o in c.get("outputs", []))
+    assert "hej hej hej" in text and "datasets: norr-cohort stockholm-cohort syd-cohort uppsala-cohort" in text
+    assert (run_dir / "report.ipynb").stat().st_uid == catalog.workspace_identity("alice", "cardio-gwas")[0]
+    page = (run_dir / "report.html").read_text()
+    assert 'id="ngp-provenance"' in page and plan.template_sha256 in page
+    assert "manifest = json.load" not in page  # the clinician's view hides the code
+    # provenance: template hash, parameters, inputs with checksums, user, outputs' hashes
+    recorded = find_run(catalog, plan.run)
+    assert recorded["outputs"] == {name: hashlib.sha256((run_dir / name).read_bytes()).hexdigest()
+                                   for name in ("report.ipynb", "report.html")}
+    assert recorded["parameters"] == {"repeat": 3} and recorded["user"] == "alice"
+    assert recorded["template_sha256"] == hashlib.sha256((TEST_TEMPLATES / "hello.ipynb").read_bytes()).hexdigest()
+    syd = next(d for d in recorded["inputs"] if d["dataset"] == "syd-cohort")
+    assert all(len(f["sha256"]) == 64 for f in syd["files"])
+    # the report's own cells went through alice's audited kernel, before they ran
+    new = [r for r in catalog.audit.records() if r.seq > before]
+    cells = [r for r in new if r.action == "query.execute" and "manifest = json.load" in (r.detail.get("code") or "")]
+    assert cells and all((r.actor, r.project) == ("alice", "cardio-gwas") for r in cells)
+    assert any(r.action == "file.open" and r.dataset == "norr-cohort" and r.detail.get("msg_id") ==
+               cells[0].detail["msg_id"] for r in new)
+    monkeypatch.setenv("NGP_HOME", str(procs.platform.home_path))
+    assert ngp(["report", "show", plan.run]) == 0
+    assert ngp(["audit", "verify"]) == 0
+
+
+@needs_root
+def test_report_parameters_and_membership_are_checked_before_anything_runs(alice_workspace, platform_up, capsys,
+                                                                           monkeypatch):
+    from ngp_research.cli import main as ngp
+
+    procs, catalog = platform_up
+    monkeypatch.setenv("NGP_HOME", str(procs.platform.home_path))
+    before = catalog.audit.records()[-1].seq
+    reports = procs.platform.projects_dir / "cardio-gwas" / "shared" / "reports"
+    existing = sorted(reports.rglob("*")) if reports.exists() else []
+    capsys.readouterr()
+    assert ngp(["report", "run", "no-such-template", "--project", "cardio-gwas", "--as", "alice"]) == 2
+    assert "template: no report template 'no-such-template'" in capsys.readouterr().err
+    for template in ("variant-review", "cohort-summary"):
+        assert ngp(["report", "run", template, "--project", "cardio-gwas", "--as", "alice", "-p", "bogus=1"]) == 2
+        assert "bogus: not a parameter of this template" in capsys.readouterr().err
+        assert ngp(["report", "run", template, "--project", "cardio-gwas", "--as", "alice",
+                    "-p", "min_count=many"]) == 2
+        assert "min_count: expected an int" in capsys.readouterr().err
+    # bob is not a member of cardio-gwas: the access policy's reason, nothing started
+    assert ngp(["report", "run", "variant-review", "--project", "cardio-gwas", "--as", "bob"]) == 2
+    assert "not a member" in capsys.readouterr().err
+    assert (sorted(reports.rglob("*")) if reports.exists() else []) == existing
+    assert not [r for r in catalog.audit.records() if r.seq > before and r.action in ("report.run", "query.execute")]
+
+
 def _service_pid(procs):
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:

@@ -36,6 +36,9 @@ ACTIONS = {
     "workspace.run": "an operator ran a command in a member's workspace sandbox (detail: command)",
     "workspace.refused": "a workspace start was refused (detail: the access policy's reasons)",
     "query.execute": "code was sent to a kernel to run",
+    "report.run": "a report template ran in a member's workspace (detail: template and its sha256, parameters, "
+                  "input datasets with checksums, outputs' sha256)",
+    "review.mark": "a reviewer marked a candidate variant as reviewed, with a comment",
 }
 
 

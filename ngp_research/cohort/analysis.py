@@ -76,8 +76,9 @@ class Cohort:
     workers : int
         Dask workers of the default ``LocalCluster`` (one Hail context each).
     client : distributed.Client, optional
-        An existing Dask client, for example of a Dask Gateway cluster; its
-        workers must see the same ``/data`` and cache paths.
+        An existing Dask client; its workers must see the same ``/data`` and
+        cache paths. Without one, a Dask Gateway cluster is created when
+        ``$NGP_DASK_GATEWAY`` names a gateway, else a local cluster.
     cache_dir : str, optional
         Where converted tables and genotype blocks are kept (default:
         ``$NGP_COHORT_CACHE``, else ``/project/.ngp-cache``).
@@ -104,20 +105,36 @@ class Cohort:
         self.genome = self._check_genome()
         self.samples = self._sample_table()
         self._own_cluster = None
-        scratch = tempfile.mkdtemp(prefix="ngp-dask-")
+        self._scratch = None
+        if client is None and os.environ.get("NGP_DASK_GATEWAY"):
+            client = self._gateway_client(os.environ["NGP_DASK_GATEWAY"], workers)
         if client is None:
             from distributed import Client, LocalCluster
 
+            scratch = self._scratch = tempfile.mkdtemp(prefix="ngp-dask-")  # removed by close()
             self._own_cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                              host="127.0.0.1", dashboard_address="127.0.0.1:0",
                                              local_directory=scratch, memory_limit=0)
             client = Client(self._own_cluster)
+        else:  # workers that outlive this cohort keep their Hail scratch in a stable place
+            scratch = os.path.join(tempfile.gettempdir(), "ngp-hail")
         client.register_plugin(engine.HailWorker(scratch, memory=hail_memory))
         self.client = client
         # The shards do not depend on the number of workers, so any cluster gives the same numbers.
         self.shards = engine.plan_shards(self.genome, shards or DEFAULT_SHARDS)
         self._blocks: list[str] | None = None
         self._variants: pd.DataFrame | None = None
+
+    def _gateway_client(self, address: str, workers: int):
+        """A client of a new Dask Gateway cluster (``$NGP_DASK_GATEWAY``) scaled to ``workers``."""
+        try:
+            from dask_gateway import Gateway
+        except ImportError:
+            raise CohortError("NGP_DASK_GATEWAY is set but the dask-gateway client is not installed in this "
+                              "workspace; unset it to use a local cluster") from None
+        self._own_cluster = Gateway(address).new_cluster()
+        self._own_cluster.scale(workers)
+        return self._own_cluster.get_client()
 
     # --- construction -----------------------------------------------------------------
 
@@ -574,6 +591,11 @@ class Cohort:
             self.client.close()
             self._own_cluster.close()
             self._own_cluster = None
+        if self._scratch:
+            import shutil
+
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
 
     def __enter__(self):
         return self

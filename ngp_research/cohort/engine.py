@@ -49,7 +49,7 @@ class Genome:
     Examples
     --------
     >>> Genome.of([("chr1", 1000), ("chr2", 500)]).name
-    'ngp_4c7ce5d1b4ba'
+    'ngp_3c0a3b2f28a6'
     """
 
     name: str

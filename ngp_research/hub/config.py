@@ -82,7 +82,20 @@ def configure(c, platform=None) -> None:
         "command": [sys.executable, "-m", "ngp_research.audit.service"],
         "environment": service_env,
         "oauth_no_confirm": True,
+    }, {
+        # Reports: runs templates in members' workspaces (start their servers, reach their kernels) and
+        # serves the report pages. Its token is also what `ngp report run` uses on this host.
+        "name": "reports",
+        "url": f"http://127.0.0.1:{int(os.environ.get('NGP_REPORTS_PORT', '8083'))}",
+        "command": [sys.executable, "-m", "ngp_research.reports.service"],
+        "environment": dict(service_env, NGP_HUB_PUBLIC_URL=public),
+        "api_token": state.secret_file(st / "reports_api_token"),
+        "oauth_no_confirm": True,
     }]
-    # Every user may reach the audit service's pages; the service itself lets only region admins read.
-    c.JupyterHub.load_roles = [{"name": "user", "scopes": ["self", "access:services!service=audit"]}]
+    # Every user may reach the services' pages; each service decides who may read what.
+    c.JupyterHub.load_roles = [
+        {"name": "user", "scopes": ["self", "access:services!service=audit", "access:services!service=reports"]},
+        {"name": "report-runner", "scopes": ["admin:servers", "access:servers", "read:users"],
+         "services": ["reports"]},
+    ]
     c.JupyterHub.cleanup_servers = True

@@ -5,6 +5,7 @@ The identity provider's roster is the catalog's users, each with the demo
 password and their catalog roles as group claims.
 """
 
+import json
 import os
 import signal
 import socket
@@ -45,6 +46,7 @@ class PlatformProcesses:
         self.hub_api_port = hub_api_port or free_port()
         self.proxy_api_port = proxy_api_port or free_port()
         self.audit_port = free_port()
+        self.reports_port = free_port()
         self.password = password
         self.workspace_env = workspace_env
         self.extra_env = extra_env or {}
@@ -85,6 +87,7 @@ class PlatformProcesses:
             "NGP_HUB_API_PORT": str(self.hub_api_port),
             "NGP_PROXY_API_PORT": str(self.proxy_api_port),
             "NGP_AUDIT_PORT": str(self.audit_port),
+            "NGP_REPORTS_PORT": str(self.reports_port),
         })
         if self.workspace_env:
             env["NGP_WORKSPACE_ENV"] = self.workspace_env
@@ -95,6 +98,8 @@ class PlatformProcesses:
             cwd=str(st), env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         self._wait_for(f"{self.url}/hub/api", 90)
+        # Where the running hub answers, for commands that work through it (ngp report run).
+        (st / "hub.json").write_text(json.dumps({"url": self.url}) + "\n")
 
     def _wait_for(self, url, timeout):
         deadline = time.time() + timeout

@@ -48,6 +48,7 @@ EVENT_ACTIONS = {
     "ctypes.dlopen": "library.load",
     "socket.connect": "socket.connect",
     "ngp.data.open": "data.open",  # raised by ngp_research.kernel.entrypoints.record_data_access
+    "ngp.review.mark": "review.mark",  # raised by ngp_research.widgets.VariantReview (a review marked)
     "sys.addaudithook": "audit.tamper",
     "import": "audit.tamper",  # only for (re)imports of ngp_research.kernel after start
 }
@@ -405,7 +406,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
                                   [a if isinstance(a, (int, str)) else str(a) for a in address]
                                   if isinstance(address, tuple) else str(address),
                                   "family": int(getattr(sock, "family", 0))})
-        elif action == "data.open":
+        elif action == "data.open" or action == "review.mark":  # (path, detail dict)
             path, detail = args[0], args[1]
             detail = dict(detail) if isinstance(detail, dict) else {"detail": str(detail)}
             p = None

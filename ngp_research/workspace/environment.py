@@ -30,7 +30,7 @@ from pathlib import Path
 BASE_PYTHON = "/usr/bin/python3"
 PACKAGES = ("jupyterhub==6.1.1", "jupyterlab", "jupyter_server", "ipykernel", "numpy", "pysam",
             "hail==0.2.139", "dask[array,distributed]==2026.8.0", "pandas>=2.2", "scipy>=1.11", "ipywidgets",
-            "matplotlib")
+            "matplotlib", "papermill==2.7.0", "nbconvert>=7.16")
 KERNEL_NAME = "ngp-python"
 PYTHON_PLACEHOLDER = "@WORKSPACE_PYTHON@"
 CONFIG_SUBDIR = "etc/ngp-jupyter"

@@ -1,0 +1,1 @@
+"""Parameterised clinical review reports (papermill) and their provenance."""

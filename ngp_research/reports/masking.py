@@ -1,0 +1,91 @@
+"""Small-count masking for aggregates shown in reports and widgets.
+
+A count of fewer than ``threshold`` individuals (default 5) could identify them, so no table or plot
+of aggregates shows one: the count becomes ``"<5"`` and every other aggregate of that group (a
+mean, a frequency, ...) is blanked, since it was computed from the same few people. Zero is shown:
+it describes nobody.
+
+Examples
+--------
+>>> import pandas as pd
+>>> table = pd.DataFrame({"region": ["norr", "syd"], "samples": [12, 3], "mean_cholesterol": [190.2, 201.7]})
+>>> mask_small_groups(table, "samples").to_dict("records")
+[{'region': 'norr', 'samples': '12', 'mean_cholesterol': '190.2'}, {'region': 'syd', 'samples': '<5', 'mean_cholesterol': 'masked'}]
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+__all__ = ["DEFAULT_THRESHOLD", "MASK_NOTE", "mask_count", "mask_small_groups", "mask_counts"]
+
+DEFAULT_THRESHOLD = 5
+MASK_NOTE = ("Counts of fewer than {threshold} individuals are shown as \"<{threshold}\" and the other aggregates "
+             "of such a group are masked, so that no small group can be identified.")
+
+
+def _check(threshold) -> int:
+    if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 1:
+        raise ValueError(f"threshold: must be a positive integer, got {threshold!r}")
+    return threshold
+
+
+def mask_count(value, threshold: int = DEFAULT_THRESHOLD) -> str:
+    """One count as text: ``"<threshold"`` when 0 < value < threshold.
+
+    >>> mask_count(3), mask_count(0), mask_count(7)
+    ('<5', '0', '7')
+    """
+    _check(threshold)
+    value = int(value)
+    return f"<{threshold}" if 0 < value < threshold else str(value)
+
+
+def _text(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def mask_small_groups(table: pd.DataFrame, count_column: str, threshold: int = DEFAULT_THRESHOLD,
+                      keep=()) -> pd.DataFrame:
+    """A copy of ``table`` (one row per group) as text, with small groups masked.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        One row per group; ``count_column`` holds the group's number of individuals.
+    count_column : str
+    threshold : int
+    keep : sequence of str
+        Columns that describe the group rather than aggregate it (kept as they are). Columns of
+        text (object dtype) are kept too.
+    """
+    _check(threshold)
+    if count_column not in table.columns:
+        raise ValueError(f"count_column: {count_column!r} is not a column")
+    out = table.copy().astype(object)
+    small = (table[count_column] > 0) & (table[count_column] < threshold)
+    for name in table.columns:
+        if name == count_column:
+            out[name] = [mask_count(v, threshold) for v in table[name]]
+        elif name in keep or table[name].dtype == object:
+            continue
+        else:
+            out[name] = ["masked" if s else _text(v) for v, s in zip(table[name], small)]
+    return out
+
+
+def mask_counts(table: pd.DataFrame, columns, threshold: int = DEFAULT_THRESHOLD) -> pd.DataFrame:
+    """A copy of ``table`` with each of ``columns`` (counts of individuals) masked cell by cell.
+
+    >>> import pandas as pd
+    >>> mask_counts(pd.DataFrame({"gene": ["A"], "carriers": [2], "non_carriers": [40]}),
+    ...             ["carriers", "non_carriers"]).to_dict("records")
+    [{'gene': 'A', 'carriers': '<5', 'non_carriers': '40'}]
+    """
+    _check(threshold)
+    out = table.copy()
+    for name in columns:
+        out[name] = [mask_count(v, threshold) for v in table[name]]
+    return out
