@@ -523,8 +523,9 @@ def report_command(platform, args) -> int:
         plan = plan_report(args.template, args.project, args.actor, given)  # refuses before anything runs
         catalog = Catalog.open(platform)
         try:
+            progress = sys.stderr if getattr(args, "json", False) else sys.stdout  # --json: stdout is the JSON
             provenance = run_report(catalog, plan, HubSession.from_platform(platform),
-                                    echo=lambda text: print(text, end="", flush=True))
+                                    echo=lambda text: print(text, end="", flush=True, file=progress))
         finally:
             catalog.close()
         name = "report.html" if args.format == "html" else "report.ipynb"

@@ -523,6 +523,91 @@ def test_report_parameters_and_membership_are_checked_before_anything_runs(alice
     assert not [r for r in catalog.audit.records() if r.seq > before and r.action in ("report.run", "query.execute")]
 
 
+def _planted_carriers(platform, regions=("norr", "stockholm", "syd", "uppsala")):
+    """(sample, variant id) of every carrier of a planted variant in the project's regions, from the VCFs."""
+    import json as _json
+
+    import pysam
+
+    planted = {p["id"] for p in _json.loads((platform.home_path / "planted.json").read_text())["planted"]}
+    pairs = set()
+    for region in regions:
+        path = next(platform.dataset_dir(region, f"{region}-cohort").glob("*.vcf.gz"))
+        with pysam.VariantFile(str(path)) as vcf:
+            for rec in vcf:
+                if rec.id in planted:
+                    pairs |= {(name, rec.id) for name, s in rec.samples.items() if any(a for a in s["GT"] if a)}
+    return planted, pairs
+
+
+@needs_root
+@pytest.mark.parametrize("template", ["variant-review", "cohort-summary"])
+def test_each_template_runs_on_the_demo_project_through_ngp_report_run(alice_workspace, platform_up, monkeypatch,
+                                                                       capsys, template):
+    import csv
+    import json as _json
+
+    from ngp_research.cli import main as ngp
+
+    procs, catalog = platform_up
+    monkeypatch.setenv("NGP_HOME", str(procs.platform.home_path))
+    capsys.readouterr()
+    assert ngp(["report", "run", template, "--project", "cardio-gwas", "--as", "alice", "--json"]) == 0
+    out = capsys.readouterr().out
+    provenance = _json.loads(out)
+    run_dir = procs.platform.projects_dir / "cardio-gwas" / "shared" / provenance["folder"].removeprefix("/project/")
+    notebook = _json.loads((run_dir / "report.ipynb").read_text())
+    errors = [o for c in notebook["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    assert (run_dir / "report.html").stat().st_size > 1000
+    assert provenance["status"] == "ok" and set(provenance["outputs"]) == {"report.ipynb", "report.html"}
+    if template == "variant-review":
+        planted, carriers = _planted_carriers(procs.platform)
+        with open(run_dir / "results" / "candidates.tsv") as handle:
+            rows = list(csv.DictReader(handle, delimiter="\t"))
+        assert {r["variant_id"] for r in rows} == planted
+        assert {(r["sample"], r["variant_id"]) for r in rows} == carriers
+    assert ngp(["audit", "verify"]) == 0
+
+
+@needs_root
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (make test installs it)")
+def test_a_reviewer_runs_and_reads_a_report_from_the_hub_page(platform_up, alice_workspace):
+    """Headless Chromium: clara logs in, runs variant-review from the reports page, reads it; a screenshot is kept."""
+    from playwright.sync_api import sync_playwright
+
+    procs, catalog = platform_up
+    OUTPUT.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+            page.set_default_timeout(120_000)
+            page.goto(f"{procs.url}/services/reports/")
+            page.click("text=Sign in with NGP identity")
+            page.fill("input[name=username]", "clara")
+            page.fill("input[name=password]", DEMO_PASSWORD)
+            page.click("button[type=submit]")
+            page.click("button[value=approve]")
+            page.wait_for_url("**/services/reports/**")
+            assert "cardio-gwas" in page.inner_text("body")
+            form = page.locator("#form-variant-review")
+            form.locator("input[name='p.max_af']").fill("0.95")
+            form.locator("button[type=submit]").click()
+            page.wait_for_selector("#ngp-done, #ngp-error", timeout=600_000)
+            assert page.locator("#ngp-error").count() == 0, page.inner_text("body")
+            page.click("#ngp-read")
+            page.wait_for_selector("#ngp-provenance")
+            assert "clara" in page.inner_text("#ngp-provenance")
+            page.screenshot(path=str(OUTPUT / "report-variant-review.png"), full_page=True)
+            # bob is no member of cardio-gwas: he cannot read it
+        finally:
+            browser.close()
+    assert (OUTPUT / "report-variant-review.png").stat().st_size > 10_000
+    (record,) = [r for r in catalog.audit.records(action="report.run") if r.actor == "clara"]
+    assert record.detail["template"] == "variant-review" and record.detail["status"] == "ok"
+
+
 def _service_pid(procs):
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
