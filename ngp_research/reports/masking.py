@@ -5,23 +5,35 @@ of aggregates shows one: the count becomes ``"<5"`` and every other aggregate of
 mean, a frequency, ...) is blanked, since it was computed from the same few people. Zero is shown:
 it describes nobody.
 
+When exactly one group of a table is small, its count could be worked out from a total and the
+other groups, so the next-smallest group is suppressed too (secondary suppression): its count is
+shown as ``"suppressed"`` and its aggregates masked.
+
 Examples
 --------
 >>> import pandas as pd
->>> table = pd.DataFrame({"region": ["norr", "syd"], "samples": [12, 3], "mean_cholesterol": [190.2, 201.7]})
->>> mask_small_groups(table, "samples").to_dict("records")
-[{'region': 'norr', 'samples': '12', 'mean_cholesterol': '190.2'}, {'region': 'syd', 'samples': '<5', 'mean_cholesterol': 'masked'}]
+>>> table = pd.DataFrame({"region": ["norr", "mitt", "syd"], "samples": [12, 9, 3],
+...                       "mean_cholesterol": [190.2, 188.0, 201.7]})
+>>> for row in mask_small_groups(table, "samples").to_dict("records"):
+...     print(row)
+{'region': 'norr', 'samples': '12', 'mean_cholesterol': '190.2'}
+{'region': 'mitt', 'samples': 'suppressed', 'mean_cholesterol': 'masked'}
+{'region': 'syd', 'samples': '<5', 'mean_cholesterol': 'masked'}
 """
 
 from __future__ import annotations
 
 import pandas as pd
 
-__all__ = ["DEFAULT_THRESHOLD", "MASK_NOTE", "mask_count", "mask_small_groups", "mask_counts"]
+__all__ = ["DEFAULT_THRESHOLD", "MASK_NOTE", "SUPPRESSED", "mask_count", "mask_group_counts", "mask_small_groups",
+           "mask_counts"]
+
+SUPPRESSED = "suppressed"
 
 DEFAULT_THRESHOLD = 5
 MASK_NOTE = ("Counts of fewer than {threshold} individuals are shown as \"<{threshold}\" and the other aggregates "
-             "of such a group are masked, so that no small group can be identified.")
+             "of such a group are masked, so that no small group can be identified; where only one group is small, "
+             "the next smallest is suppressed too, so that it cannot be worked out from a total.")
 
 
 def _check(threshold) -> int:
@@ -39,6 +51,32 @@ def mask_count(value, threshold: int = DEFAULT_THRESHOLD) -> str:
     _check(threshold)
     value = int(value)
     return f"<{threshold}" if 0 < value < threshold else str(value)
+
+
+def _small(counts, threshold: int) -> tuple[list[bool], list[bool]]:
+    """Which groups are masked (small) and which are suppressed to protect a lone small group."""
+    counts = [int(c) for c in counts]
+    small = [0 < c < threshold for c in counts]
+    secondary = [False] * len(counts)
+    if sum(small) == 1 and len(counts) > 1:
+        others = [(c, i) for i, c in enumerate(counts) if not small[i] and c > 0]
+        if others:
+            secondary[min(others)[1]] = True
+    return small, secondary
+
+
+def mask_group_counts(counts: dict, threshold: int = DEFAULT_THRESHOLD) -> dict:
+    """Group name -> count as text, with small groups masked and a lone small group protected.
+
+    >>> mask_group_counts({"norr": 12, "mitt": 9, "syd": 3})
+    {'norr': '12', 'mitt': 'suppressed', 'syd': '<5'}
+    >>> mask_group_counts({"norr": 12, "mitt": 9, "syd": 0})
+    {'norr': '12', 'mitt': '9', 'syd': '0'}
+    """
+    _check(threshold)
+    names = list(counts)
+    small, secondary = _small([counts[n] for n in names], threshold)
+    return {n: SUPPRESSED if sec else mask_count(counts[n], threshold) for n, sec in zip(names, secondary)}
 
 
 def _text(value) -> str:
@@ -65,14 +103,15 @@ def mask_small_groups(table: pd.DataFrame, count_column: str, threshold: int = D
     if count_column not in table.columns:
         raise ValueError(f"count_column: {count_column!r} is not a column")
     out = table.copy().astype(object)
-    small = (table[count_column] > 0) & (table[count_column] < threshold)
+    small, secondary = _small(table[count_column].tolist(), threshold)
+    hidden = [a or b for a, b in zip(small, secondary)]
     for name in table.columns:
         if name == count_column:
-            out[name] = [mask_count(v, threshold) for v in table[name]]
+            out[name] = [SUPPRESSED if sec else mask_count(v, threshold) for v, sec in zip(table[name], secondary)]
         elif name in keep or table[name].dtype == object:
             continue
         else:
-            out[name] = ["masked" if s else _text(v) for v, s in zip(table[name], small)]
+            out[name] = ["masked" if h else _text(v) for v, h in zip(table[name], hidden)]
     return out
 
 

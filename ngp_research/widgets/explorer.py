@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import ipywidgets as widgets
 
-from ..reports.masking import DEFAULT_THRESHOLD, MASK_NOTE, mask_count
+from ..reports.masking import DEFAULT_THRESHOLD, MASK_NOTE, mask_count, mask_group_counts
 
 __all__ = ["CohortExplorer"]
 
@@ -145,7 +145,7 @@ class CohortExplorer(widgets.VBox):
     ... }, index=[f"S{i}" for i in range(9)])
     >>> explorer = CohortExplorer(samples)
     >>> explorer.count, explorer.count_text, explorer.region_counts
-    (9, '9', {'norr': '6', 'syd': '<5'})
+    (9, '9', {'norr': 'suppressed', 'syd': '<5'})
     >>> explorer.term.value = "hypertension"
     >>> explorer.count, explorer.count_text, explorer.histogram_counts is None
     (5, '5', False)
@@ -218,7 +218,8 @@ class CohortExplorer(widgets.VBox):
         self.count_html.value = (f"<b style='font-size:1.4em'>{html.escape(self.count_text)}</b> matching samples"
                                  + (f" ({html.escape(', '.join(what))})" if what else ""))
         per_region = self.selection["region"].astype(str).value_counts()
-        self.region_counts = {r: mask_count(int(per_region.get(r, 0)), self.threshold) for r in self.region.value}
+        self.region_counts = mask_group_counts({r: int(per_region.get(r, 0)) for r in self.region.value},
+                                               self.threshold)
         rows = "".join(f"<tr><td>{html.escape(r)}</td><td style='text-align:right'>{html.escape(c)}</td></tr>"
                        for r, c in self.region_counts.items())
         self.regions_html.value = ("<table><thead><tr><th>region</th><th>samples</th></tr></thead>"
