@@ -184,6 +184,20 @@ def _record(path, **detail):
     record_data_access(str(path), via="ngp_research.cohort", **detail)
 
 
+def _shared_folder(path: Path) -> None:
+    """Create the cache folder (and its parents) so that every member of the project can add to it."""
+    missing = [p for p in [path, *path.parents] if not p.exists()][::-1]
+    for folder in missing:
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        try:
+            os.chmod(folder, 0o2775)  # group-writable, new entries keep the project's group
+        except PermissionError:
+            pass
+
+
 def _publish(tmp: Path, target: Path) -> None:
     """Move a finished folder into place; if another task got there first, keep theirs."""
     try:
@@ -206,7 +220,7 @@ def convert_dataset(vcf: str, sha256: str, cache_dir: str, genome: Genome) -> st
         return str(target)
     hl = hail()
     _record(vcf, action="convert")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _shared_folder(target.parent)
     tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}"
     mt = hl.import_vcf(vcf, reference_genome=_reference(hl, genome), force_bgz=True, array_elements_required=False)
     mt = mt.select_entries("GT").select_rows("rsid")
@@ -243,7 +257,7 @@ def export_shard(shard: Shard, tables: list[str], cache_dir: str, key: str, geno
         mt = mt.union_cols(other, row_join_type="outer")
     varid = hl.if_else(hl.is_defined(mt.rsid) & (mt.rsid != "."), mt.rsid,
                        hl.delimit([mt.locus.contig, hl.str(mt.locus.position), mt.alleles[0], mt.alleles[1]], "_"))
-    folder.mkdir(parents=True, exist_ok=True)
+    _shared_folder(folder)
     tmp = folder / f".{target.name}.{uuid.uuid4().hex}"
     tmp.mkdir()
     hl.export_plink(mt, str(tmp / "block"), ind_id=mt.s, varid=varid)
