@@ -17,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,7 +113,8 @@ class Cohort:
         if client is None:
             from distributed import Client, LocalCluster
 
-            scratch = self._scratch = tempfile.mkdtemp(prefix="ngp-dask-")  # removed by close()
+            scratch = self._scratch = tempfile.mkdtemp(prefix="ngp-dask-")  # removed by close(), or at exit
+            weakref.finalize(self, shutil.rmtree, scratch, True)
             self._own_cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                              host="127.0.0.1", dashboard_address="127.0.0.1:0",
                                              local_directory=scratch, memory_limit=0)
@@ -592,8 +595,6 @@ class Cohort:
             self._own_cluster.close()
             self._own_cluster = None
         if self._scratch:
-            import shutil
-
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch = None
 

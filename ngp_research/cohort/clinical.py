@@ -147,17 +147,15 @@ def clinical_variants(cohort, panel, annotations, max_af: float = 0.01, signific
     dosages = cohort.genotypes(candidates["_row"].to_numpy())  # (candidates, samples)
     samples = cohort.samples
     rows = []
-    for k, variant in enumerate(candidates.itertuples(index=False)):
+    for k, variant in enumerate(candidates.to_dict("records")):  # records: region names may hold - or .
         for j in np.flatnonzero(dosages[k] > 0):
-            sample = samples.index[j]
             region = samples.region.iloc[j]
             rows.append({
-                "sample": sample, "region": region, "dataset": samples.dataset.iloc[j],
-                "contig": variant.contig, "position": variant.position, "variant_id": variant.variant_id,
-                "ref": variant.ref, "alt": variant.alt, "gene": variant.gene, "consequence": variant.consequence,
-                "clinical_significance": variant.clinical_significance,
+                "sample": samples.index[j], "region": region, "dataset": samples.dataset.iloc[j],
+                **{key: variant[key] for key in ("contig", "position", "variant_id", "ref", "alt", "gene",
+                                                 "consequence", "clinical_significance")},
                 "genotype": "hom_alt" if dosages[k, j] == 2 else "het", "alt_dosage": int(dosages[k, j]),
-                "af": variant.af, "af_region": getattr(variant, f"af_{region}"),
+                "af": variant["af"], "af_region": variant[f"af_{region}"],
             })
     table = pd.DataFrame(rows, columns=columns)
     return table.sort_values("sample", kind="stable").reset_index(drop=True)  # variants stay in genome order
