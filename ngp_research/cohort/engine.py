@@ -224,15 +224,16 @@ def convert_dataset(vcf: str, sha256: str, cache_dir: str, genome: Genome) -> st
     tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}"
     mt = hl.import_vcf(vcf, reference_genome=_reference(hl, genome), force_bgz=True, array_elements_required=False)
     mt = mt.select_entries("GT").select_rows("rsid")
-    mt = hl.split_multi_hts(mt, permit_shuffle=True) if _multiallelic(hl, mt) else mt
-    mt = mt.select_rows("rsid").select_entries("GT")
-    mt.write(str(tmp), overwrite=True)
+    try:  # split multi-allelic sites in the same pass as the write; biallelic data pass through
+        hl.split_multi_hts(mt).select_rows("rsid").select_entries("GT").write(str(tmp), overwrite=True)
+    except Exception as e:  # splitting moved a site out of order: let Hail shuffle
+        if "permit_shuffle" not in str(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        mt = hl.split_multi_hts(mt, permit_shuffle=True)
+        mt.select_rows("rsid").select_entries("GT").write(str(tmp), overwrite=True)
     _publish(tmp, target)
     return str(target)
-
-
-def _multiallelic(hl, mt) -> bool:
-    return bool(mt.aggregate_rows(hl.agg.any(hl.len(mt.alleles) > 2)))
 
 
 def export_shard(shard: Shard, tables: list[str], cache_dir: str, key: str, genome: Genome) -> str:

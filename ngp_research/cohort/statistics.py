@@ -48,6 +48,7 @@ __all__ = [
 ]
 
 MISSING = -1
+_DIVERGED = 30.0  # |log odds| beyond which a logistic fit is taken as separated (not converging)
 _TIE = 1 + 1e-7  # relative tolerance for probabilities equal to the observed one (PLINK 2 uses a few ulps more)
 
 
@@ -256,23 +257,45 @@ def linear_association(block, y, covariates=None, *, missing="drop", chunk=2048)
     block, y, c = _check_design(block, y, covariates)
     out = {key: np.full(len(block), np.nan) for key in ("n", "beta", "se", "t_stat", "p_value")}
     k = c.shape[1] + 1
+    q, _ = np.linalg.qr(c)  # for variants called in every sample: the Frisch-Waugh-Lovell shortcut
+    y_resid = y - q @ (q.T @ y)
     for start in range(0, len(block), chunk):
         part = slice(start, start + chunk)
         g, m = _dosages(block[part], missing)
-        xtx, xty = _normal_system(g, m, c, np.ones_like(y), y)
-        beta, inv_last = _solve(xtx, xty)
+        beta_g = np.full(len(g), np.nan)
+        se = np.full(len(g), np.nan)
         n_used = m.sum(axis=1)
-        rss = (m * y * y).sum(axis=1) - np.einsum("vi,vi->v", beta, xty)
-        df = n_used - k
+        complete = n_used == len(y)
+        if complete.any():
+            # Regressing y on [c, g] gives g's coefficient as (g_r . y_r) / (g_r . g_r), with g_r and y_r
+            # the residuals of g and y on c; one matrix product for the whole chunk.
+            gc = g[complete]
+            g_resid = gc - (gc @ q) @ q.T
+            gg = (g_resid * g_resid).sum(axis=1)
+            gy = g_resid @ y_resid
+            with np.errstate(invalid="ignore", divide="ignore"):
+                b = np.where(gg > 1e-9 * np.maximum((gc * gc).sum(axis=1), 1), gy / gg, np.nan)
+                rss = (y_resid @ y_resid) - b * gy
+                s = np.sqrt(rss / (len(y) - k) / gg)
+            beta_g[complete], se[complete] = b, np.where(np.isfinite(b), s, np.nan)
+        partial = ~complete
+        if partial.any():
+            xtx, xty = _normal_system(g[partial], m[partial], c, np.ones_like(y), y)
+            beta, inv_last = _solve(xtx, xty)
+            rss = (m[partial] * y * y).sum(axis=1) - np.einsum("vi,vi->v", beta, xty)
+            df = n_used[partial] - k
+            with np.errstate(invalid="ignore", divide="ignore"):
+                sigma2 = np.where(df > 0, rss / df, np.nan)
+                se[partial] = np.sqrt(sigma2 * inv_last)
+            beta_g[partial] = beta[:, -1]
         with np.errstate(invalid="ignore", divide="ignore"):
-            sigma2 = np.where(df > 0, rss / df, np.nan)
-            se = np.sqrt(sigma2 * inv_last)
-            t = beta[:, -1] / se
+            t = beta_g / se
+        df = np.maximum(n_used - k, 1)
         out["n"][part] = n_used
-        out["beta"][part] = beta[:, -1]
+        out["beta"][part] = beta_g
         out["se"][part] = se
         out["t_stat"][part] = t
-        out["p_value"][part] = np.where(np.isfinite(t), 2 * stats.t.sf(np.abs(t), np.maximum(df, 1)), np.nan)
+        out["p_value"][part] = np.where(np.isfinite(t), 2 * stats.t.sf(np.abs(t), df), np.nan)
     return out
 
 
@@ -341,8 +364,9 @@ def logistic_association(block, y, covariates=None, *, missing="drop", chunk=102
             beta[idx] = bl + step
             converged_now = ~bad & (np.abs(step).max(axis=1) < tolerance * (1 + np.abs(beta[idx]).max(axis=1)))
             done[idx[converged_now]] = True
+            failed[idx[~converged_now & (np.abs(beta[idx]).max(axis=1) > _DIVERGED)]] = True  # separation
         # standard errors from the information matrix at the estimate
-        ok = done & ~failed & (np.abs(beta).max(axis=1) < 30)
+        ok = done & ~failed & (np.abs(beta).max(axis=1) < _DIVERGED)
         if ok.any():
             eta = beta[ok, :-1] @ c.T + beta[ok, -1:] * g[ok]
             mu = special.expit(eta)
