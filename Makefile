@@ -17,7 +17,7 @@ APT_STAMP := $(VENV)/.system-packages
 # Debian packages the platform and its tests need.
 APT_PACKAGES := postgresql bubblewrap python3-venv chromium plink2 bcftools tabix
 
-.PHONY: demo test bench install system-packages clean
+.PHONY: demo test bench bench-cohort install system-packages clean
 
 install: $(STAMP)
 
@@ -49,6 +49,12 @@ test: $(STAMP) workspace-env
 
 bench: $(STAMP) workspace-env
 	$(BIN)/python benchmarks/run.py
+
+# The cohort analysis benchmark (issue 5): our Cohort API beside plain Hail, PLINK 2 and bcftools on
+# 5,000 samples x 100,000 variants; 20-40 minutes, so not part of `make bench`. Needs plink2, bcftools
+# and Java 17. Extra options: make bench-cohort BENCH_ARGS=--quick
+bench-cohort: $(STAMP)
+	$(BIN)/python benchmarks/cohort.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .ngp-demo .pytest_cache .hypothesis

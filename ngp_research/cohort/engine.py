@@ -367,10 +367,10 @@ def block_statistic(prefix: str, n_samples: int, name: str, kwargs: dict):
 def add_grams(*parts):
     """Sum the shards' shares of the relationship matrix, in shard order (so any worker count gives the same bits)."""
     gram, both, used = parts[0]
-    gram, both = gram.copy(), both.copy()
+    gram = gram.copy()
     for g, b, u in parts[1:]:
         gram += g
-        both += b
+        both = both + b  # a number (no missing call) or a matrix
         used += u
     return gram, both, used
 

@@ -400,8 +400,9 @@ def gram_block(block: np.ndarray, min_maf: float = 0.0) -> tuple[np.ndarray, np.
     gram : numpy.ndarray, shape (samples, samples)
         Sum over the variants used of z_i z_j, z = (dosage - 2p) / sqrt(2p(1-p)),
         0 where not called.
-    both_called : numpy.ndarray, shape (samples, samples)
-        Number of variants used where both samples are called.
+    both_called : numpy.ndarray, shape (samples, samples), or float
+        Number of variants used where both samples are called (a single number
+        when no call is missing).
     used : int
         Number of variants used.
 
@@ -409,24 +410,29 @@ def gram_block(block: np.ndarray, min_maf: float = 0.0) -> tuple[np.ndarray, np.
     --------
     >>> import numpy as np
     >>> gram, both, used = gram_block(np.array([[0, 1, 2], [1, 1, 1]], dtype=np.int8))
-    >>> used, float(both[0, 1])
+    >>> used, both
     (2, 2.0)
     """
     block = np.asarray(block)
-    called = block != MISSING
-    dosage = np.where(called, block, 0).astype(float)
-    n_called = called.sum(axis=1)
+    counts = genotype_counts(block)
+    n_called = counts["n_called"]
     with np.errstate(invalid="ignore", divide="ignore"):
-        p = dosage.sum(axis=1) / (2 * n_called)
+        p = counts["ac"] / (2 * n_called)
     maf = np.minimum(p, 1 - p)
     use = (n_called > 0) & (maf >= min_maf)
+    kept = block[use]
     p = p[use][:, None]
     sd = np.sqrt(2 * p * (1 - p))
+    called = kept != MISSING
     # A monomorphic variant adds nothing to the sums but, as in PLINK 2, still counts as called.
     with np.errstate(invalid="ignore", divide="ignore"):
-        z = np.where(called[use] & (sd > 0), (dosage[use] - 2 * p) / sd, 0.0)
-    c = called[use].astype(float)
-    return z.T @ z, c.T @ c, int(use.sum())
+        z = np.where(called & (sd > 0), (kept - 2 * p) / sd, 0.0)
+    if called.all():  # no missing call: every pair is called at every variant used
+        both = float(len(kept))
+    else:
+        c = called.astype(float)
+        both = c.T @ c
+    return z.T @ z, both, int(use.sum())
 
 
 def relationship_pca(gram: np.ndarray, both_called: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
@@ -449,10 +455,12 @@ def relationship_pca(gram: np.ndarray, both_called: np.ndarray, k: int = 10) -> 
     n = gram.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k: must be between 1 and the number of samples ({n}), got {k!r}")
+    from scipy.linalg import eigh
+
     with np.errstate(invalid="ignore", divide="ignore"):
-        grm = np.where(both_called > 0, gram / both_called, 0.0)
-    values, vectors = np.linalg.eigh(grm)
-    order = np.argsort(values)[::-1][:k]
+        grm = np.where(np.asarray(both_called) > 0, gram / both_called, 0.0)
+    values, vectors = eigh(grm, subset_by_index=[n - k, n - 1])  # only the top k
+    order = np.argsort(values)[::-1]
     values, vectors = values[order], vectors[:, order]
     flip = np.sign(vectors[np.abs(vectors).argmax(axis=0), np.arange(k)])
     return values, vectors * flip

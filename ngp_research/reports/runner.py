@@ -71,9 +71,9 @@ def plan_report(template: str, project: str, user: str, given: dict, at: datetim
     """Check ``given`` (name -> text) against ``template``'s parameters and name the run; runs nothing.
 
     >>> plan = plan_report("variant-review", "cardio-gwas", "rita", {"max_af": "0.5"},
-    ...                    at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc))   # doctest: +SKIP
-    >>> plan.run, plan.parameters                                                        # doctest: +SKIP
-    ('cardio-gwas/variant-review/20260102T030405Z', {'max_af': 0.5})
+    ...                    at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc))
+    >>> plan.run, plan.parameters
+    ('cardio-gwas/variant-review/20260102T030405000Z', {'max_af': 0.5})
     """
     path = template_path(template, templates_dir)
     parameters = parse_parameters(template_parameters(path), dict(given))
