@@ -561,6 +561,15 @@ def test_each_template_runs_on_the_demo_project_through_ngp_report_run(alice_wor
     assert not errors
     assert (run_dir / "report.html").stat().st_size > 1000
     assert provenance["status"] == "ok" and set(provenance["outputs"]) == {"report.ipynb", "report.html"}
+    # the same inputs give the same numbers: a second run writes byte-identical result tables
+    assert ngp(["report", "run", template, "--project", "cardio-gwas", "--as", "alice", "--json"]) == 0
+    again = _json.loads(capsys.readouterr().out)
+    again_dir = procs.platform.projects_dir / "cardio-gwas" / "shared" / again["folder"].removeprefix("/project/")
+    assert again_dir != run_dir
+    tables = sorted(p.name for p in (run_dir / "results").glob("*.tsv"))
+    assert tables and tables == sorted(p.name for p in (again_dir / "results").glob("*.tsv"))
+    for name in tables:
+        assert (run_dir / "results" / name).read_bytes() == (again_dir / "results" / name).read_bytes(), name
     if template == "variant-review":
         planted, carriers = _planted_carriers(procs.platform)
         with open(run_dir / "results" / "candidates.tsv") as handle:

@@ -340,7 +340,10 @@ def logistic_association(block, y, covariates=None, *, missing="drop", chunk=102
         v = len(g)
         beta = np.zeros((v, k))
         done = np.zeros(v, dtype=bool)
-        failed = np.zeros(v, dtype=bool)
+        # Complete separation by the genotype alone (every carrier a case, or every carrier a control):
+        # the likelihood has no maximum, so there is nothing to iterate (PLINK 2 would use Firth here).
+        carriers = m * (g > 0)
+        failed = ((carriers * y).sum(axis=1) == 0) | ((carriers * (1 - y)).sum(axis=1) == 0)
         inv_last = np.full(v, np.nan)
         for _ in range(max_iterations):
             live = ~done & ~failed
