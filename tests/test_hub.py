@@ -617,6 +617,34 @@ def test_a_reviewer_runs_and_reads_a_report_from_the_hub_page(platform_up, alice
     assert record.detail["template"] == "variant-review" and record.detail["status"] == "ok"
 
 
+REVIEW_CELL = """
+import pandas as pd
+from ngp_research.widgets import VariantReview
+candidates = pd.DataFrame([{"sample": "SYD-0001", "region": "syd", "dataset": "syd-cohort", "contig": "chr1",
+    "position": 100, "variant_id": "chr1_100_A_G", "ref": "A", "alt": "G", "gene": "NGPD1",
+    "consequence": "missense_variant", "clinical_significance": "Pathogenic", "genotype": "het", "alt_dosage": 1,
+    "af": 0.1, "af_region": 0.1}])
+review = VariantReview(candidates)
+record = review.mark_reviewed("SYD-0001", "chr1_100_A_G", "benign in family history")
+print(record["status"], review.store)
+"""
+
+
+@needs_root
+def test_a_review_mark_is_stored_in_the_project_and_recorded_by_the_audit_service(alice_workspace, platform_up):
+    from .hubclient import run_code
+
+    procs, catalog = platform_up
+    before = catalog.audit.records()[-1].seq
+    out = asyncio.run(run_code(procs.url + alice_workspace["server"]["url"], alice_workspace["token"], REVIEW_CELL))
+    assert out.strip().splitlines()[-1] == "reviewed /project/reviews/variant-review.jsonl"
+    stored = procs.platform.projects_dir / "cardio-gwas" / "shared" / "reviews" / "variant-review.jsonl"
+    assert "benign in family history" in stored.read_text()
+    (mark,) = [r for r in catalog.audit.records() if r.seq > before and r.action == "review.mark"]
+    assert (mark.actor, mark.project, mark.path) == ("alice", "cardio-gwas", "/project/reviews/variant-review.jsonl")
+    assert mark.detail["variant_id"] == "chr1_100_A_G" and mark.detail["comment"] == "benign in family history"
+
+
 def _service_pid(procs):
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
