@@ -9,7 +9,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from html.parser import HTMLParser
 
 
@@ -130,43 +129,10 @@ def wait_until_ready(browser, hub_url, user, server, token, timeout=150):
 
 
 async def run_code(server_url, token, code, timeout=60, kernel="ngp-python"):
-    """Start the ngp-python kernel on the server, run ``code`` over the kernel websocket, return stdout."""
-    from tornado.httpclient import AsyncHTTPClient, HTTPRequest
-    from tornado.websocket import websocket_connect
+    """Start a kernel (ngp-python) on the server, run ``code`` over the kernel websocket, return stdout."""
+    from ngp_research.reports.runner import run_in_kernel
 
-    client = AsyncHTTPClient()
-    headers = {"Authorization": f"token {token}"}
-    r = await client.fetch(HTTPRequest(f"{server_url}api/kernels", method="POST", headers=headers,
-                                       body=json.dumps({"name": kernel}), request_timeout=timeout))
-    kernel = json.loads(r.body)
-    ws_url = server_url.replace("http://", "ws://") + f"api/kernels/{kernel['id']}/channels"
-    conn = await websocket_connect(HTTPRequest(ws_url, headers=headers, request_timeout=timeout))
-    msg_id = uuid.uuid4().hex
-    conn.write_message(json.dumps({
-        "header": {"msg_id": msg_id, "username": "test", "session": uuid.uuid4().hex, "msg_type": "execute_request",
-                   "version": "5.3", "date": ""},
-        "parent_header": {}, "metadata": {}, "channel": "shell",
-        "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {},
-                    "allow_stdin": False, "stop_on_error": True},
-    }))
-    out, error = [], None
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        raw = await conn.read_message()
-        if raw is None:
-            break
-        msg = json.loads(raw)
-        if msg.get("parent_header", {}).get("msg_id") != msg_id:
-            continue
-        t = msg["header"]["msg_type"]
-        if t == "stream":
-            out.append(msg["content"]["text"])
-        elif t == "error":
-            error = "\n".join(msg["content"]["traceback"])
-        elif t == "execute_reply":
-            break
-    conn.close()
-    await client.fetch(HTTPRequest(f"{server_url}api/kernels/{kernel['id']}", method="DELETE", headers=headers))
+    out, error = await run_in_kernel(server_url, token, code, timeout=timeout, kernel=kernel, username="test")
     if error:
         raise RuntimeError(error)
-    return "".join(out)
+    return out

@@ -239,6 +239,17 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 OUTPUT = Path(__file__).resolve().parents[1] / "test-output"
 
 
+def _sign_in(page, url, user):
+    """Open ``url`` in Chromium and sign in as ``user`` through the provider's login and consent pages."""
+    page.set_default_timeout(120_000)
+    page.goto(url)
+    page.click("text=Sign in with NGP identity")
+    page.fill("input[name=username]", user)
+    page.fill("input[name=password]", DEMO_PASSWORD)
+    page.click("button[type=submit]")
+    page.click("button[value=approve]")
+
+
 @needs_root
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (make test installs it)")
 def test_browser_logs_in_starts_a_workspace_and_sees_the_tagged_data(platform_up, alice_workspace):
@@ -251,13 +262,7 @@ def test_browser_logs_in_starts_a_workspace_and_sees_the_tagged_data(platform_up
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
-            page.set_default_timeout(120_000)
-            page.goto(f"{procs.url}/hub/login")
-            page.click("text=Sign in with NGP identity")
-            page.fill("input[name=username]", "lars")
-            page.fill("input[name=password]", DEMO_PASSWORD)
-            page.click("button[type=submit]")
-            page.click("button[value=approve]")
+            _sign_in(page, f"{procs.url}/hub/login", "lars")
             page.wait_for_url("**/hub/home")
             home = page.inner_text("#ngp-projects")
             assert "cardio-gwas" in home and "syd-cohort" in home
@@ -592,13 +597,7 @@ def test_a_reviewer_runs_and_reads_a_report_from_the_hub_page(platform_up, alice
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
-            page.set_default_timeout(120_000)
-            page.goto(f"{procs.url}/services/reports/")
-            page.click("text=Sign in with NGP identity")
-            page.fill("input[name=username]", "lars")
-            page.fill("input[name=password]", DEMO_PASSWORD)
-            page.click("button[type=submit]")
-            page.click("button[value=approve]")
+            _sign_in(page, f"{procs.url}/services/reports/", "lars")
             page.wait_for_url("**/services/reports/**")
             assert "cardio-gwas" in page.inner_text("body")
             form = page.locator("#form-variant-review")

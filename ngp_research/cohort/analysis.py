@@ -125,8 +125,12 @@ class Cohort:
         self.client = client
         # The shards do not depend on the number of workers, so any cluster gives the same numbers.
         self.shards = engine.plan_shards(self.genome, shards or DEFAULT_SHARDS)
-        self._blocks: list[str] | None = None
+        self._tables: list[str] | None = None  # the datasets' converted tables, in dataset order
+        self._blocks: list[str] | None = None  # the shards' genotype blocks, in genome order
         self._variants: pd.DataFrame | None = None
+        self._shard_sizes: list[int] = []
+        self._variant_qc: pd.DataFrame | None = None
+        self._pca_cache: dict = {}
 
     def _gateway_client(self, address: str, workers: int):
         """A client of a new Dask Gateway cluster (``$NGP_DASK_GATEWAY``) scaled to ``workers``."""
@@ -247,7 +251,7 @@ class Cohort:
                 raise CohortError(f"dataset {d.name}: the manifest gives no checksum for {d.vcf}")
         tables = [self.client.submit(engine.convert_dataset, d.vcf, d.sha256, self.cache_dir, self.genome,
                                      key=f"convert-{d.sha256[:16]}-{self.key}", pure=False) for d in self.datasets]
-        tables = self._gather(tables, "converting datasets to Hail tables")
+        tables = self._tables = self._gather(tables, "converting datasets to Hail tables")
         blocks = [self.client.submit(engine.export_shard, shard, tables, self.cache_dir, self.key, self.genome,
                                      pure=False) for shard in self.shards]
         self._blocks = self._gather(blocks, "exporting genome shards")
@@ -344,7 +348,7 @@ class Cohort:
         """
         from .statistics import hardy_weinberg
 
-        if getattr(self, "_variant_qc", None) is not None:
+        if self._variant_qc is not None:
             return self._variant_qc.copy()
         parts = self._per_block("counts", {}, "variant QC")
         counts = {k: np.concatenate([p[k] for p in parts]) if parts else np.empty(0, int)
@@ -542,8 +546,7 @@ class Cohort:
 
     def _hail_association(self, y, design, model):
         self.prepare()
-        tables = [str(Path(self.cache_dir) / "datasets" / f"{d.sha256}-v{engine.FORMAT_VERSION}.mt")
-                  for d in self.datasets]
+        tables = self._tables
         keep = np.isfinite(y) & (np.isfinite(design).all(axis=1) if design is not None else True)
         samples = [s for s, k in zip(self.samples.original_id, keep) if k]
         if len(set(samples)) != len(samples):
@@ -581,7 +584,7 @@ class Cohort:
             raise ValueError(f"k: must be an integer between 1 and the number of samples ({n}), got {k!r}")
         if not 0 <= min_maf <= 0.5:
             raise ValueError(f"min_maf: must be between 0 and 0.5, got {min_maf!r}")
-        cached = getattr(self, "_pca_cache", {}).get((k, min_maf))
+        cached = self._pca_cache.get((k, min_maf))
         if cached is not None:
             return cached
         blocks = self.prepare()
@@ -595,7 +598,7 @@ class Cohort:
         scores = pd.DataFrame(vectors, index=self.samples.index, columns=[f"PC{i + 1}" for i in range(k)])
         scores.insert(0, "region", self.samples.region)
         out = PCAResult(values, scores, used)
-        self._pca_cache = {**getattr(self, "_pca_cache", {}), (k, min_maf): out}
+        self._pca_cache[(k, min_maf)] = out
         return out
 
     # --- lifecycle ---------------------------------------------------------------------

@@ -236,6 +236,21 @@ def convert_dataset(vcf: str, sha256: str, cache_dir: str, genome: Genome) -> st
     return str(target)
 
 
+def _joined_shard(hl, shard: Shard, tables: list[str], genome: Genome):
+    """The datasets' tables read over one shard's interval only, joined column-wise (regions side by side)."""
+    rg = _reference(hl, genome)
+    interval = hl.Interval(hl.Locus(shard.contig, shard.start, rg), hl.Locus(shard.contig, shard.end, rg),
+                           includes_start=True, includes_end=True)
+    parts = []
+    for table in tables:
+        _record(table, action="read", region=shard.label)
+        parts.append(hl.read_matrix_table(table, _intervals=[interval]))
+    mt = parts[0]
+    for other in parts[1:]:
+        mt = mt.union_cols(other, row_join_type="outer")
+    return mt
+
+
 def export_shard(shard: Shard, tables: list[str], cache_dir: str, key: str, genome: Genome) -> str:
     """Join the datasets' tables over one shard and export its genotypes once as a 2-bit block.
 
@@ -247,15 +262,7 @@ def export_shard(shard: Shard, tables: list[str], cache_dir: str, key: str, geno
     if (target / "_SUCCESS").exists():
         return str(target / "block")
     hl = hail()
-    rg = _reference(hl, genome)
-    interval = hl.Interval(hl.Locus(shard.contig, shard.start, rg), hl.Locus(shard.contig, shard.end, rg),
-                           includes_start=True, includes_end=True)
-    parts = [hl.read_matrix_table(t, _intervals=[interval]) for t in tables]
-    for table in tables:
-        _record(table, action="read", region=shard.label)
-    mt = parts[0]
-    for other in parts[1:]:
-        mt = mt.union_cols(other, row_join_type="outer")
+    mt = _joined_shard(hl, shard, tables, genome)
     varid = hl.if_else(hl.is_defined(mt.rsid) & (mt.rsid != "."), mt.rsid,
                        hl.delimit([mt.locus.contig, hl.str(mt.locus.position), mt.alleles[0], mt.alleles[1]], "_"))
     _shared_folder(folder)
@@ -308,13 +315,7 @@ def hail_regression(shard: Shard, tables: list[str], samples: list[str], y: list
     import pandas as pd
 
     hl = hail()
-    rg = _reference(hl, genome)
-    interval = hl.Interval(hl.Locus(shard.contig, shard.start, rg), hl.Locus(shard.contig, shard.end, rg),
-                           includes_start=True, includes_end=True)
-    parts = [hl.read_matrix_table(t, _intervals=[interval]) for t in tables]
-    mt = parts[0]
-    for other in parts[1:]:
-        mt = mt.union_cols(other, row_join_type="outer")
+    mt = _joined_shard(hl, shard, tables, genome)
     values = hl.literal({s: hl.Struct(y=v, c=c) for s, v, c in zip(samples, y, covariates)},
                         dtype=hl.tdict(hl.tstr, hl.tstruct(y=hl.tfloat64, c=hl.tarray(hl.tfloat64))))
     mt = mt.annotate_cols(ph=values.get(mt.s))

@@ -34,7 +34,7 @@ from ..audit.records import AuditRecord
 from ..errors import RefusedError
 from .templates import parse_parameters, template_hash, template_parameters, template_path
 
-__all__ = ["ReportPlan", "HubSession", "plan_report", "run_report", "find_run", "REPORTS_DIR"]
+__all__ = ["ReportPlan", "HubSession", "plan_report", "run_report", "run_in_kernel", "find_run", "REPORTS_DIR"]
 
 REPORTS_DIR = "reports"  # inside the project's shared area: /project/reports/<template>/<timestamp>/
 
@@ -138,32 +138,37 @@ class HubSession:
         raise ReportError(f"the workspace of {user} in {project} did not start within {timeout:.0f} s")
 
 
-async def _run_cell(server_url: str, token: str, code: str, echo, timeout: float) -> tuple[str, str | None]:
-    """Run ``code`` in a new audited kernel of the server; stream its output to ``echo``."""
+async def run_in_kernel(server_url: str, token: str, code: str, echo=None, timeout: float = 60,
+                        kernel: str = "ngp-python", username: str = "ngp-reports") -> tuple[str, str | None]:
+    """Run ``code`` in a new kernel (the audited one by default) of a single-user server.
+
+    Streams the cell's output to ``echo`` while it runs; returns (all its output, the error or None).
+    """
     from tornado.httpclient import AsyncHTTPClient, HTTPRequest
     from tornado.websocket import websocket_connect
 
     client = AsyncHTTPClient()
     headers = {"Authorization": f"token {token}"}
     r = await client.fetch(HTTPRequest(f"{server_url}api/kernels", method="POST", headers=headers,
-                                       body=json.dumps({"name": "ngp-python"}), request_timeout=60))
+                                       body=json.dumps({"name": kernel}), request_timeout=60))
     kernel = json.loads(r.body)
     ws = await websocket_connect(HTTPRequest(server_url.replace("http", "ws", 1) + f"api/kernels/{kernel['id']}/channels",
                                              headers=headers, request_timeout=60))
     msg_id = uuid.uuid4().hex
     ws.write_message(json.dumps({
-        "header": {"msg_id": msg_id, "username": "ngp-reports", "session": uuid.uuid4().hex,
+        "header": {"msg_id": msg_id, "username": username, "session": uuid.uuid4().hex,
                    "msg_type": "execute_request", "version": "5.3", "date": ""},
         "parent_header": {}, "metadata": {}, "channel": "shell",
         "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {},
                     "allow_stdin": False, "stop_on_error": True}}))
     out, error = [], None
+    replied = idle = False
     deadline = time.monotonic() + timeout
     try:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                error = f"the report did not finish within {timeout:.0f} s"
+                error = f"the cell did not finish within {timeout:.0f} s"
                 break
             raw = await asyncio.wait_for(ws.read_message(), remaining)
             if raw is None:
@@ -175,13 +180,18 @@ async def _run_cell(server_url: str, token: str, code: str, echo, timeout: float
             kind = msg["header"]["msg_type"]
             if kind == "stream":
                 out.append(msg["content"]["text"])
-                echo(msg["content"]["text"])
+                if echo is not None:
+                    echo(msg["content"]["text"])
             elif kind == "error":
                 error = f"{msg['content']['ename']}: {msg['content']['evalue']}"
             elif kind == "execute_reply":
+                replied = True
+            elif kind == "status" and msg["content"].get("execution_state") == "idle":
+                idle = True  # iopub may deliver the last output after the shell reply: wait for idle too
+            if replied and idle:
                 break
     except asyncio.TimeoutError:
-        error = f"the report did not finish within {timeout:.0f} s"
+        error = f"the cell did not finish within {timeout:.0f} s"
     finally:
         ws.close()
         try:
@@ -242,7 +252,7 @@ def run_report(catalog, plan: ReportPlan, hub: HubSession, echo=print, timeout: 
     echo(f"running report {plan.template} for {plan.user} in project {plan.project} ({plan.run})\n")
     server = hub.ensure_server(plan.user, plan.project)
     inside = f"/project/{plan.relative_dir}/spec.json"
-    out, error = asyncio.run(_run_cell(server, hub.token, _DRIVER.format(spec=inside), echo, timeout))
+    out, error = asyncio.run(run_in_kernel(server, hub.token, _DRIVER.format(spec=inside), echo, timeout))
     result = {}
     for line in reversed(out.splitlines()):
         if line.startswith('{"ngp_report"'):

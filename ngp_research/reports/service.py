@@ -180,7 +180,10 @@ def handlers(prefix: str, platform, catalog, hub: HubSession, runs: Runs, templa
             if not path.is_file() or path.is_symlink():
                 raise web.HTTPError(404, f"report {run} has no rendered page")
             self.set_header("Content-Type", "text/html; charset=utf-8")
-            self.set_header("Content-Security-Policy", "default-src 'self' 'unsafe-inline' data:")
+            # The page was written inside a member's sandbox: show it as a static document in a sandbox of
+            # its own (no scripts, an opaque origin), so it cannot act with the reader's hub login.
+            self.set_header("Content-Security-Policy", "sandbox; default-src 'none'; style-src 'unsafe-inline'; "
+                                                       "img-src data:; font-src data:")
             self.finish(path.read_bytes())
 
     return [(prefix, Index), (prefix + "run", Run), (prefix + r"runs/(.+)", Status), (prefix + r"view/(.+)", View),
