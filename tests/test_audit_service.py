@@ -22,7 +22,8 @@ import pytest
 
 from ngp_research.audit import AuditStore
 from ngp_research.audit.report import region_report, render
-from ngp_research.audit.service import Caller, ServiceContext, build_record, identity_from_model, make_app
+from ngp_research.audit.service import (Caller, ServiceContext, build_record, build_records, identity_from_model,
+                                        make_app)
 from ngp_research.errors import RefusedError
 
 TOKENS = {
@@ -143,11 +144,36 @@ def test_a_forged_identity_is_stored_under_the_real_one_and_flagged(service, sto
     ("tok-alice", [{"action": "rm -rf"}], None, 400),
     ("tok-alice", [{"action": "file.open", "path": 3}], None, 400),
     ("tok-alice", None, b"not json", 400),
+    ("tok-alice", [{"action": "file.open", "paths": []}], None, 400),
+    ("tok-alice", [{"action": "file.open", "paths": "/project/x"}], None, 400),
+    ("tok-alice", [{"action": "file.open", "paths": ["/project/x", 3]}], None, 400),
+    ("tok-alice", [{"action": "file.open", "path": "/project/x", "paths": ["/project/y"]}], None, 400),
+    ("tok-alice", [{"action": "file.open", "paths": ["/project/x"] * 5001}], None, 400),
+    ("tok-alice", [{"action": "file.open", "paths": ["/project/x"]}, {"action": "rm -rf"}], None, 400),
 ])
 def test_bad_requests_are_refused_and_store_nothing(service, store, token, records, raw, status):
     got, body = post(service.url, records, token=token, raw=raw)
     assert got == status and "error" in body
     assert store.records() == []
+
+
+def test_a_record_with_paths_is_stored_as_one_record_per_path_in_order(service, store):
+    """The kernel sends a cell's run of opens as one record with ``paths``; each path is its own record."""
+    paths = [f"/data/syd/syd-cohort/part-{i}.vcf.gz" for i in range(3)] + ["/project/notes.txt", "/data/syd"]
+    status, ack = post(service.url, [
+        {"action": "query.execute", "detail": {"code": "print(1)", "msg_id": "m1"}},
+        {"action": "file.open", "paths": paths, "user": "bob", "detail": {"mode": "rb", "msg_id": "m1"}},
+        {"action": "file.list", "path": "/project", "detail": {"msg_id": "m1"}},
+    ])
+    assert status == 200 and ack["acknowledged"] == 7 and ack["last_seq"] - ack["first_seq"] == 6
+    recs = store.records()
+    assert [r.action for r in recs] == ["query.execute"] + ["file.open"] * 5 + ["file.list"]
+    opens = recs[1:6]
+    assert [r.path for r in opens] == paths
+    assert [(r.region, r.dataset) for r in opens] == [("syd", "syd-cohort")] * 3 + [(None, None)] * 2
+    assert all(r.actor == "alice" and r.project == "cardio-gwas" for r in opens)
+    assert all(r.detail["msg_id"] == "m1" and "payload claimed user 'bob'" in r.detail["flag"] for r in opens)
+    assert store.verify().ok
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])
@@ -192,6 +218,10 @@ def test_paths_outside_the_workspace_data_are_flagged(tmp_path):
     bad = build_record(Caller("alice", "cardio-gwas"), {"action": "data.open", "path": "/data/vast/vast-cohort/x"},
                        visible)
     assert "flag" not in ok.detail and "vast/vast-cohort is not in this workspace's data" in bad.detail["flag"]
+    grouped = build_records(Caller("alice", "cardio-gwas"), [{"action": "file.open", "paths": [
+        "/data/syd/syd-cohort/x", "/data/vast/vast-cohort/x", "/data/syd/syd-cohort/y"]}], visible)
+    assert ["flag" in r.detail for r in grouped] == [False, True, False]
+    assert "vast/vast-cohort is not in this workspace's data" in grouped[1].detail["flag"]
     catalog.close()
 
 

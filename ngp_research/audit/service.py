@@ -21,7 +21,8 @@ Endpoints (under the service prefix, e.g. ``/services/audit/``):
 
 ``POST records``
     ``{"records": [{"action", "path", "detail"}]}`` with ``Authorization: token T``;
-    ``200 {"acknowledged": n, "first_seq", "last_seq"}`` once durable.
+    ``200 {"acknowledged": n, "first_seq", "last_seq"}`` once durable. A record may carry
+    ``paths`` (a list) instead of ``path``: it stands for one record per path, and ``n`` counts them.
 ``GET health``
     ``200`` when the store is writable.
 ``GET report?region=R[&since&until&user&dataset&format=html|json|csv]``
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 
 from tornado import web
 
-from .records import AuditRecord
+from .records import AuditRecord, canonical
 
 MAX_RECORDS_PER_REQUEST = 5000
 MAX_BODY = 16 * 1024 * 1024
@@ -76,13 +77,17 @@ def resolve(path):
 
     >>> resolve("/data/syd/syd-cohort/syd-cohort.vcf.gz")
     ('syd', 'syd-cohort')
-    >>> resolve("/project/notes.txt")
-    (None, None)
+    >>> resolve("/project/notes.txt"), resolve("/data/syd/"), resolve("/project/../data/syd/ds/x")
+    ((None, None), (None, None), ('syd', 'ds'))
     """
     if not isinstance(path, str):
         return None, None
-    parts = os.path.normpath(path).split("/")
-    if len(parts) >= 4 and parts[0] == "" and parts[1] == "data":
+    if "/." in path or "//" in path or path.endswith("/") or not path.startswith("/"):
+        path = os.path.normpath(path)
+    if not path.startswith("/data/"):
+        return None, None
+    parts = path.split("/", 4)
+    if len(parts) >= 4 and parts[2] and parts[3]:
         return parts[2], parts[3]
     return None, None
 
@@ -93,16 +98,13 @@ TAMPERING_SIGNS = ("gc.", "get_objects", "get_referrers", "ctypes", "__closure__
                    "addaudithook", "ngp_research.kernel", "_ngp", "/run/ngp", "sys.modules[", "__globals__")
 
 
-def build_record(caller: Caller, raw: dict, visible: set | None, members: set | None = None) -> AuditRecord:
-    """One stored record from one submitted record: identity from ``caller``, location from the path."""
+def _checked(caller: Caller, raw: dict, members: set | None) -> tuple[str, dict, list]:
+    """Action, detail (identity claims removed) and identity flags of a submitted record."""
     if not isinstance(raw, dict):
         raise ValueError("each record must be an object")
     action = raw.get("action")
     if action not in ALLOWED_ACTIONS:
         raise ValueError(f"unknown action {action!r}")
-    path = raw.get("path")
-    if path is not None and not isinstance(path, str):
-        raise ValueError("path must be a string")
     detail = raw.get("detail") or {}
     if not isinstance(detail, dict):
         raise ValueError("detail must be an object")
@@ -122,13 +124,60 @@ def build_record(caller: Caller, raw: dict, visible: set | None, members: set | 
         if claimed is not None and claimed != real:
             flags.append(f"payload claimed {key} {claimed!r}")
         detail.pop(key, None)
-    region, dataset = resolve(path)
+    return action, detail, flags
+
+
+def _located(detail: dict, flags: list, region, dataset, visible) -> dict:
     if dataset is not None and visible is not None and (region, dataset) not in visible:
-        flags.append(f"{region}/{dataset} is not in this workspace's data")
+        flags = [*flags, f"{region}/{dataset} is not in this workspace's data"]
     if flags:
-        detail["flag"] = "; ".join(flags)
+        detail = {**detail, "flag": "; ".join(flags)}
+    return detail
+
+
+def build_record(caller: Caller, raw: dict, visible: set | None, members: set | None = None) -> AuditRecord:
+    """One stored record from one submitted record: identity from ``caller``, location from the path."""
+    action, detail, flags = _checked(caller, raw, members)
+    path = raw.get("path")
+    if path is not None and not isinstance(path, str):
+        raise ValueError("path must be a string")
+    region, dataset = resolve(path)
     return AuditRecord(action, caller.user, project=caller.project, region=region, dataset=dataset, path=path,
-                       detail=detail)
+                       detail=_located(detail, flags, region, dataset, visible))
+
+
+def build_records(caller: Caller, raw: list, visible: set | None, members: set | None = None) -> list[AuditRecord]:
+    """The stored records of a request's submitted records, in order.
+
+    A submitted record with ``paths`` (a list of strings) instead of ``path`` stands for one record
+    per path with the same action and detail: the kernel sends a cell's run of file opens that way.
+
+    >>> recs = build_records(Caller("alice", "p"), [{"action": "file.open", "paths": ["/data/r/d/a", "/project/b"],
+    ...                                              "detail": {"mode": "r"}}], None)
+    >>> [(r.path, r.region, r.dataset, r.detail) for r in recs]
+    [('/data/r/d/a', 'r', 'd', {'mode': 'r'}), ('/project/b', None, None, {'mode': 'r'})]
+    """
+    out = []
+    for r in raw:
+        if not (isinstance(r, dict) and "paths" in r):
+            out.append(build_record(caller, r, visible, members))
+            continue
+        paths = r["paths"]
+        if r.get("path") is not None:
+            raise ValueError("a record has a path or paths, not both")
+        if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
+            raise ValueError("paths must be a non-empty list of strings")
+        action, detail, flags = _checked(caller, r, members)
+        prepared = {}  # (region, dataset) -> (detail, its canonical text): one encoding per location
+        user, project = caller.user, caller.project
+        for path in paths:
+            where = resolve(path)
+            hit = prepared.get(where)
+            if hit is None:
+                located = _located(detail, flags, *where, visible)
+                hit = prepared[where] = (located, canonical(located).decode("utf-8"))
+            out.append(AuditRecord.prepared(action, user, project, where[0], where[1], path, *hit))
+    return out
 
 
 class GroupCommitter:
@@ -137,8 +186,9 @@ class GroupCommitter:
     ``submit`` returns when the caller's records are durable, with their sequence numbers.
     """
 
-    def __init__(self, store, max_batch=5000, max_wait=0.0):
+    def __init__(self, store, max_batch=5000, max_wait=0.0, inline_max=64):
         self.store = store
+        self.inline_max = inline_max
         self.max_batch = max_batch
         self.max_wait = max_wait
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -176,7 +226,10 @@ class GroupCommitter:
                 size += len(item[0])
             records = [r for recs, _ in batch for r in recs]
             try:
-                stored = await loop.run_in_executor(None, self.store.append_many, records)
+                if len(records) <= self.inline_max:  # a few records: commit here, without a thread hop each way
+                    stored = self.store.append_many(records)
+                else:
+                    stored = await loop.run_in_executor(None, self.store.append_many, records)
             except Exception as e:  # nothing in this batch is acknowledged
                 for _, fut in batch:
                     if not fut.done():
@@ -217,8 +270,9 @@ class RecordsHandler(_Base):
             raw = body["records"]
             if not isinstance(raw, list) or not raw or len(raw) > MAX_RECORDS_PER_REQUEST:
                 raise ValueError(f"records: a list of 1 to {MAX_RECORDS_PER_REQUEST} records")
-            visible = self.ctx.visible(caller)
-            records = [build_record(caller, r, visible, self.ctx.members(caller)) for r in raw]
+            records = build_records(caller, raw, self.ctx.visible(caller), self.ctx.members(caller))
+            if len(records) > MAX_RECORDS_PER_REQUEST:
+                raise ValueError(f"records: at most {MAX_RECORDS_PER_REQUEST} records per request, paths counted")
         except (ValueError, KeyError, TypeError) as e:
             return self.write_json(400, {"error": str(e)})
         try:

@@ -30,7 +30,6 @@ from sqlalchemy import (
     Table,
     Text,
     event,
-    func,
     insert,
     select,
 )
@@ -165,6 +164,9 @@ class AuditStore:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         metadata.create_all(self.engine)
+        marker = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
+        self._insert_sql = (f"INSERT INTO {records_table.name} ({', '.join(c.name for c in records_table.columns)}) "
+                            f"VALUES ({', '.join([marker] * len(records_table.columns))})")
         try:
             self.signer = CheckpointSigner(Path(keys_dir), create=create_key)
         except FileNotFoundError:
@@ -192,14 +194,17 @@ class AuditStore:
         if self.engine.dialect.name == "postgresql":
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_ADVISORY_LOCK})")
 
+    # Plain SQL (the same on SQLite and PostgreSQL): on the append path of every record, where
+    # building and caching the equivalent SQLAlchemy statements cost more than running them.
+    _HEAD_SQL = f"SELECT seq, hash FROM {records_table.name} ORDER BY seq DESC LIMIT 1"
+    _LAST_CHECKPOINT_SQL = f"SELECT COALESCE(MAX(seq), 0) FROM {checkpoints_table.name}"
+
     def _head(self, conn) -> tuple[int, str]:
-        row = conn.execute(
-            select(records_table.c.seq, records_table.c.hash).order_by(records_table.c.seq.desc()).limit(1)
-        ).first()
-        return (row.seq, row.hash) if row else (0, GENESIS)
+        row = conn.exec_driver_sql(self._HEAD_SQL).first()
+        return (row[0], row[1]) if row else (0, GENESIS)
 
     def _last_checkpoint_seq(self, conn) -> int:
-        return conn.execute(select(func.coalesce(func.max(checkpoints_table.c.seq), 0))).scalar_one()
+        return conn.exec_driver_sql(self._LAST_CHECKPOINT_SQL).scalar_one()
 
     def append(self, record: AuditRecord) -> StoredRecord:
         """Append one record; it is durable (committed) when this returns."""
@@ -214,21 +219,21 @@ class AuditStore:
             if not isinstance(r, AuditRecord):
                 raise TypeError(f"records: expected AuditRecord, got {type(r).__name__}")
         now = utc_now()
+        now_text = format_time(now)
         with self.engine.begin() as conn:
             self._lock(conn)
             seq, prev = self._head(conn)
             sealed = []
             for r in records:
                 seq += 1
-                s = seal(r, seq, prev, now)
+                s = seal(r, seq, prev, now, now_text)
                 prev = s.hash
                 sealed.append(s)
-            conn.execute(
-                insert(records_table),
-                [{"seq": s.seq, "time": s.time, "action": s.action, "actor": s.actor, "project": s.project,
-                  "region": s.region, "dataset": s.dataset, "path": s.path, "detail": s.detail_text,
-                  "prev_hash": s.prev_hash, "hash": s.hash} for s in sealed],
-            )
+            # The DB-API's executemany with positional rows: SQLAlchemy's per-row parameter handling
+            # cost more than the hashing.
+            conn.exec_driver_sql(self._insert_sql, [
+                (s.seq, s.time, s.action, s.actor, s.project, s.region, s.dataset, s.path, s.detail_text,
+                 s.prev_hash, s.hash) for s in sealed])
             last_checkpoint = self._last_checkpoint_seq(conn)
             # The first append anchors the chain with a checkpoint, so a chain with records
             # and no checkpoint at all can only mean checkpoints were removed.
