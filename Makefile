@@ -15,7 +15,7 @@ STAMP    := $(VENV)/.installed
 APT_STAMP := $(VENV)/.system-packages
 
 # Debian packages the platform and its tests need.
-APT_PACKAGES := postgresql bubblewrap python3-venv chromium plink2 bcftools tabix
+APT_PACKAGES := postgresql bubblewrap python3-venv python3-dev gcc chromium plink2 bcftools tabix
 
 .PHONY: demo test bench bench-cohort install system-packages clean
 
@@ -32,7 +32,7 @@ $(APT_STAMP): Makefile
 	fi
 	@mkdir -p $(VENV) && touch $@
 
-$(STAMP): pyproject.toml hub/idp/package-lock.json hub/proxy/package-lock.json | $(APT_STAMP)
+$(STAMP): pyproject.toml setup.py ngp_research/kernel/_hook.c hub/idp/package-lock.json hub/proxy/package-lock.json | $(APT_STAMP)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
@@ -68,5 +68,5 @@ WORKSPACE_ENV_STAMP := $(NGP_WORKSPACE_ENV)/.ngp-built
 .PHONY: workspace-env
 workspace-env: $(WORKSPACE_ENV_STAMP)
 
-$(WORKSPACE_ENV_STAMP): pyproject.toml $(shell find ngp_research -name '*.py') kernels/ngp-python/kernel.json $(wildcard spawner/jupyter/*) | $(STAMP)
+$(WORKSPACE_ENV_STAMP): pyproject.toml setup.py $(shell find ngp_research -name '*.py' -o -name '*.c') kernels/ngp-python/kernel.json $(wildcard spawner/jupyter/*) | $(STAMP)
 	$(BIN)/python -m ngp_research.workspace.environment build $(NGP_WORKSPACE_ENV)

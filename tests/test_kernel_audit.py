@@ -3,7 +3,8 @@
 The kernel runs as a real process of the workspace environment (``make workspace-env``), started
 from its installed kernelspec by jupyter_client in a driver process of that environment (the
 project's own venv has no jupyter_client). The stub is a threaded ``http.server`` that records
-every POST, checks the token, and can be stopped, restarted or made to refuse.
+every POST (a record with ``paths`` as one record per path, as the service stores it), checks the
+token, and can be stopped, restarted or made to refuse.
 
 No sandbox here: the files are in tmp_path (the hook records every path outside the kernel's own
 environment; /data, /project and /home always).
@@ -86,7 +87,13 @@ class StubAudit:
                     return self._reply(403, {"error": "bad token"})
                 if stub.refuse:
                     return self._reply(503, {"error": "refused"})
-                records = json.loads(body)["records"]
+                records = []
+                for r in json.loads(body)["records"]:  # a record with "paths" is one record per path
+                    if "paths" in r:
+                        records += [{**{k: v for k, v in r.items() if k != "paths"}, "path": p,
+                                     "detail": dict(r.get("detail") or {})} for p in r["paths"]]
+                    else:
+                        records.append(r)
                 with stub.lock:
                     first = len(stub.records) + 1
                     for r in records:
@@ -140,10 +147,13 @@ for line in sys.stdin:
     cmd = json.loads(line)
     if cmd["op"] == "stop":
         break
-    content = {"code": cmd["code"], "silent": cmd.get("silent", False),
-               "store_history": cmd.get("store_history", not cmd.get("silent", False)),
-               "user_expressions": {}, "allow_stdin": False, "stop_on_error": True}
-    msg = kc.session.msg("execute_request", content, metadata={"cellId": cmd.get("cell_id")} if cmd.get("cell_id") else {})
+    if cmd.get("msg_type", "execute_request") == "execute_request":
+        content = {"code": cmd["code"], "silent": cmd.get("silent", False),
+                   "store_history": cmd.get("store_history", not cmd.get("silent", False)),
+                   "user_expressions": {}, "allow_stdin": False, "stop_on_error": True}
+    else:
+        content = cmd["content"]
+    msg = kc.session.msg(cmd.get("msg_type", "execute_request"), content, metadata={"cellId": cmd.get("cell_id")} if cmd.get("cell_id") else {})
     kc.shell_channel.send(msg)
     msg_id = msg["header"]["msg_id"]
     outputs, reply, idle, t0 = [], None, False, time.monotonic()
@@ -196,6 +206,10 @@ class Kernel:
         line = self.proc.stdout.readline()
         assert line, "the driver died"
         return json.loads(line)
+
+    def request(self, msg_type, content, **kw):
+        """Another shell request (``complete_request``, ``inspect_request``): its reply and outputs."""
+        return self.run("", msg_type=msg_type, content=content, **kw)
 
     def close(self):
         try:
@@ -352,6 +366,42 @@ def test_file_access_records(kernel, stub, workdir):
     assert any(x["detail"]["argv"] == ["cat", str(data / "f3.txt")] for x in execs), execs
     assert has("data.open", str(vcf), mode="r", entry_point="VariantFile")
     assert has("data.open", str(vcf), contig="chr1", start=100, stop=200, entry_point="VariantFile.fetch")
+
+
+def test_completion_and_inspection_are_recorded_before_they_run(kernel, stub, workdir):
+    """Inspecting ``s.other`` calls the object's ``__getattr__``: user code, which opens a file."""
+    target = workdir / "data" / "f4.txt"
+    ok(kernel.run(f"""
+        class Sneaky:
+            def __getattr__(self, name):
+                if name == "other":
+                    open({str(target)!r}).close()
+                raise AttributeError(name)
+        s = Sneaky()
+    """))
+    r = kernel.request("inspect_request", {"code": "s.other", "cursor_pos": 7, "detail_level": 0})
+    assert r["reply"]["status"] == "ok", r
+    (rec,) = stub.find("query.execute", msg_id=r["msg_id"])
+    assert rec["detail"]["msg_type"] == "inspect_request" and rec["detail"]["code"] == "s.other"
+    opens = wait_for(lambda: stub.find("file.open", msg_id=r["msg_id"]))
+    assert opens and opens[0]["path"] == str(target)
+    assert stub.records.index(rec) < stub.records.index(opens[0])  # the request first, then what it opened
+
+    c = kernel.request("complete_request", {"code": "s.oth", "cursor_pos": 5})
+    assert c["reply"]["status"] == "ok", c
+    (rec,) = stub.find("query.execute", msg_id=c["msg_id"])
+    assert rec["detail"]["msg_type"] == "complete_request" and rec["detail"]["cursor_pos"] == 5
+
+    stub.refuse = True
+    try:
+        before = sum(r["path"] == str(target) for r in stub.find("file.open"))
+        refused = kernel.request("inspect_request", {"code": "s.other", "cursor_pos": 7, "detail_level": 0})
+        assert refused["reply"]["status"] == "error" and refused["reply"]["ename"] == "AuditUnavailable"
+        assert refused["reply"]["found"] is False
+        assert kernel.request("complete_request", {"code": "s.oth", "cursor_pos": 5})["reply"]["matches"] == []
+    finally:
+        stub.refuse = False
+    assert sum(r["path"] == str(target) for r in stub.find("file.open")) == before  # refused: nothing ran
 
 
 def test_records_are_batched(kernel, stub, workdir):

@@ -56,8 +56,9 @@ of the project's active tags, read-only, under a non-root uid without capabiliti
 user does inside the kernel reaches only data the project is entitled to see and cannot change it;
 the audit kernel adds *who looked at what, when*, not the boundary.
 
-Other known gaps: ``complete_request``/``inspect_request`` can evaluate attribute access on user
-objects without a ``query.execute`` record; opens done by threads started from a cell are
+Completion and inspection requests (which can evaluate attribute access on user objects) are
+recorded as ``query.execute`` with their ``msg_type`` before they run, and refused like a cell
+when that record is not acknowledged. Other known gaps: opens done by threads started from a cell are
 attributed to the latest execution; ``isinstance`` against the original pysam classes works
 both ways, but pysam objects created inside pysam's C code (not through the wrapped constructors)
 record no ``data.open``.

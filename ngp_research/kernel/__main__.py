@@ -24,7 +24,11 @@ def main(argv=None) -> None:
 
     from .auditor import install  # noqa: PLC0415
 
-    auditor = install(os.environ.get("NGP_AUDIT_URL"), os.environ.get("JUPYTERHUB_API_TOKEN"))
+    options = {}
+    if os.environ.get("NGP_AUDIT_LINGER"):  # seconds the sender lets a cell's opens collect (a tuning knob)
+        options["linger"] = float(os.environ["NGP_AUDIT_LINGER"])
+    auditor = install(os.environ.get("NGP_AUDIT_URL"), os.environ.get("JUPYTERHUB_API_TOKEN"), **options)
+    atexit.register(auditor.flush)  # records of work after the last cell (threads) go out before exit
 
     from .entrypoints import wrap_hail_on_import, wrap_pysam  # noqa: PLC0415
     from .kernel import make_kernel_class  # noqa: PLC0415

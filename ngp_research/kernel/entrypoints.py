@@ -94,18 +94,31 @@ def _audited_subclass(base, fetch_names):
         def __subclasscheck__(cls, sub):
             return issubclass(sub, base)
 
+    audit = _audit
+    fetch_entry = f"{base.__name__}.fetch"
+    plain_keys = ("contig", "start", "stop")
+
     def __init__(self, *args, **kwargs):
         target = args[0] if args else kwargs.get("filename", kwargs.get("filepath_or_object"))
         mode = args[1] if len(args) > 1 and isinstance(args[1], str) else kwargs.get("mode", "r")
-        record(filename_of(target), mode=mode, library="pysam", entry_point=base.__name__,
-               **({} if filename_of(target) else {"object": repr(target)[:200]}))
+        path = filename_of(target)
+        record(path, mode=mode, library="pysam", entry_point=base.__name__,
+               **({} if path else {"object": repr(target)[:200]}))
         base.__init__(self, *args, **kwargs)
+        self._ngp_path = path  # resolved once: a fetch loop does not pay for abspath each time
 
     def fetch(self, *args, **kwargs):
-        detail = region_of(args, kwargs, fetch_names)
-        fn = getattr(self, "filename", None)
-        record(filename_of(fn) if fn is not None else None, library="pysam",
-               entry_point=f"{base.__name__}.fetch", **detail)
+        path = self.__dict__.get("_ngp_path")
+        if path is None:
+            fn = getattr(self, "filename", None)
+            path = filename_of(fn) if fn is not None else None
+        if not kwargs and 0 < len(args) <= 3 and args[0].__class__ is str and None not in args:
+            detail = dict(zip(plain_keys, args))  # fetch("chr1", 100, 200): the common case, built directly
+        else:
+            detail = region_of(args, kwargs, fetch_names)
+        detail["library"] = "pysam"
+        detail["entry_point"] = fetch_entry
+        audit("ngp.data.open", path, detail)
         return base.fetch(self, *args, **kwargs)
 
     ns = {"__init__": __init__, "fetch": fetch, "__module__": base.__module__,

@@ -12,7 +12,9 @@ the auditor's functions in closures (there is no attribute to swap). Each execut
 4. delivers the buffered file records before replying; if that fails the reply says so and the
    next cell is refused until they are delivered (it retries first, so no restart is needed).
 
-Comm messages (widgets) are recorded the same way before their handlers run; the debugger is off.
+Comm messages (widgets) are recorded the same way before their handlers run, and so are completion
+and inspection requests (they can run user code: properties, ``__getattr__``, ``__repr__``); the
+debugger is off.
 """
 
 import sys
@@ -46,6 +48,9 @@ def make_kernel_class(auditor, timeout: float = ACK_TIMEOUT):
                                                 auditor.tamper, auditor.watch)
     base_do_execute = IPythonKernel.__dict__["do_execute"]
     base_execute_request = IPythonKernel.__dict__["execute_request"]
+    base_do_complete = IPythonKernel.do_complete
+    base_do_inspect = IPythonKernel.do_inspect
+    end = auditor.end
     dumps = json.dumps
     instances = []  # the one kernel instance, once created
     comm_wrappers = {}
@@ -171,6 +176,41 @@ def make_kernel_class(auditor, timeout: float = ACK_TIMEOUT):
                             "the next cell will not run until they are.\n"})
             return reply
 
+        async def _ngp_introspect(self, msg_type, base, code, cursor_pos, *args):
+            """A completion or inspection: it can run user code (properties, ``__getattr__``, ``__repr__``),
+            so it is recorded before it runs, like a silent execution, and what it opens is attributed to it."""
+            header = (self.get_parent("shell") or {}).get("header") or {}
+            problem = check(self, restore=True)
+            if problem:
+                tamper(problem)
+            record = {"action": "query.execute", "path": None, "detail": {
+                "code": code, "cursor_pos": cursor_pos, "msg_type": msg_type, "silent": True,
+                "msg_id": header.get("msg_id"), "cell_id": None}}
+            reason = write_ahead(record, timeout)
+            if reason is not None:
+                return {"status": "error", "ename": ENAME, "evalue": _evalue(reason), "traceback": []}
+            prev = begin(header.get("msg_id"), None)
+            try:
+                reply = base(self, code, cursor_pos, *args)
+                if hasattr(reply, "__await__"):
+                    reply = await reply
+                return reply
+            finally:
+                end(prev)
+
+        async def do_complete(self, code, cursor_pos):
+            reply = await self._ngp_introspect("complete_request", base_do_complete, code, cursor_pos)
+            if reply.get("status") == "error":
+                reply.update(matches=[], cursor_start=cursor_pos, cursor_end=cursor_pos, metadata={})
+            return reply
+
+        async def do_inspect(self, code, cursor_pos, detail_level=0, omit_sections=()):
+            reply = await self._ngp_introspect("inspect_request", base_do_inspect, code, cursor_pos, detail_level,
+                                               omit_sections)
+            if reply.get("status") == "error":
+                reply.update(data={}, metadata={}, found=False)
+            return reply
+
         def _ngp_refuse(self, reason, silent):
             evalue = _evalue(reason)
             content = {"ename": ENAME, "evalue": evalue,
@@ -185,7 +225,8 @@ def make_kernel_class(auditor, timeout: float = ACK_TIMEOUT):
                     "command": msg.get("command"), "message": "the debugger is off in the audited kernel"}
 
     cls = AuditedKernel
-    originals = {name: AuditedKernel.__dict__[name] for name in ("do_execute", "execute_request", "_ngp_refuse")}
+    originals = {name: AuditedKernel.__dict__[name] for name in ("do_execute", "execute_request", "_ngp_refuse",
+                                                                 "_ngp_introspect", "do_complete", "do_inspect")}
     codes = {name: fn.__code__ for name, fn in originals.items()}
     guard = []  # the closure guard, made once the instance (and its comm wrappers) exist
 

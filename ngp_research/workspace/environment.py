@@ -118,10 +118,10 @@ def _install_project(python: str, repo: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="ngp-build-") as tmp:
         src = Path(tmp) / "src"
         src.mkdir()
-        for name in ("pyproject.toml", "README.md"):
+        for name in ("pyproject.toml", "setup.py", "README.md"):
             shutil.copy2(repo / name, src / name)
         shutil.copytree(repo / "ngp_research", src / "ngp_research",
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "*.so"))
         _run([python, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", "--no-cache-dir", str(src)])
 
 

@@ -1,0 +1,342 @@
+/* The audit hook's hot path in C (see ngp_research/kernel/auditor.py).
+ *
+ * A Python audit hook is a Python call for every audit event the interpreter raises; this one is
+ * a C function (PySys_AddAuditHook), so the events the kernel does not record cost a few string
+ * compares, and a plain ``open`` of an absolute path is appended to the auditor's buffer without
+ * entering Python. Every other recorded event is handed to the auditor's Python hook, unchanged.
+ *
+ * install(handler, buffer, current, busy, wake, ignored, always, events, capacity, batch)
+ *   handler  the Python hook: handler(event, args) for recorded events other than a plain open
+ *   buffer   the auditor's list; a plain open appends ("o", path, mode, flags, current[0]), and an
+ *            ``ngp.data.open`` (absolute str path, dict) from the library wrappers appends
+ *            ("d", path, copy of the dict, current[0], None)
+ *   current  a one-element list: the (msg_id, cell_id) records are attributed to
+ *   busy     a set of thread idents whose events are the auditor's own I/O (not recorded)
+ *   wake     a callable: called when the buffer becomes non-empty or reaches ``batch``
+ *   ignored  path prefixes (no trailing slash) not recorded, unless under one of ``always``
+ *   always   path prefixes always recorded
+ *   events   the names of the events recorded (others return at once); "import" is handed on only
+ *            for modules under ngp_research
+ *   capacity the buffer's bound: past it, the open goes to the handler (which delivers or refuses)
+ *
+ * It can be installed once per process; nothing it holds can be replaced from Python, and an audit
+ * hook cannot be removed. In a forked child it records nothing (the parent records the fork; the
+ * child has no sender thread): pthread_atfork marks the child.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <pthread.h>
+#include <string.h>
+
+#define MAX_PREFIXES 64
+#define MAX_EVENTS 64
+
+static int installed = 0;
+static volatile int forked = 0;
+static PyObject *handler, *buffer, *current, *busy, *wake, *tag_open, *tag_data;
+static Py_ssize_t capacity, batch;
+static char *ignored[MAX_PREFIXES];
+static Py_ssize_t ignored_len[MAX_PREFIXES];
+static int n_ignored = 0;
+static char *always[MAX_PREFIXES];
+static Py_ssize_t always_len[MAX_PREFIXES];
+static int n_always = 0;
+static char *events[MAX_EVENTS];
+static int n_events = 0;
+static unsigned long handled = 0, fast = 0;
+
+static void
+mark_forked(void)
+{
+    forked = 1;
+}
+
+static int
+under(const char *s, Py_ssize_t n, const char *prefix, Py_ssize_t len)
+{
+    return n >= len && memcmp(s, prefix, (size_t)len) == 0 && (n == len || s[len] == '/');
+}
+
+static int
+is_ignored(const char *s, Py_ssize_t n)
+{
+    int i;
+    for (i = 0; i < n_always; i++)
+        if (under(s, n, always[i], always_len[i]))
+            return 0;
+    for (i = 0; i < n_ignored; i++)
+        if (under(s, n, ignored[i], ignored_len[i]))
+            return 1;
+    return 0;
+}
+
+static int
+is_busy(void)
+{
+    PyObject *me;
+    int r;
+    if (PySet_GET_SIZE(busy) == 0)
+        return 0;
+    me = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
+    if (me == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    r = PySet_Contains(busy, me);
+    Py_DECREF(me);
+    if (r < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    return r;
+}
+
+static int
+is_recorded_event(const char *event)
+{
+    int i;
+    for (i = 0; i < n_events; i++)
+        if (event[0] == events[i][0] && strcmp(event, events[i]) == 0)
+            return 1;
+    return 0;
+}
+
+static int append(PyObject *item, Py_ssize_t len);
+
+/* 1: appended; 0: not a plain open (hand it on); -1: error */
+static int
+fast_open(PyObject *args)
+{
+    PyObject *path, *item;
+    const char *s;
+    Py_ssize_t n, len;
+
+    if (!PyTuple_Check(args) || PyTuple_GET_SIZE(args) < 3)
+        return 0;
+    path = PyTuple_GET_ITEM(args, 0);
+    if (!PyUnicode_CheckExact(path))
+        return 0;
+    s = PyUnicode_AsUTF8AndSize(path, &n);
+    if (s == NULL) {  /* e.g. surrogate-escaped bytes: the Python hook decodes those */
+        PyErr_Clear();
+        return 0;
+    }
+    if (n == 0 || s[0] != '/' || memmem(s, (size_t)n, "/.", 2) != NULL || memmem(s, (size_t)n, "//", 2) != NULL)
+        return 0;
+    if (is_ignored(s, n))
+        return 1;
+    if (is_busy())
+        return 1;
+    len = PyList_GET_SIZE(buffer);
+    if (len >= capacity)
+        return 0;  /* full: the Python hook delivers now or refuses the open */
+    item = PyTuple_Pack(5, tag_open, path, PyTuple_GET_ITEM(args, 1), PyTuple_GET_ITEM(args, 2),
+                        PyList_GET_ITEM(current, 0));
+    return append(item, len);
+}
+
+static int
+append(PyObject *item, Py_ssize_t len)
+{
+    if (item == NULL)
+        return -1;
+    if (PyList_Append(buffer, item) < 0) {
+        Py_DECREF(item);
+        return -1;
+    }
+    Py_DECREF(item);
+    fast++;
+    if (len == 0 || len + 1 == batch) {
+        PyObject *r = PyObject_CallNoArgs(wake);
+        if (r == NULL)
+            return -1;
+        Py_DECREF(r);
+    }
+    return 1;
+}
+
+/* ngp.data.open (path, detail) from the library wrappers: 1 appended; 0 hand it on; -1 error */
+static int
+fast_data(PyObject *args)
+{
+    PyObject *path, *detail, *copy, *item;
+    const char *s;
+    Py_ssize_t n, len;
+
+    if (!PyTuple_Check(args) || PyTuple_GET_SIZE(args) != 2)
+        return 0;
+    path = PyTuple_GET_ITEM(args, 0);
+    detail = PyTuple_GET_ITEM(args, 1);
+    if (!PyUnicode_CheckExact(path) || !PyDict_CheckExact(detail))
+        return 0;
+    s = PyUnicode_AsUTF8AndSize(path, &n);
+    if (s == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (n == 0 || s[0] != '/' || memmem(s, (size_t)n, "/.", 2) != NULL || memmem(s, (size_t)n, "//", 2) != NULL)
+        return 0;
+    if (is_busy())
+        return 1;
+    len = PyList_GET_SIZE(buffer);
+    if (len >= capacity)
+        return 0;
+    copy = PyDict_Copy(detail);  /* the record keeps what was passed, whatever the caller does with its dict */
+    if (copy == NULL)
+        return -1;
+    item = PyTuple_Pack(5, tag_data, path, copy, PyList_GET_ITEM(current, 0), Py_None);
+    Py_DECREF(copy);
+    return append(item, len);
+}
+
+static int
+audit_hook(const char *event, PyObject *args, void *data)
+{
+    PyObject *name, *r;
+    (void)data;
+    if (!installed || forked)
+        return 0;
+    if (event[0] == 'o' && strcmp(event, "open") == 0) {
+        int done = fast_open(args);
+        if (done != 0)
+            return done < 0 ? -1 : 0;
+    }
+    else if (event[0] == 'n' && strcmp(event, "ngp.data.open") == 0) {
+        int done = fast_data(args);
+        if (done != 0)
+            return done < 0 ? -1 : 0;
+    }
+    else if (!is_recorded_event(event)) {
+        return 0;
+    }
+    else if (strcmp(event, "import") == 0) {
+        PyObject *mod = PyTuple_Check(args) && PyTuple_GET_SIZE(args) > 0 ? PyTuple_GET_ITEM(args, 0) : NULL;
+        const char *m;
+        if (mod == NULL || !PyUnicode_Check(mod))
+            return 0;
+        m = PyUnicode_AsUTF8(mod);
+        if (m == NULL) {
+            PyErr_Clear();
+            return 0;
+        }
+        if (strncmp(m, "ngp_research", 12) != 0)
+            return 0;
+    }
+    handled++;
+    name = PyUnicode_FromString(event);
+    if (name == NULL)
+        return -1;
+    r = PyObject_CallFunctionObjArgs(handler, name, args, NULL);
+    Py_DECREF(name);
+    if (r == NULL)
+        return -1;  /* the handler refused the access (AuditUnavailable): the operation fails */
+    Py_DECREF(r);
+    return 0;
+}
+
+static int
+copy_strings(PyObject *seq, char **out, Py_ssize_t *lens, int *count, int max, const char *what)
+{
+    Py_ssize_t i, n;
+    PyObject *fast_seq = PySequence_Fast(seq, what);
+    if (fast_seq == NULL)
+        return -1;
+    n = PySequence_Fast_GET_SIZE(fast_seq);
+    if (n > max) {
+        Py_DECREF(fast_seq);
+        PyErr_Format(PyExc_ValueError, "%s: at most %d", what, max);
+        return -1;
+    }
+    for (i = 0; i < n; i++) {
+        Py_ssize_t len;
+        const char *s = PyUnicode_AsUTF8AndSize(PySequence_Fast_GET_ITEM(fast_seq, i), &len);
+        if (s == NULL || len == 0) {
+            Py_DECREF(fast_seq);
+            if (s != NULL)
+                PyErr_Format(PyExc_ValueError, "%s: empty string", what);
+            return -1;
+        }
+        out[i] = (char *)PyMem_RawMalloc((size_t)len + 1);
+        if (out[i] == NULL) {
+            Py_DECREF(fast_seq);
+            PyErr_NoMemory();
+            return -1;
+        }
+        memcpy(out[i], s, (size_t)len + 1);
+        if (lens != NULL)
+            lens[i] = len;
+    }
+    *count = (int)n;
+    Py_DECREF(fast_seq);
+    return 0;
+}
+
+static PyObject *
+install(PyObject *self, PyObject *args)
+{
+    PyObject *h, *buf, *cur, *bsy, *wk, *ign, *alw, *evs;
+    Py_ssize_t cap, bat;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OO!O!O!OOOOnn", &h, &PyList_Type, &buf, &PyList_Type, &cur, &PySet_Type, &bsy,
+                          &wk, &ign, &alw, &evs, &cap, &bat))
+        return NULL;
+    if (installed) {
+        PyErr_SetString(PyExc_RuntimeError, "the audit hook is already installed in this process");
+        return NULL;
+    }
+    if (!PyCallable_Check(h) || !PyCallable_Check(wk)) {
+        PyErr_SetString(PyExc_TypeError, "handler and wake must be callable");
+        return NULL;
+    }
+    if (PyList_GET_SIZE(cur) != 1) {
+        PyErr_SetString(PyExc_ValueError, "current: a list of one element");
+        return NULL;
+    }
+    if (copy_strings(ign, ignored, ignored_len, &n_ignored, MAX_PREFIXES, "ignored") < 0 ||
+        copy_strings(alw, always, always_len, &n_always, MAX_PREFIXES, "always") < 0 ||
+        copy_strings(evs, events, NULL, &n_events, MAX_EVENTS, "events") < 0)
+        return NULL;
+    tag_open = PyUnicode_InternFromString("o");
+    tag_data = PyUnicode_InternFromString("d");
+    if (tag_open == NULL || tag_data == NULL)
+        return NULL;
+    Py_INCREF(h); Py_INCREF(buf); Py_INCREF(cur); Py_INCREF(bsy); Py_INCREF(wk);
+    handler = h; buffer = buf; current = cur; busy = bsy; wake = wk;  /* held for the life of the process */
+    capacity = cap;
+    batch = bat;
+    if (pthread_atfork(NULL, NULL, mark_forked) != 0) {
+        PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
+        return NULL;
+    }
+    installed = 1;
+    if (PySys_AddAuditHook(audit_hook, NULL) < 0) {
+        installed = 0;
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+stats(PyObject *self, PyObject *unused)
+{
+    (void)self; (void)unused;
+    return Py_BuildValue("{s:O,s:k,s:k}", "installed", installed ? Py_True : Py_False, "fast", fast,
+                         "handed_on", handled);
+}
+
+static PyMethodDef methods[] = {
+    {"install", install, METH_VARARGS, "Add the C audit hook (once per process)."},
+    {"stats", stats, METH_NOARGS, "Whether the hook is installed; opens taken by the fast path; events handed on."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_hook", "The audit hook's hot path in C (see ngp_research.kernel.auditor).", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__hook(void)
+{
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,172 @@
+"""The kernel's audit hook in-process: the C hot path records what the Python hook records.
+
+``ngp_research.kernel.auditor.install`` adds an audit hook that cannot be removed, so each case runs
+in a fresh interpreter (the project's venv python) with a small HTTP collector in the same process
+standing in for the audit service. The same operations run once with the C hook
+(``ngp_research.kernel._hook``, built by ``setup.py``) and once with the Python hook alone; the
+records must be the same, in the same order.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from ngp_research.workspace.environment import default_workspace_env, is_built
+
+PRELUDE = r'''
+import json, os, sys, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import ngp_research.kernel.auditor as auditor
+
+received = []
+
+class Collector(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        n = 0
+        for r in body["records"]:
+            for p in r.pop("paths", None) or [r.get("path")]:
+                received.append({**r, "path": p})
+                n += 1
+        out = json.dumps({"acknowledged": n}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *a):
+        pass
+
+server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+URL = f"http://127.0.0.1:{server.server_address[1]}/"
+if os.environ["HOOK"] == "python":
+    auditor._hook = None
+'''
+
+
+def run_case(body: str, hook: str, tmp_path, python=sys.executable) -> dict:
+    code = PRELUDE + textwrap.dedent(body)
+    env = {**os.environ, "HOOK": hook, "D": str(tmp_path)}
+    proc = subprocess.run([python, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+OPERATIONS = r'''
+a = auditor.install(URL, "tok", linger=0.001)
+d = os.environ["D"]
+a.begin("m1", "c1")
+for i in range(3):
+    with open(os.path.join(d, f"f{i}.txt"), "w") as f:
+        f.write("x")
+with open(d + "/sub/../f0.txt") as f:  # not a plain path: normalised by the Python side
+    pass
+with open(os.fsencode(d + "/f1.txt"), "rb") as f:  # bytes (FileIO raises the event with mode "r")
+    pass
+os.chdir(d)
+with open("f2.txt") as f:  # relative
+    pass
+os.close(os.open(d + "/f0.txt", os.O_RDONLY))
+os.listdir(d)
+detail = {"library": "pysam", "contig": "chr1", "start": 1}
+sys.audit("ngp.data.open", d + "/f1.txt", detail)  # as the pysam/Hail wrappers raise it
+detail["contig"] = "changed later"  # the record keeps what was passed
+sys.audit("ngp.data.open", "f2.txt", {"library": "hail"})  # relative: made absolute by the Python side
+with open(sys.prefix + "/pyvenv.cfg") as f:  # the kernel's own environment: not recorded
+    pass
+a.begin("m2", None)
+for i in range(3):
+    with open(os.path.join(d, f"f{i}.txt")) as f:
+        pass
+assert a.flush(10) is None
+mine = [r for r in received if (r.get("path") or "").startswith(d) or r["action"] == "file.list"]
+stats = a.stats()
+print(json.dumps({"records": mine, "stats": stats, "all_paths": [r.get("path") for r in received]}))
+'''
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "sub").mkdir()
+    return tmp_path
+
+
+def test_the_c_hook_records_exactly_what_the_python_hook_records(files):
+    c = run_case(OPERATIONS, "c", files)
+    py = run_case(OPERATIONS, "python", files)
+    assert c["stats"]["hook"] == "c" and py["stats"]["hook"] == "python"
+    assert c["records"] == py["records"]
+    d = str(files)
+    opens = [(r["path"], r["detail"]["mode"], r["detail"]["msg_id"], r["detail"]["cell_id"])
+             for r in c["records"] if r["action"] == "file.open"]
+    assert opens == [(f"{d}/f{i}.txt", "w", "m1", "c1") for i in range(3)] + [
+        (f"{d}/f0.txt", "r", "m1", "c1"), (f"{d}/f1.txt", "r", "m1", "c1"), (f"{d}/f2.txt", "r", "m1", "c1"),
+        (f"{d}/f0.txt", None, "m1", "c1")] + [(f"{d}/f{i}.txt", "r", "m2", None) for i in range(3)]
+    assert [r["path"] for r in c["records"] if r["action"] == "file.list"] == [d]
+    data = [(r["path"], r["detail"]) for r in c["records"] if r["action"] == "data.open"]
+    assert data == [(f"{d}/f1.txt", {"library": "pysam", "contig": "chr1", "start": 1, "msg_id": "m1", "cell_id": "c1"}),
+                    (f"{d}/f2.txt", {"library": "hail", "msg_id": "m1", "cell_id": "c1"})]
+    assert not any(p and p.endswith("pyvenv.cfg") for p in c["all_paths"])
+
+
+def test_a_forked_child_records_nothing_and_the_fork_is_recorded(files):
+    body = r'''
+    a = auditor.install(URL, "tok", linger=0.001)
+    d = os.environ["D"]
+    pid = os.fork()
+    if pid == 0:
+        with open(d + "/child.txt", "w") as f:
+            f.write("x")
+        os._exit(0)
+    os.waitpid(pid, 0)
+    with open(d + "/parent.txt", "w") as f:
+        f.write("x")
+    assert a.flush(10) is None
+    print(json.dumps({"actions": [(r["action"], r.get("path")) for r in received], "hook": a.stats()["hook"]}))
+    '''
+    for hook in ("c", "python"):
+        out = run_case(body, hook, files)
+        assert out["hook"] == hook
+        paths = [p for _, p in out["actions"]]
+        assert ["process.exec", None] in out["actions"]  # os.fork
+        assert f"{files}/parent.txt" in paths and f"{files}/child.txt" not in paths
+        assert (files / "child.txt").exists()
+
+
+def test_with_the_buffer_full_and_no_service_an_open_is_refused(files):
+    body = r'''
+    a = auditor.install("http://127.0.0.1:9/", "tok", capacity=5, timeout=0.2)
+    d = os.environ["D"]
+    opened, refused = 0, None
+    for i in range(20):
+        try:
+            with open(f"{d}/f{i}.txt", "w") as f:
+                f.write("x")
+            opened += 1
+        except PermissionError as e:
+            refused = str(e)
+            break
+    print(json.dumps({"opened": opened, "refused": refused, "exists": os.path.exists(f"{d}/f{opened}.txt"),
+                      "stats": a.stats()}))
+    '''
+    for hook in ("c", "python"):
+        out = run_case(body, hook, files)
+        assert out["stats"]["hook"] == hook
+        assert out["opened"] <= 5 and "audit buffer full" in out["refused"], out
+        assert not out["exists"]  # the refused open did not happen
+        assert out["stats"]["blocked"]
+
+
+@pytest.mark.skipif(not is_built(default_workspace_env()), reason="needs the workspace environment")
+def test_the_workspace_kernels_use_the_c_hook(files):
+    python = os.path.join(default_workspace_env(), "bin", "python")
+    out = run_case(OPERATIONS, "c", files, python=python)
+    assert out["stats"]["hook"] == "c"
