@@ -388,3 +388,56 @@ def test_a_later_record_reusing_a_cells_msg_id_cannot_change_the_code_shown(repo
     (row,) = region_report(reported.audit, reported, "admin-syd", "syd")
     assert row["code"] == "open('/data/syd/syd-cohort/syd-cohort.vcf.gz')"
     assert "another record reused this cell's msg_id" in row["flag"]
+
+
+def test_a_path_that_is_not_utf8_is_stored_escaped_and_flagged(service, store):
+    """A file name with bytes that are not UTF-8 reaches Python as surrogate escapes; refusing its record
+    would block the kernel for good, storing it raw would fail the transaction."""
+    status, ack = post(service.url, [{"action": "file.open", "paths": ["/project/caf\udce9", "/project/ok"]},
+                                     {"action": "data.open", "path": "/project/nul\x00", "detail": {"x": "\ud800"}}])
+    assert status == 200 and ack["acknowledged"] == 3
+    recs = store.records()
+    assert [r.path for r in recs] == ["/project/caf\\xe9", "/project/ok", "/project/nul\\x00"]
+    assert "not valid UTF-8" in recs[0].detail["flag"] and "flag" not in recs[1].detail
+    assert recs[2].detail["x"] == "\\ud800" and "escaped" in recs[2].detail["flag"]
+    assert store.verify().ok
+
+
+def test_a_request_that_cannot_be_stored_does_not_fail_the_others_in_its_transaction():
+    from ngp_research.audit.records import AuditRecord
+    from ngp_research.audit.service import GroupCommitter
+
+    class Store:
+        def __init__(self):
+            self.rows = []
+
+        def append_many(self, records):
+            if any(r.path == "/project/poison" for r in records):
+                raise RuntimeError("the database refused it")
+            self.rows += records
+            return [type("S", (), {"seq": len(self.rows)})() for _ in records]
+
+    async def run():
+        committer = GroupCommitter(Store())
+        good = [AuditRecord("file.open", "bob", path="/project/fine")]
+        bad = [AuditRecord("file.open", "alice", path="/project/poison")]
+        # both are queued before the committer takes its first batch: one transaction, which fails
+        results = asyncio.gather(committer.submit(bad), committer.submit(good), return_exceptions=True)
+        committer.start()
+        out = await results
+        committer.task.cancel()
+        return out, committer.store.rows
+
+    (bad_result, good_result), rows = asyncio.run(run())
+    assert isinstance(bad_result, RuntimeError)
+    assert len(good_result) == 1 and [r.path for r in rows] == ["/project/fine"]
+
+
+def test_a_request_with_too_many_paths_is_refused_before_anything_is_built(service, store, monkeypatch):
+    import ngp_research.audit.service as svc
+
+    built = []
+    monkeypatch.setattr(svc, "build_records", lambda *a, **k: built.append(1) or [])
+    status, body = post(service.url, [{"action": "file.open", "paths": ["/p"] * 3000},
+                                      {"action": "file.open", "paths": ["/p"] * 3000}])
+    assert status == 400 and "at most 5000" in body["error"] and not built

@@ -170,3 +170,136 @@ def test_the_workspace_kernels_use_the_c_hook(files):
     python = os.path.join(default_workspace_env(), "bin", "python")
     out = run_case(OPERATIONS, "c", files, python=python)
     assert out["stats"]["hook"] == "c"
+
+
+ATTACKS = r'''
+import io, signal, time
+a = auditor.install(URL, "tok", linger=0.001)
+d = os.environ["D"]
+secret = d + "/secret.txt"
+ran = []
+
+# /proc/self/root and /dev/shm lead anywhere: recorded, not ignored as the kernel's own
+open("/proc/self/root" + secret).read()
+shm = f"/dev/shm/ngp-test-{os.getpid()}"
+os.symlink(d, shm)
+try:
+    open(shm + "/secret.txt").read()
+finally:
+    os.unlink(shm)
+
+# a str subclass cannot steer the ignore check, a bytes subclass cannot change what is decoded
+class S(str):
+    def startswith(self, *a):
+        ran.append("startswith"); return True
+    def __contains__(self, x):
+        ran.append("contains"); return True
+open(S(secret)).read()
+class B(bytes):
+    def decode(self, *a, **k):
+        ran.append("decode"); return "/usr/lib/x"
+open(B(os.fsencode(secret))).read()
+
+# a path-like handed straight to FileIO: what its __fspath__ says later may not be what was opened
+class P:
+    calls = 0
+    def __fspath__(self):
+        P.calls += 1
+        return secret if P.calls == 1 else "/usr/lib/x"
+try:
+    io.FileIO(P()).read()
+    fileio = "read"
+except PermissionError as e:
+    fileio = str(e)
+
+# user objects in a library record are not run (repr/str), by the hook or by the sender
+class R:
+    def __repr__(self):
+        ran.append("repr"); return open(secret).read()
+    __str__ = __repr__
+sys.audit("ngp.data.open", R(), {"library": "x"})
+sys.audit("ngp.data.open", d + "/f0.txt", {"library": "x", "value": R()})
+loop = {}; loop["self"] = loop
+sys.audit("ngp.data.open", d + "/f1.txt", {"library": "x", "loop": loop})  # not encodable as it is
+
+# a subinterpreter would run without the hook
+try:
+    import _xxsubinterpreters as interpreters
+    interpreters.create()
+    sub = "created"
+except (PermissionError, RuntimeError) as e:  # _xxsubinterpreters reports "interpreter creation failed"
+    sub = str(e)
+
+# an interrupted exchange does not leave the connection out of step (a later answer taken for another)
+def interrupt(*_):
+    raise KeyboardInterrupt
+signal.signal(signal.SIGALRM, interrupt)
+SLOW.append("slow-A")
+signal.setitimer(signal.ITIMER_REAL, 0.1)
+try:
+    a.write_ahead({"action": "query.execute", "path": None, "detail": {"code": "slow-A"}})
+    interrupted = False
+except KeyboardInterrupt:
+    interrupted = True
+signal.setitimer(signal.ITIMER_REAL, 0)
+REFUSE.append("refused-B")
+b = a.write_ahead({"action": "query.execute", "path": None, "detail": {"code": "refused-B"}})
+c = a.write_ahead({"action": "query.execute", "path": None, "detail": {"code": "fine-C"}})
+
+assert a.flush(10) is None, a.stats()
+# after close(), a record is delivered before the access happens
+a.close()
+n = len(received)
+open(d + "/after-close.txt", "w").close()
+after_close = [r.get("path") for r in received[n:]]
+print(json.dumps({"received": received, "ran": ran, "fileio": fileio, "sub": sub, "interrupted": interrupted,
+                  "b": b, "c": c, "after_close": after_close, "stats": a.stats()}))
+'''
+
+SLOW_COLLECTOR = r'''
+SLOW, REFUSE = [], []
+_orig = Collector.do_POST
+def do_POST(self):
+    body = self.rfile.read(int(self.headers["Content-Length"]))
+    codes = [((r.get("detail") or {}).get("code")) for r in json.loads(body)["records"]]
+    if any(c in SLOW for c in codes):
+        time.sleep(0.4)
+    if any(c in REFUSE for c in codes):
+        out = b'{"error": "refused"}'
+        self.send_response(503)
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+        return
+    import io as _io
+    self.rfile = _io.BytesIO(body)
+    self.headers.replace_header("Content-Length", str(len(body)))
+    _orig(self)
+Collector.do_POST = do_POST
+'''
+
+
+def test_attacks_on_the_hook_are_recorded_or_refused(files):
+    (files / "secret.txt").write_text("secret\n")
+    for hook in ("c", "python"):
+        out = run_case("import time\n" + SLOW_COLLECTOR + ATTACKS, hook, files)
+        assert out["stats"]["hook"] == hook
+        secret = str(files / "secret.txt")
+        paths = [r.get("path") for r in out["received"]]
+        assert "/proc/self/root" + secret in paths  # not hidden as the kernel's own /proc/self
+        assert any(p and p.startswith("/dev/shm/ngp-test-") and p.endswith("/secret.txt") for p in paths)
+        assert paths.count(secret) >= 2  # the str and bytes subclasses, recorded as the characters they hold
+        assert out["ran"] == []  # no user method ran: not startswith, decode, repr or str
+        assert "cannot record this path" in out["fileio"]
+        data = [r for r in out["received"] if r["action"] == "data.open"]
+        assert any(r["path"] is None and "R object at" in r["detail"]["object"] for r in data)
+        assert any(r["path"] == f"{files}/f0.txt" and "R object at" in r["detail"]["value"] for r in data)
+        assert any(r["path"] == f"{files}/f1.txt" for r in data)  # the self-referencing detail, cut and kept
+        assert out["sub"] != "created"
+        assert any(r["detail"].get("event") == "cpython.PyInterpreterState_New" and r["detail"].get("refused")
+                   for r in out["received"])
+        assert out["interrupted"] is True
+        assert out["b"] and "503" in out["b"]  # refused by the service: not taken for an acknowledgement
+        assert out["c"] is None
+        assert out["after_close"] == [f"{files}/after-close.txt"]
+        assert out["stats"]["blocked"] is None

@@ -87,7 +87,7 @@ def resolve(path):
     if not path.startswith("/data/"):
         return None, None
     parts = path.split("/", 4)
-    if len(parts) >= 4 and parts[2] and parts[3]:
+    if len(parts) >= 4 and parts[2] and parts[3] and len(parts[2]) <= 64 and len(parts[3]) <= 128:
         return parts[2], parts[3]
     return None, None
 
@@ -96,6 +96,45 @@ def resolve(path):
 #: user (see ngp_research.kernel), so such cells are flagged where the region admin reads them.
 TAMPERING_SIGNS = ("gc.", "get_objects", "get_referrers", "ctypes", "__closure__", "cell_contents", "__code__",
                    "addaudithook", "ngp_research.kernel", "_ngp", "/run/ngp", "sys.modules[", "__globals__")
+
+
+def storable(value):
+    r"""``value`` with every string storable as UTF-8 text (lone surrogates and NUL escaped), and whether it changed.
+
+    A file name that is not valid UTF-8 reaches Python as surrogate escapes; it is kept as a
+    readable escape rather than refused (a refused record would block the kernel that sent it).
+
+    >>> storable("/project/caf\udce9")
+    ('/project/caf\\xe9', True)
+    >>> storable({"a": ["ok", "nul\x00"]})
+    ({'a': ['ok', 'nul\\x00']}, True)
+    >>> storable("/data/r/d/f")
+    ('/data/r/d/f', False)
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            if "\x00" not in value:
+                return value, False
+        except UnicodeEncodeError:
+            value = value.encode("utf-8", "surrogateescape" if all(
+                "\udc80" <= c <= "\udcff" for c in value if "\ud800" <= c <= "\udfff") else "backslashreplace")
+            value = value.decode("utf-8", "backslashreplace")
+        return value.replace("\x00", "\\x00"), True
+    if isinstance(value, dict):
+        changed = False
+        out = {}
+        for k, v in value.items():
+            k2, c1 = storable(k)
+            v2, c2 = storable(v)
+            out[k2] = v2
+            changed = changed or c1 or c2
+        return (out if changed else value), changed
+    if isinstance(value, list):
+        pairs = [storable(v) for v in value]
+        changed = any(c for _, c in pairs)
+        return ([v for v, _ in pairs] if changed else value), changed
+    return value, False
 
 
 def _checked(caller: Caller, raw: dict, members: set | None) -> tuple[str, dict, list]:
@@ -113,6 +152,9 @@ def _checked(caller: Caller, raw: dict, members: set | None) -> tuple[str, dict,
     if code is not None and not isinstance(code, str):
         raise ValueError("detail.code must be a string")
     flags = []
+    detail, escaped = storable(detail)
+    if escaped:
+        flags.append("text that is not valid UTF-8 (or holds NUL) was escaped")
     if caller.project is None:
         flags.append("the token names no workspace")
     elif members is not None and caller.user not in members:
@@ -141,6 +183,9 @@ def build_record(caller: Caller, raw: dict, visible: set | None, members: set | 
     path = raw.get("path")
     if path is not None and not isinstance(path, str):
         raise ValueError("path must be a string")
+    path, escaped = storable(path)
+    if escaped:
+        flags = [*flags, "the path is not valid UTF-8 (or holds NUL): escaped"]
     region, dataset = resolve(path)
     return AuditRecord(action, caller.user, project=caller.project, region=region, dataset=dataset, path=path,
                        detail=_located(detail, flags, region, dataset, visible))
@@ -171,11 +216,13 @@ def build_records(caller: Caller, raw: list, visible: set | None, members: set |
         prepared = {}  # (region, dataset) -> (detail, its canonical text): one encoding per location
         user, project = caller.user, caller.project
         for path in paths:
+            path, escaped = storable(path)
             where = resolve(path)
-            hit = prepared.get(where)
+            hit = prepared.get((where, escaped))
             if hit is None:
-                located = _located(detail, flags, *where, visible)
-                hit = prepared[where] = (located, canonical(located).decode("utf-8"))
+                f = [*flags, "the path is not valid UTF-8 (or holds NUL): escaped"] if escaped else flags
+                located = _located(detail, f, *where, visible)
+                hit = prepared[(where, escaped)] = (located, canonical(located).decode("utf-8"))
             out.append(AuditRecord.prepared(action, user, project, where[0], where[1], path, *hit))
     return out
 
@@ -196,6 +243,11 @@ class GroupCommitter:
 
     def start(self):
         self.task = asyncio.ensure_future(self._run())
+
+    async def _append(self, loop, records):
+        if len(records) <= self.inline_max:  # a few records: commit here, without a thread hop each way
+            return self.store.append_many(records)
+        return await loop.run_in_executor(None, self.store.append_many, records)
 
     async def submit(self, records):
         fut = asyncio.get_running_loop().create_future()
@@ -226,14 +278,21 @@ class GroupCommitter:
                 size += len(item[0])
             records = [r for recs, _ in batch for r in recs]
             try:
-                if len(records) <= self.inline_max:  # a few records: commit here, without a thread hop each way
-                    stored = self.store.append_many(records)
-                else:
-                    stored = await loop.run_in_executor(None, self.store.append_many, records)
-            except Exception as e:  # nothing in this batch is acknowledged
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(e)
+                stored = await self._append(loop, records)
+            except Exception as e:  # nothing in this batch was stored: each request on its own, so one
+                if len(batch) == 1:  # bad request does not fail the others that shared its transaction
+                    if not batch[0][1].done():
+                        batch[0][1].set_exception(e)
+                    continue
+                for recs, fut in batch:
+                    try:
+                        mine = await self._append(loop, recs)
+                    except Exception as e2:
+                        if not fut.done():
+                            fut.set_exception(e2)
+                    else:
+                        if not fut.done():
+                            fut.set_result(mine)
                 continue
             i = 0
             for recs, fut in batch:
@@ -270,9 +329,10 @@ class RecordsHandler(_Base):
             raw = body["records"]
             if not isinstance(raw, list) or not raw or len(raw) > MAX_RECORDS_PER_REQUEST:
                 raise ValueError(f"records: a list of 1 to {MAX_RECORDS_PER_REQUEST} records")
-            records = build_records(caller, raw, self.ctx.visible(caller), self.ctx.members(caller))
-            if len(records) > MAX_RECORDS_PER_REQUEST:
+            count = sum(len(r["paths"]) if isinstance(r, dict) and isinstance(r.get("paths"), list) else 1 for r in raw)
+            if count > MAX_RECORDS_PER_REQUEST:  # counted before anything is built
                 raise ValueError(f"records: at most {MAX_RECORDS_PER_REQUEST} records per request, paths counted")
+            records = build_records(caller, raw, self.ctx.visible(caller), self.ctx.members(caller))
         except (ValueError, KeyError, TypeError) as e:
             return self.write_json(400, {"error": str(e)})
         try:

@@ -28,7 +28,7 @@ def main(argv=None) -> None:
     if os.environ.get("NGP_AUDIT_LINGER"):  # seconds the sender lets a cell's opens collect (a tuning knob)
         options["linger"] = float(os.environ["NGP_AUDIT_LINGER"])
     auditor = install(os.environ.get("NGP_AUDIT_URL"), os.environ.get("JUPYTERHUB_API_TOKEN"), **options)
-    atexit.register(auditor.flush)  # records of work after the last cell (threads) go out before exit
+    atexit.register(auditor.close)  # what is buffered goes out; later opens (__del__, threads) go out first
 
     from .entrypoints import wrap_hail_on_import, wrap_pysam  # noqa: PLC0415
     from .kernel import make_kernel_class  # noqa: PLC0415

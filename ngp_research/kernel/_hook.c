@@ -5,13 +5,12 @@
  * compares, and a plain ``open`` of an absolute path is appended to the auditor's buffer without
  * entering Python. Every other recorded event is handed to the auditor's Python hook, unchanged.
  *
- * install(handler, buffer, current, busy, wake, ignored, always, events, capacity, batch)
+ * install(handler, buffer, current, wake, ignored, always, events, capacity, batch)
  *   handler  the Python hook: handler(event, args) for recorded events other than a plain open
  *   buffer   the auditor's list; a plain open appends ("o", path, mode, flags, current[0]), and an
  *            ``ngp.data.open`` (absolute str path, dict) from the library wrappers appends
  *            ("d", path, copy of the dict, current[0], None)
  *   current  a one-element list: the (msg_id, cell_id) records are attributed to
- *   busy     a set of thread idents whose events are the auditor's own I/O (not recorded)
  *   wake     a callable: called when the buffer becomes non-empty or reaches ``batch``
  *   ignored  path prefixes (no trailing slash) not recorded, unless under one of ``always``
  *   always   path prefixes always recorded
@@ -32,8 +31,10 @@
 #define MAX_EVENTS 64
 
 static int installed = 0;
+static int write_through = 0;  /* after the auditor's close(): every recorded event goes to the handler */
+static int selftest_seen = 0;
 static volatile int forked = 0;
-static PyObject *handler, *buffer, *current, *busy, *wake, *tag_open, *tag_data;
+static PyObject *handler, *buffer, *current, *wake, *tag_open, *tag_data;
 static Py_ssize_t capacity, batch;
 static char *ignored[MAX_PREFIXES];
 static Py_ssize_t ignored_len[MAX_PREFIXES];
@@ -71,27 +72,6 @@ is_ignored(const char *s, Py_ssize_t n)
 }
 
 static int
-is_busy(void)
-{
-    PyObject *me;
-    int r;
-    if (PySet_GET_SIZE(busy) == 0)
-        return 0;
-    me = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
-    if (me == NULL) {
-        PyErr_Clear();
-        return 0;
-    }
-    r = PySet_Contains(busy, me);
-    Py_DECREF(me);
-    if (r < 0) {
-        PyErr_Clear();
-        return 0;
-    }
-    return r;
-}
-
-static int
 is_recorded_event(const char *event)
 {
     int i;
@@ -125,8 +105,8 @@ fast_open(PyObject *args)
         return 0;
     if (is_ignored(s, n))
         return 1;
-    if (is_busy())
-        return 1;
+    if (PyList_GET_SIZE(current) != 1)
+        return 0;  /* tampered with: the handler fails closed */
     len = PyList_GET_SIZE(buffer);
     if (len >= capacity)
         return 0;  /* full: the Python hook delivers now or refuses the open */
@@ -155,6 +135,21 @@ append(PyObject *item, Py_ssize_t len)
     return 1;
 }
 
+/* 1 when every key is an exact str and every value an exact str, int, float, bool or None */
+static int
+plain_dict(PyObject *d)
+{
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    while (PyDict_Next(d, &pos, &k, &v)) {
+        if (!PyUnicode_CheckExact(k))
+            return 0;
+        if (!(v == Py_None || PyUnicode_CheckExact(v) || PyLong_CheckExact(v) || PyFloat_CheckExact(v) || PyBool_Check(v)))
+            return 0;
+    }
+    return 1;
+}
+
 /* ngp.data.open (path, detail) from the library wrappers: 1 appended; 0 hand it on; -1 error */
 static int
 fast_data(PyObject *args)
@@ -176,8 +171,8 @@ fast_data(PyObject *args)
     }
     if (n == 0 || s[0] != '/' || memmem(s, (size_t)n, "/.", 2) != NULL || memmem(s, (size_t)n, "//", 2) != NULL)
         return 0;
-    if (is_busy())
-        return 1;
+    if (PyList_GET_SIZE(current) != 1 || !plain_dict(detail))
+        return 0;  /* values that are not plain: the handler makes them plain without running user code */
     len = PyList_GET_SIZE(buffer);
     if (len >= capacity)
         return 0;
@@ -197,14 +192,18 @@ audit_hook(const char *event, PyObject *args, void *data)
     if (!installed || forked)
         return 0;
     if (event[0] == 'o' && strcmp(event, "open") == 0) {
-        int done = fast_open(args);
+        int done = write_through ? 0 : fast_open(args);
         if (done != 0)
             return done < 0 ? -1 : 0;
     }
     else if (event[0] == 'n' && strcmp(event, "ngp.data.open") == 0) {
-        int done = fast_data(args);
+        int done = write_through ? 0 : fast_data(args);
         if (done != 0)
             return done < 0 ? -1 : 0;
+    }
+    else if (event[0] == 'n' && strcmp(event, "ngp.hook.selftest") == 0) {
+        selftest_seen = 1;
+        return 0;
     }
     else if (!is_recorded_event(event)) {
         return 0;
@@ -274,11 +273,11 @@ copy_strings(PyObject *seq, char **out, Py_ssize_t *lens, int *count, int max, c
 static PyObject *
 install(PyObject *self, PyObject *args)
 {
-    PyObject *h, *buf, *cur, *bsy, *wk, *ign, *alw, *evs;
+    PyObject *h, *buf, *cur, *wk, *ign, *alw, *evs;
     Py_ssize_t cap, bat;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OO!O!O!OOOOnn", &h, &PyList_Type, &buf, &PyList_Type, &cur, &PySet_Type, &bsy,
-                          &wk, &ign, &alw, &evs, &cap, &bat))
+    if (!PyArg_ParseTuple(args, "OO!O!OOOOnn", &h, &PyList_Type, &buf, &PyList_Type, &cur, &wk, &ign, &alw, &evs,
+                          &cap, &bat))
         return NULL;
     if (installed) {
         PyErr_SetString(PyExc_RuntimeError, "the audit hook is already installed in this process");
@@ -300,8 +299,8 @@ install(PyObject *self, PyObject *args)
     tag_data = PyUnicode_InternFromString("d");
     if (tag_open == NULL || tag_data == NULL)
         return NULL;
-    Py_INCREF(h); Py_INCREF(buf); Py_INCREF(cur); Py_INCREF(bsy); Py_INCREF(wk);
-    handler = h; buffer = buf; current = cur; busy = bsy; wake = wk;  /* held for the life of the process */
+    Py_INCREF(h); Py_INCREF(buf); Py_INCREF(cur); Py_INCREF(wk);
+    handler = h; buffer = buf; current = cur; wake = wk;  /* held for the life of the process */
     capacity = cap;
     batch = bat;
     if (pthread_atfork(NULL, NULL, mark_forked) != 0) {
@@ -313,6 +312,21 @@ install(PyObject *self, PyObject *args)
         installed = 0;
         return NULL;
     }
+    /* PySys_AddAuditHook can return 0 without adding the hook (an earlier hook refused it): check */
+    if (PySys_Audit("ngp.hook.selftest", NULL) < 0)
+        return NULL;
+    if (!selftest_seen) {
+        PyErr_SetString(PyExc_RuntimeError, "the C audit hook was not added");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+set_write_through(PyObject *self, PyObject *unused)
+{
+    (void)self; (void)unused;
+    write_through = 1;
     Py_RETURN_NONE;
 }
 
@@ -326,6 +340,7 @@ stats(PyObject *self, PyObject *unused)
 
 static PyMethodDef methods[] = {
     {"install", install, METH_VARARGS, "Add the C audit hook (once per process)."},
+    {"write_through", set_write_through, METH_NOARGS, "From now on, hand every recorded event to the handler."},
     {"stats", stats, METH_NOARGS, "Whether the hook is installed; opens taken by the fast path; events handed on."},
     {NULL, NULL, 0, NULL},
 };

@@ -34,6 +34,14 @@ except ImportError:  # pragma: no cover - a build without a C compiler
 
 __all__ = ["AuditUnavailable", "Auditor", "install", "UNREACHABLE"]
 
+try:  # pathlib's own classes: their __fspath__ is theirs, not a user's
+    import pathlib as _pathlib
+
+    _PURE_PATHS = (_pathlib.PurePath, _pathlib.PurePosixPath, _pathlib.PureWindowsPath, _pathlib.Path,
+                   _pathlib.PosixPath, _pathlib.WindowsPath)
+except ImportError:  # pragma: no cover
+    _PURE_PATHS = ()
+
 UNREACHABLE = "the audit service cannot be reached; no code was run"
 
 #: Audit events recorded (and the record action each maps to); every other event returns at once.
@@ -57,11 +65,63 @@ EVENT_ACTIONS = {
     "ngp.data.open": "data.open",  # raised by ngp_research.kernel.entrypoints.record_data_access
     "ngp.review.mark": "review.mark",  # raised by ngp_research.widgets.VariantReview (a review marked)
     "sys.addaudithook": "audit.tamper",
+    "cpython.PyInterpreterState_New": "process.exec",  # refused: a subinterpreter has no audit hook
     "import": "audit.tamper",  # only for (re)imports of ngp_research.kernel after start
 }
 
 #: Paths always recorded, whatever the ignore list says.
 ALWAYS = ("/data", "/project", "/home")
+
+
+_SCALARS = frozenset((str, int, float, bool, type(None)))
+
+
+def _socket_family(sock) -> int:
+    """The address family of a socket, read from the C type (a subclass's ``family`` property is not run)."""
+    import _socket  # noqa: PLC0415
+
+    return _socket.socket.family.__get__(sock)
+
+
+def _text(value) -> str:
+    """A str for ``value`` that runs no user code: exact str/bytes/pathlib paths as text, else the type and id.
+
+    >>> _text("a"), _text(b"/x"), _text(3)
+    ('a', '/x', '3')
+    >>> class Sneaky(str):
+    ...     def __str__(self):
+    ...         raise AssertionError("user code ran")
+    >>> _text(Sneaky("/data/r/d/f"))
+    '/data/r/d/f'
+    """
+    cls = value.__class__
+    if cls is str:
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)  # the characters, not what a subclass says
+    if isinstance(value, (bytes, bytearray)):
+        return os.fsdecode(bytes(value))
+    if cls in (int, float, bool) or value is None:
+        return repr(value)
+    if cls in _PURE_PATHS:
+        return str(value)
+    return object.__repr__(value)
+
+
+def _plain(value, depth=0):
+    """``value`` as JSON-able primitives, without running user code (see :func:`_text`).
+
+    >>> _plain({"a": [1, None, 2.5], "b": object.__new__(type("U", (), {}))})["a"]
+    [1, None, 2.5]
+    """
+    cls = value.__class__
+    if cls in (str, int, float, bool) or value is None:
+        return value
+    if depth < 4 and cls in (list, tuple):
+        return [_plain(v, depth + 1) for v in value]
+    if depth < 4 and cls is dict:
+        return {_text(k): _plain(v, depth + 1) for k, v in value.items()}
+    return _text(value)
 
 
 class AuditUnavailable(PermissionError):
@@ -78,6 +138,7 @@ class Auditor(NamedTuple):
     record: Callable  # (action, path, detail) -> None: buffers one record (attributed)
     stats: Callable  # () -> dict
     watch: Callable  # (check) -> None: a () -> None | str integrity check the sender runs each round
+    close: Callable  # (timeout) -> None | reason: flush, then deliver every later record before it happens
 
 
 _EMPTY = object()
@@ -134,14 +195,15 @@ def closure_guard(functions):
 
 
 def _default_ignored() -> tuple:
-    """Prefixes of the kernel's own opens (the environment, the stdlib, runtime dirs): not recorded."""
+    """Prefixes of the kernel's own opens (its environment, the stdlib): not recorded.
+
+    Only places a member cannot write to (read-only in the sandbox): a writable folder could hold
+    a symlink into ``/data``, and ``/proc/self/root``, ``/proc/self/cwd`` and ``/proc/self/fd`` lead
+    anywhere, so ``/proc/self``, ``/dev/shm`` and the kernel's runtime folders are recorded.
+    """
     prefixes = {sys.prefix, sys.exec_prefix, sys.base_prefix + "/lib", sys.base_exec_prefix + "/lib",
-                "/usr/lib", "/usr/local/lib", "/usr/share", "/proc/self", f"/proc/{os.getpid()}", "/sys",
-                "/dev/null", "/dev/urandom", "/dev/random", "/dev/shm", "/dev/pts", "/dev/tty"}
-    for var in ("IPYTHONDIR", "JUPYTER_RUNTIME_DIR", "MPLCONFIGDIR"):
-        value = os.environ.get(var)
-        if value and os.path.isabs(value):
-            prefixes.add(value)
+                "/usr/lib", "/usr/local/lib", "/usr/share", "/sys",
+                "/dev/null", "/dev/urandom", "/dev/random", "/dev/pts", "/dev/tty"}
     out = []
     for p in prefixes:
         p = os.path.normpath(p)
@@ -186,10 +248,10 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
     getpid = os.getpid
     current = [(None, None)]  # (msg_id, cell_id) of the execution records are attributed to
     state = {"armed": False, "blocked": None, "tampered": None, "posts": 0, "records": 0,
-             "failures": 0, "errors": 0}
+             "failures": 0, "errors": 0, "closed": False}
     checks = []
     conn_box = [None]
-    fspath, fsdecode, normpath, getcwd = os.fspath, os.fsdecode, os.path.normpath, os.getcwd
+    fsdecode, normpath, getcwd = os.fsdecode, os.path.normpath, os.getcwd
     monotonic, _get_ident = time.monotonic, threading.get_ident
     dumps, loads = json.dumps, json.loads
     run_key, second = operator.itemgetter(0, 2, 3, 4), operator.itemgetter(1)
@@ -234,7 +296,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             data += chunk
         lines = data[:end].decode("latin-1").split("\r\n")
         parts = lines[0].split(" ", 2)
-        if len(parts) < 2 or not parts[1].isdigit():
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
             raise http.client.BadStatusLine(lines[0])
         length, close = None, False
         for line in lines[1:]:
@@ -255,8 +317,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
                 raise http.client.IncompleteRead(answer, length - len(answer))
             answer += chunk
         if close:
-            conn.close()
-            conn_box[0] = None
+            conn.close()  # socket.close sets _closed: _post does not keep it
         return int(parts[1]), parts[2] if len(parts) > 2 else "", answer[:length]
 
     def _post(records, t, count=None):
@@ -268,7 +329,10 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             return "NGP_AUDIT_URL is not set"
         if not token:
             return "JUPYTERHUB_API_TOKEN is not set"
-        body = dumps({"records": records}, default=str).encode()
+        try:
+            body = dumps({"records": records}).encode()
+        except (TypeError, ValueError):  # never expected (values are made plain when recorded); never fatal
+            body = dumps({"records": [_encodable(r) for r in records]}).encode()
         me = _get_ident()
         was_busy = me in busy
         busy.add(me)  # the connection's own opens and connects are not recorded
@@ -277,11 +341,16 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
                 conn = None
                 try:
                     conn = _connection(t)
+                    conn_box[0] = None  # out while in use: an interrupted exchange never leaves it half-read
                     status, reason, text = _exchange(conn, body)
-                except (OSError, http.client.HTTPException, ValueError) as e:
+                    if not getattr(conn, "_closed", False):
+                        conn_box[0] = conn
+                except BaseException as e:
                     if conn is not None:
                         conn.close()
                     conn_box[0] = None
+                    if not isinstance(e, (OSError, http.client.HTTPException, ValueError)):
+                        raise  # KeyboardInterrupt and the like: the connection is gone, the records stay
                     if attempt == 0 and isinstance(e, (http.client.RemoteDisconnected, BrokenPipeError,
                                                        ConnectionResetError)):
                         continue
@@ -303,17 +372,20 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
                 busy.discard(me)
 
     def _deliver(deadline, limit=None):
-        """Deliver buffered records in batches until the buffer is empty (or ``limit`` batches)."""
+        """Deliver the records buffered now (not those added meanwhile), in batches, by ``deadline``."""
+        if getpid() != home_pid:
+            return "a forked process does not deliver the kernel's records"
         if not send_lock.acquire(timeout=max(0.0, deadline - monotonic())):
             return "the audit sender is busy"
         try:
-            n = 0
-            while True:
-                items = buffer[:max_post]  # one slice: atomic against the hook's appends
+            target, done, n = len(buffer), 0, 0
+            while done < target:
+                if monotonic() > deadline:
+                    return "the audit service did not take the records in time"
+                items = buffer[:min(max_post, target - done)]  # one slice: atomic against the hook's appends
                 if not items:
                     return None
-                chunk = _encode(items)
-                reason = _post(chunk, max(0.1, deadline - monotonic()), len(items))
+                reason = _post(_encode(items), max(0.1, deadline - monotonic()), len(items))
                 if reason is not None:
                     with lock:
                         state["failures"] += 1
@@ -322,13 +394,17 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
                     del buffer[:len(items)]
                     if not buffer and state["blocked"] and not state["tampered"]:
                         state["blocked"] = None
+                done += len(items)
                 n += 1
                 if limit is not None and n >= limit:
                     return None
+            return None
         finally:
             send_lock.release()
 
     def write_ahead(record, t=timeout):
+        if getpid() != home_pid:
+            return "a forked process does not send the kernel's records"
         deadline = monotonic() + t
         reason = blocked()
         if reason is None:
@@ -368,6 +444,17 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
         return state["blocked"]
 
     # -- recording --------------------------------------------------------------------------------
+
+    def _encodable(rec):
+        """``rec`` if JSON can encode it, else what can be kept of it (never expected; never dropped)."""
+        try:
+            dumps(rec)
+            return rec
+        except (TypeError, ValueError):
+            with lock:
+                state["errors"] += 1
+            return {"action": rec.get("action"), "path": rec.get("path") if rec.get("path").__class__ is str else None,
+                    "detail": {"error": "the record could not be encoded", "raw": _text(rec)[:1000]}}
 
     def _materialize(item):
         """The record dict of a ``("d", path, detail, ids, None)`` buffer item (a library's data open)."""
@@ -410,6 +497,14 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
         # Appends go to the right end and only the sender (holding send_lock) pops from the left, so
         # no lock is needed here (list.append is atomic).
         n = len(buffer)
+        if state["closed"]:  # after close(): delivered before the access happens, or the access is refused
+            buffer.append(("r", rec, None, None, None))
+            reason = blocked() or _deliver(monotonic() + min(timeout, 2.0))
+            if reason is not None:
+                with lock:
+                    state["blocked"] = state["blocked"] or reason
+                raise AuditUnavailable(f"{UNREACHABLE.split(';')[0]}; this access was refused ({reason})")
+            return
         if n < capacity:
             buffer.append(("r", rec, None, None, None))
             if n == 0 or n + 1 == batch:
@@ -425,14 +520,20 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
                                f"(audit buffer full: {capacity} records)")
 
     def _path(p):
-        if p is None or isinstance(p, int):
-            return None
-        if isinstance(p, bytes):
-            p = fsdecode(p)
-        elif not isinstance(p, str):
-            p = fspath(p)
-            if isinstance(p, bytes):
-                p = fsdecode(p)
+        """The absolute path text of an event's path argument, running no user code; None for an fd."""
+        cls = p.__class__
+        if cls is not str:
+            if p is None or isinstance(p, int):
+                return None
+            if isinstance(p, str):
+                p = str.__str__(p)  # the characters, whatever a subclass's methods say
+            elif isinstance(p, (bytes, bytearray)):
+                p = fsdecode(bytes(p))
+            elif cls in _PURE_PATHS:
+                p = str(p)
+            else:  # its __fspath__ may not answer what was opened: the access cannot be recorded
+                raise AuditUnavailable("the audit cannot record this path: pass a str, bytes or pathlib path "
+                                       f"(not a {object.__repr__(p)})")
         if p[:1] != "/":
             p = getcwd() + "/" + p
         if "/." in p or "//" in p:
@@ -446,81 +547,87 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             return False
         return path in ignored or path.startswith(ignored_slash)
 
+    def _argv(argv):
+        argv = list(argv) if argv.__class__ in (list, tuple) else [argv]
+        return [_text(a) for a in argv]
+
     def _handle(event, args, action):
+        """Shape and buffer the record of one event. Runs no user code (see :func:`_text`)."""
+        if event == "cpython.PyInterpreterState_New":
+            record(action, None, {"event": event, "refused": True})
+            raise AuditUnavailable("subinterpreters are not allowed in the audited kernel: their code would run "
+                                   "without the audit hook")
         if event == "open":
             path = _path(args[0])
             if path is None or _ignored(path):
                 return
-            record(action, path, {"event": event, "mode": args[1], "flags": args[2]})
+            record(action, path, {"event": event, "mode": _plain(args[1]), "flags": _plain(args[2])})
         elif action == "file.list":
             path = _path(args[0] if args and args[0] is not None else ".")
             if path is None or _ignored(path):
                 return
             detail = {"event": event}
             if len(args) > 1:
-                detail["target"] = str(args[1])
+                detail["target"] = _text(args[1])
             record(action, path, detail)
         elif event.startswith("shutil."):
             path = _path(args[0])
             if _ignored(path):
                 return
-            record(action, path, {"event": event, "args": [str(a) for a in args[1:]]})
+            record(action, path, {"event": event, "args": [_text(a) for a in args[1:]]})
         elif action == "process.exec":
             if event == "subprocess.Popen":
-                executable, argv, cwd = args[0], args[1], args[2]
-                argv = [argv] if isinstance(argv, (str, bytes)) else list(argv or [])
-                argv = [fsdecode(a) if isinstance(a, bytes) else str(a) for a in argv]
-                path = str(executable if executable is not None else (argv[0] if argv else ""))
-                record(action, path, {"event": event, "argv": argv, "cwd": None if cwd is None else str(cwd)})
+                executable, argv, cwd = args[0], _argv(args[1]), args[2]
+                path = _text(executable) if executable is not None else (argv[0] if argv else "")
+                record(action, path, {"event": event, "argv": argv, "cwd": None if cwd is None else _text(cwd)})
             elif event == "os.system":
-                cmd = args[0]
-                record(action, None, {"event": event, "command": fsdecode(cmd) if isinstance(cmd, bytes) else str(cmd)})
+                record(action, None, {"event": event, "command": _text(args[0])})
+            elif event == "os.fork":
+                record(action, None, {"event": event})
             else:  # os.exec / os.posix_spawn: (path, argv, env); os.spawn: (mode, path, argv, env)
                 a = args[1:] if event == "os.spawn" else args
                 path = _path(a[0]) if a else None
-                argv = a[1] if len(a) > 1 else []
-                argv = [argv] if isinstance(argv, (str, bytes)) else list(argv or [])
-                record(action, path, {"event": event,
-                                      "argv": [fsdecode(x) if isinstance(x, bytes) else str(x) for x in argv]})
+                record(action, path, {"event": event, "argv": _argv(a[1]) if len(a) > 1 else []})
         elif action == "library.load":
             name = args[0]
-            path = None if name is None else (fsdecode(name) if isinstance(name, bytes) else str(name))
+            path = None if name is None else _text(name)
             if path and path.startswith("/") and _ignored(normpath(path)):
                 return
             record(action, path, {"event": event})
         elif action == "socket.connect":
             sock, address = args[0], args[1]
-            record(action, None, {"event": event, "address": address if isinstance(address, str) else
-                                  [a if isinstance(a, (int, str)) else str(a) for a in address]
-                                  if isinstance(address, tuple) else str(address),
-                                  "family": int(getattr(sock, "family", 0))})
+            try:
+                family = int(_socket_family(sock))
+            except Exception:
+                family = 0
+            record(action, None, {"event": event, "address": _plain(address), "family": family})
         elif action == "data.open" or action == "review.mark":  # (path, detail dict)
             path, detail = args[0], args[1]
-            detail = dict(detail) if isinstance(detail, dict) else {"detail": str(detail)}
+            detail = _plain(detail) if detail.__class__ is dict else {"detail": _text(detail)}
             p = None
-            if isinstance(path, (str, bytes, os.PathLike)):
+            if isinstance(path, (str, bytes)) or path.__class__ in _PURE_PATHS:
                 p = _path(path)
             elif path is not None:
-                detail["object"] = repr(path)[:200]
+                detail["object"] = _text(path)[:200]
             record(action, p, detail)
         elif event == "import":
             name = args[0]
-            if state["armed"] and isinstance(name, str) and name.startswith("ngp_research.kernel"):
+            if state["armed"] and name.__class__ is str and name.startswith("ngp_research.kernel"):
                 tamper("import", module=name)
-        elif event == "os.fork":
-            record(action, None, {"event": event})
         elif event == "sys.addaudithook":
             record(action, None, {"what": "sys.addaudithook"})
 
     def hook(event, args):
         if event not in events:  # nearly every event: one set lookup
             return
-        if event == "open":  # the hot path, inlined: a plain absolute str path (nothing here raises events)
+        if state["closed"]:
+            pass  # after close(): every record goes through record(), delivered before the access
+        elif event == "open":  # the hot path, inlined: a plain absolute str path (nothing here raises events)
             p = args[0]
             if p.__class__ is str and p[:1] == "/" and "/." not in p and "//" not in p:
                 if (p.startswith(ignored_slash) or p in ignored_set) and not p.startswith(always_slash):
                     return
-                if (busy and _get_ident() in busy) or getpid() != home_pid:
+                if getpid() != home_pid:
                     return
                 n = len(buffer)
                 if n < capacity:
@@ -531,35 +638,40 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
         elif event == "ngp.data.open" and len(args) == 2:  # pysam's fetch/open wrappers: same idea
             p, detail = args
             if p.__class__ is str and detail.__class__ is dict and p[:1] == "/" and "/." not in p \
-                    and "//" not in p and not (busy and _get_ident() in busy) and getpid() == home_pid:
+                    and "//" not in p and getpid() == home_pid \
+                    and all(v.__class__ in _SCALARS for v in detail.values()):
                 n = len(buffer)
                 if n < capacity:
-                    buffer_append(("d", p, dict(detail), current[0], None))
+                    buffer_append(("d", p, {_text(k): v for k, v in detail.items()}, current[0], None))
                     if n == 0 or n + 1 == batch:
                         wake.set()
                     return
-        if event == "import" and not (args and isinstance(args[0], str) and args[0].startswith("ngp_research")):
+        if event == "import" and not (args and args[0].__class__ is str and args[0].startswith("ngp_research")):
             return
         action = actions_get(event)
         me = _get_ident()
-        if me in busy or getpid() != home_pid:
-            return  # our own I/O; or a forked child (no sender thread there; the fork itself is recorded)
+        if getpid() != home_pid:
+            return  # a forked child: no sender thread there (the fork itself is recorded)
+        if me in busy and action == "socket.connect":
+            return  # the sender's own connection to the service
+        nested = me in busy
         busy.add(me)
         try:
             _handle(event, args, action)
         except AuditUnavailable:
             raise  # fail closed: the access does not happen
-        except Exception as e:  # a record we could not shape: keep what we can, never drop it silently
+        except BaseException as e:  # a record we could not shape: keep what we can, or refuse the access
             with lock:
                 state["errors"] += 1
             try:
-                record(action, None, {"event": event, "raw": repr(args)[:1000], "error": repr(e)[:200]})
-            except AuditUnavailable:
-                raise
-            except Exception:
-                pass
+                record(action, None, {"event": event, "raw": _text(dumps(_plain(list(args))))[:1000],
+                                      "error": object.__repr__(e) if not isinstance(e, Exception) else
+                                      f"{type(e).__name__}"})
+            except BaseException:
+                raise AuditUnavailable(f"this access could not be recorded ({type(e).__name__}); it was refused")
         finally:
-            busy.discard(me)
+            if not nested:
+                busy.discard(me)
 
     # -- executions and integrity ------------------------------------------------------------------
 
@@ -591,6 +703,18 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
     def watch(check):
         checks.append(check)
 
+    def close(t=timeout):
+        """Deliver what is buffered; from then on every recorded event is delivered before it happens.
+
+        For the interpreter's exit: the sender thread may be gone, but ``__del__`` methods and
+        daemon threads can still open files.
+        """
+        reason = flush(t)
+        state["closed"] = True
+        if _hook is not None and state.get("hook") == "c":
+            _hook.write_through()
+        return reason
+
     def stats():
         with lock:
             return {"pending": len(buffer), "posts": state["posts"], "delivered": state["records"],
@@ -607,21 +731,26 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
                 tamper(problem)
 
     def sender():
-        busy.add(_get_ident())  # nothing this thread does is recorded
+        busy.add(_get_ident())  # the sender's own connection is not recorded
         backoff = 0.1
         while True:
-            wake.wait(1.0)
-            _run_checks()
-            with lock:
-                pending = len(buffer)
-            if not pending:
-                wake.clear()
-                continue
-            if pending < batch:
-                time.sleep(linger)  # let a burst of opens collect into one batch
-            with lock:
-                wake.clear()
-            reason = _deliver(monotonic() + timeout, limit=4)
+            try:
+                wake.wait(1.0)
+                _run_checks()
+                with lock:
+                    pending = len(buffer)
+                if not pending:
+                    wake.clear()
+                    continue
+                if pending < batch:
+                    time.sleep(linger)  # let a burst of opens collect into one batch
+                with lock:
+                    wake.clear()
+                reason = _deliver(monotonic() + timeout, limit=4)
+            except Exception as e:  # never let one bad round stop delivery
+                with lock:
+                    state["errors"] += 1
+                reason = f"{type(e).__name__}"
             if reason is None:
                 backoff = 0.1
                 with lock:
@@ -632,13 +761,13 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
                 backoff = min(backoff * 2, 2.0)
                 wake.set()
 
-    auditor = Auditor(write_ahead, flush, begin, end, blocked, tamper, record, stats, watch)
-    guard = closure_guard([hook, _handle, _materialize, _encode, record, _path, _ignored, _post, _exchange, _deliver, _connection, write_ahead,
+    auditor = Auditor(write_ahead, flush, begin, end, blocked, tamper, record, stats, watch, close)
+    guard = closure_guard([hook, _handle, _argv, _encodable, close, _materialize, _encode, record, _path, _ignored, _post, _exchange, _deliver, _connection, write_ahead,
                            flush, blocked, begin, end, tamper, watch, stats, _run_checks, sender])
     checks.append(lambda: guard(restore=True))
     if add_hook:
         if _hook is not None:  # the C hook: plain opens never enter Python; other events go to ``hook``
-            _hook.install(hook, buffer, current, busy, wake.set, ignored, ALWAYS,
+            _hook.install(hook, buffer, current, wake.set, ignored, ALWAYS,
                           tuple(EVENT_ACTIONS), capacity, batch)
             state["hook"] = "c"
         else:
