@@ -5,7 +5,8 @@ Launched as ``python -P -s -m ngp_research.kernel -f {connection_file}`` (the on
 ``http://127.0.0.1:8082/``) and ``JUPYTERHUB_API_TOKEN`` (the caller's identity, sent as
 ``Authorization: token <T>``); without them it refuses to run any code.
 
-- :mod:`.auditor`: a PEP 578 audit hook, installed before IPython is imported, turns ``open``,
+- :mod:`.auditor`: a PEP 578 audit hook (its hot path in C, ``_hook.c``), installed before IPython
+  is imported, turns ``open``,
   ``os.listdir``/``os.scandir``, ``shutil`` copies, ``subprocess.Popen``, ``os.system``,
   ``os.exec*``/``os.posix_spawn``, ``ctypes.dlopen`` and ``socket.connect`` into records; a bounded
   buffer (10,000) delivers them in batches, acknowledged by the service, retried with backoff;
@@ -45,7 +46,12 @@ it can also rewrite closure cells (``cell.cell_contents``) or the interpreter's 
 sender thread, or forge extra records with ``sys.audit``. Pure Python is enough for some of
 this: ``gc.get_objects()`` reaches the hook's buffer and state, and mutating their contents (not
 replacing them, which the checks catch) can silence file records without an ``audit.tamper``
-record (shown by a review, 2026-11-29). Those bypasses are themselves code in a cell, and every
+record (shown by a review, 2026-11-29). Other gaps a member's code can use without C: a child made
+with ``os.fork`` (or ``multiprocessing`` with the fork method) records nothing of its own (the fork
+is recorded; the child has no sender); records still buffered are lost if the kernel is killed
+hard (``os._exit``, SIGKILL, the memory limit) before its next delivery (within ~5 ms during a
+cell, always before the reply); a socket connection made by a signal handler while the kernel is
+delivering is not recorded. Those bypasses are themselves code in a cell, and every
 cell's code is recorded *before* it runs, so the trail shows the cell that did it; the audit
 service flags cells whose code reaches into the interpreter or the audit machinery (``gc``,
 ``ctypes``, closures, ``__code__``, ``/run/ngp``, ...) as "possible tampering", and the region report
