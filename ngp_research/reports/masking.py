@@ -26,7 +26,7 @@ from __future__ import annotations
 import pandas as pd
 
 __all__ = ["DEFAULT_THRESHOLD", "MASK_NOTE", "SUPPRESSED", "mask_count", "mask_group_counts", "mask_small_groups",
-           "mask_counts"]
+           "mask_counts", "mask_table"]
 
 SUPPRESSED = "suppressed"
 
@@ -127,4 +127,36 @@ def mask_counts(table: pd.DataFrame, columns, threshold: int = DEFAULT_THRESHOLD
     out = table.copy()
     for name in columns:
         out[name] = [mask_count(v, threshold) for v in table[name]]
+    return out
+
+
+def mask_table(table: pd.DataFrame, total: str, threshold: int = DEFAULT_THRESHOLD, parts=(), keep=(),
+               formats=None) -> pd.DataFrame:
+    """``table`` (one row per group) as text, masked for display: groups, then their parts.
+
+    ``total`` counts each group's individuals: small groups are masked and a lone small group is
+    protected by suppressing the next smallest (:func:`mask_small_groups`). ``parts`` are counts
+    that add up to the total (e.g. per sex); in each group still shown they are masked the same way
+    (:func:`mask_group_counts`), so that no small count can be worked out by subtraction.
+    ``formats``: column -> format of its shown values (e.g. ``"{:.4f}"``).
+
+    >>> import pandas as pd
+    >>> table = pd.DataFrame({"region": ["norr", "syd"], "n": [20, 12], "female": [18, 9], "male": [2, 3],
+    ...                       "af": [0.12345, 0.5]})
+    >>> for row in mask_table(table, "n", parts=["female", "male"], keep=["region"],
+    ...                       formats={"af": "{:.2f}"}).to_dict("records"):
+    ...     print(row)
+    {'region': 'norr', 'n': '20', 'female': 'suppressed', 'male': '<5', 'af': '0.12'}
+    {'region': 'syd', 'n': '12', 'female': 'suppressed', 'male': '<5', 'af': '0.50'}
+    """
+    import numpy as np  # noqa: PLC0415
+
+    out = mask_small_groups(table, total, threshold, keep=keep)
+    shown = ~out[total].isin([mask_count(1, threshold), SUPPRESSED]).to_numpy()
+    for name, spec in (formats or {}).items():  # numbers of the groups shown, in a fixed format
+        out.loc[shown, name] = [spec.format(v) for v in table.loc[shown, name]]
+    for i in np.flatnonzero(shown):
+        masked = mask_group_counts({p: int(table[p].iloc[i]) for p in parts}, threshold)
+        for p, text in masked.items():
+            out.iloc[i, out.columns.get_loc(p)] = text
     return out
