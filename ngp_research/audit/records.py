@@ -109,8 +109,9 @@ class AuditRecord:
         True
         """
         self = object.__new__(cls)
-        self.__dict__.update(action=action, actor=actor, project=project, region=region, dataset=dataset, path=path,
-                             detail=detail, time=None, detail_text=detail_text)
+        object.__setattr__(self, "__dict__", {  # one dict literal: cheaper than __init__ or update(**kw)
+            "action": action, "actor": actor, "project": project, "region": region, "dataset": dataset,
+            "path": path, "detail": detail, "time": None, "detail_text": detail_text})
         return self
 
 
@@ -199,7 +200,8 @@ def seal(record: AuditRecord, seq: int, prev_hash: str, now: datetime, now_text:
     h = content_hash(seq, time, record.action, record.actor, record.project, record.region, record.dataset,
                      record.path, record.detail_text, prev_hash)
     sealed = object.__new__(StoredRecord)  # the frozen dataclass's __init__, without its per-field setattr
-    sealed.__dict__.update(seq=seq, time=time, action=record.action, actor=record.actor, project=record.project,
-                           region=record.region, dataset=record.dataset, path=record.path, detail=record.detail,
-                           prev_hash=prev_hash, hash=h, detail_text=record.detail_text)
+    object.__setattr__(sealed, "__dict__", {
+        "seq": seq, "time": time, "action": record.action, "actor": record.actor, "project": record.project,
+        "region": record.region, "dataset": record.dataset, "path": record.path, "detail": record.detail,
+        "prev_hash": prev_hash, "hash": h, "detail_text": record.detail_text})
     return sealed
