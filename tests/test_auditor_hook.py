@@ -117,28 +117,37 @@ def test_the_c_hook_records_exactly_what_the_python_hook_records(files):
     assert not any(p and p.endswith("pyvenv.cfg") for p in c["all_paths"])
 
 
-def test_a_forked_child_records_nothing_and_the_fork_is_recorded(files):
+def test_a_forked_child_delivers_each_record_before_its_open(files):
+    """A child of ``os.fork`` has no sender thread and may leave with ``os._exit`` at once: each of its
+    records is delivered before its access happens, on its own connection."""
     body = r'''
     a = auditor.install(URL, "tok", linger=0.001)
     d = os.environ["D"]
+    a.begin("m-fork", "c-fork")
+    for i in range(3):
+        open(d + f"/before-{i}.txt", "w").close()  # pending in the parent at the fork: the parent's to deliver
     pid = os.fork()
     if pid == 0:
+        n = len(received)  # the collector thread is gone here; the parent's collector still counts
         with open(d + "/child.txt", "w") as f:
             f.write("x")
-        os._exit(0)
+        os._exit(0)  # no atexit, no flush: the record must already be delivered
     os.waitpid(pid, 0)
     with open(d + "/parent.txt", "w") as f:
         f.write("x")
     assert a.flush(10) is None
-    print(json.dumps({"actions": [(r["action"], r.get("path")) for r in received], "hook": a.stats()["hook"]}))
+    print(json.dumps({"records": [(r["action"], r.get("path"), (r.get("detail") or {}).get("msg_id"))
+                                  for r in received], "hook": a.stats()["hook"]}))
     '''
     for hook in ("c", "python"):
         out = run_case(body, hook, files)
         assert out["hook"] == hook
-        paths = [p for _, p in out["actions"]]
-        assert ["process.exec", None] in out["actions"]  # os.fork
-        assert f"{files}/parent.txt" in paths and f"{files}/child.txt" not in paths
-        assert (files / "child.txt").exists()
+        paths = [p for _, p, _ in out["records"]]
+        assert ["process.exec", None, "m-fork"] in out["records"]  # os.fork
+        assert [f"{files}/child.txt", f"{files}/parent.txt"] == [p for p in paths if p and p.endswith(("child.txt",
+                                                                                                       "parent.txt"))]
+        assert ["file.open", f"{files}/child.txt", "m-fork"] in out["records"]
+        assert sorted(p for p in paths if p and "/before-" in p) == [f"{files}/before-{i}.txt" for i in range(3)]
 
 
 def test_with_the_buffer_full_and_no_service_an_open_is_refused(files):

@@ -46,12 +46,12 @@ it can also rewrite closure cells (``cell.cell_contents``) or the interpreter's 
 sender thread, or forge extra records with ``sys.audit``. Pure Python is enough for some of
 this: ``gc.get_objects()`` reaches the hook's buffer and state, and mutating their contents (not
 replacing them, which the checks catch) can silence file records without an ``audit.tamper``
-record (shown by a review, 2026-11-29). Other gaps a member's code can use without C: a child made
-with ``os.fork`` (or ``multiprocessing`` with the fork method) records nothing of its own (the fork
-is recorded; the child has no sender); records still buffered are lost if the kernel is killed
-hard (``os._exit``, SIGKILL, the memory limit) before its next delivery (within ~5 ms during a
-cell, always before the reply); a socket connection made by a signal handler while the kernel is
-delivering is not recorded. Those bypasses are themselves code in a cell, and every
+record (shown by a review, 2026-11-29). Other gaps a member's code can use without C: records
+still buffered are lost if the kernel is killed hard (``os._exit``, SIGKILL, the memory limit)
+before its next delivery (within ~5 ms during a cell, always before the reply); a socket
+connection made by a signal handler while the kernel is delivering is not recorded. (A child made
+with ``os.fork`` or ``multiprocessing``'s fork method has no sender thread: it delivers each record
+before the access happens, so its ``os._exit`` loses nothing.) Those bypasses are themselves code in a cell, and every
 cell's code is recorded *before* it runs, so the trail shows the cell that did it; the audit
 service flags cells whose code reaches into the interpreter or the audit machinery (``gc``,
 ``ctypes``, closures, ``__code__``, ``/run/ngp``, ...) as "possible tampering", and the region report

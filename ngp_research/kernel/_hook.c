@@ -19,8 +19,8 @@
  *   capacity the buffer's bound: past it, the open goes to the handler (which delivers or refuses)
  *
  * It can be installed once per process; nothing it holds can be replaced from Python, and an audit
- * hook cannot be removed. In a forked child it records nothing (the parent records the fork; the
- * child has no sender thread): pthread_atfork marks the child.
+ * hook cannot be removed. In a forked child (no sender thread there) every recorded event goes to the
+ * handler, which delivers it before the access happens: pthread_atfork marks the child.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -33,7 +33,6 @@
 static int installed = 0;
 static int write_through = 0;  /* after the auditor's close(): every recorded event goes to the handler */
 static int selftest_seen = 0;
-static volatile int forked = 0;
 static PyObject *handler, *buffer, *current, *wake, *tag_open, *tag_data;
 static Py_ssize_t capacity, batch;
 static char *ignored[MAX_PREFIXES];
@@ -47,9 +46,9 @@ static int n_events = 0;
 static unsigned long handled = 0, fast = 0;
 
 static void
-mark_forked(void)
+in_child_after_fork(void)
 {
-    forked = 1;
+    write_through = 1;
 }
 
 static int
@@ -189,7 +188,7 @@ audit_hook(const char *event, PyObject *args, void *data)
 {
     PyObject *name, *r;
     (void)data;
-    if (!installed || forked)
+    if (!installed)
         return 0;
     if (event[0] == 'o' && strcmp(event, "open") == 0) {
         int done = write_through ? 0 : fast_open(args);
@@ -303,7 +302,7 @@ install(PyObject *self, PyObject *args)
     handler = h; buffer = buf; current = cur; wake = wk;  /* held for the life of the process */
     capacity = cap;
     batch = bat;
-    if (pthread_atfork(NULL, NULL, mark_forked) != 0) {
+    if (pthread_atfork(NULL, NULL, in_child_after_fork) != 0) {
         PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
         return NULL;
     }

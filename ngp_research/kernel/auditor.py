@@ -244,7 +244,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
     actions_get = EVENT_ACTIONS.get
     events = frozenset(EVENT_ACTIONS)
     buffer_append = buffer.append
-    home_pid = os.getpid()  # a process other than this one (a fork) is not delivered from here
+    home_pid = os.getpid()  # the process whose buffer this is (a forked child takes over in _in_child)
     getpid = os.getpid
     current = [(None, None)]  # (msg_id, cell_id) of the execution records are attributed to
     state = {"armed": False, "blocked": None, "tampered": None, "posts": 0, "records": 0,
@@ -651,7 +651,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
         action = actions_get(event)
         me = _get_ident()
         if getpid() != home_pid:
-            return  # a forked child: no sender thread there (the fork itself is recorded)
+            return  # a forked child before _in_child has run (the interpreter's own after-fork work)
         if me in busy and action == "socket.connect":
             return  # the sender's own connection to the service
         nested = me in busy
@@ -761,10 +761,23 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
                 backoff = min(backoff * 2, 2.0)
                 wake.set()
 
+    def _in_child():
+        """After ``os.fork`` in the child: no sender thread here, so every record is delivered before its
+        access (as after :func:`close`), on a connection of the child's own. The parent's pending
+        records stay the parent's to deliver."""
+        nonlocal home_pid
+        home_pid = os.getpid()
+        lock._at_fork_reinit()  # a lock the parent's sender held at the fork would never be released here
+        send_lock._at_fork_reinit()
+        conn_box[0] = None
+        del buffer[:]
+        state["closed"] = True
+
     auditor = Auditor(write_ahead, flush, begin, end, blocked, tamper, record, stats, watch, close)
     guard = closure_guard([hook, _handle, _argv, _encodable, close, _materialize, _encode, record, _path, _ignored, _post, _exchange, _deliver, _connection, write_ahead,
                            flush, blocked, begin, end, tamper, watch, stats, _run_checks, sender])
     checks.append(lambda: guard(restore=True))
+    os.register_at_fork(after_in_child=_in_child)
     if add_hook:
         if _hook is not None:  # the C hook: plain opens never enter Python; other events go to ``hook``
             _hook.install(hook, buffer, current, wake.set, ignored, ALWAYS,
