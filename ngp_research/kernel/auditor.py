@@ -240,7 +240,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
     lock = threading.Lock()  # guards buffer and state
     send_lock = threading.Lock()  # one POST at a time, in order; records leave the buffer only when acked
     wake = threading.Event()
-    busy = set()  # idents of threads whose audit events are our own I/O (not recorded)
+    busy = set()  # idents of threads now talking to the service: their socket.connect is ours (not recorded)
     actions_get = EVENT_ACTIONS.get
     events = frozenset(EVENT_ACTIONS)
     buffer_append = buffer.append
@@ -335,7 +335,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             body = dumps({"records": [_encodable(r) for r in records]}).encode()
         me = _get_ident()
         was_busy = me in busy
-        busy.add(me)  # the connection's own opens and connects are not recorded
+        busy.add(me)  # the connection to the service is not recorded (opens still are)
         try:
             for attempt in (0, 1):  # a kept-alive connection the server closed is retried once
                 conn = None
