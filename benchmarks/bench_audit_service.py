@@ -8,12 +8,11 @@ the ratio is what the service's HTTP and group commit cost or save.
 """
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from results import save  # noqa: E402
@@ -24,11 +23,23 @@ sys.path.insert(0, str(ROOT))
 from ngp_research.audit import AuditRecord, AuditStore  # noqa: E402
 from ngp_research.audit.service import Caller  # noqa: E402
 from ngp_research.platform import Platform  # noqa: E402
-from tests.test_audit_service import SERVICE_SCRIPT, free_port, post  # noqa: E402
+from tests.test_audit_service import free_port, post, start_service  # noqa: E402
 
 
 async def auth(token):
     return Caller("alice", "cardio-gwas")
+
+
+@contextmanager
+def running_service(home):
+    """The audit service in its own process, as the hub runs it, on a durable store in ``home``; yields its URL."""
+    port = free_port()
+    proc = start_service(port, home)
+    try:
+        yield f"http://127.0.0.1:{port}/services/audit/"
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def main(argv=None):
@@ -43,14 +54,7 @@ def main(argv=None):
             Platform(home=d).ensure_layout()
             recs = [{"action": "file.open", "path": f"/data/syd/syd-cohort/f{i}", "detail": {"msg_id": "m"}}
                     for i in range(per_request)]
-            port = free_port()
-            # the service in its own process, as the hub runs it
-            env = {**os.environ, "NGP_HOME": d}
-            proc = subprocess.Popen([sys.executable, "-c", SERVICE_SCRIPT, str(port)], env=env, stdout=subprocess.PIPE,
-                                    text=True)
-            assert proc.stdout.readline().strip() == "ready"
-            url = f"http://127.0.0.1:{port}/services/audit/"
-            try:
+            with running_service(d) as url:
                 def client(_):
                     for _ in range(args.requests):
                         status, _ = post(url, recs, token="tok-alice")
@@ -60,9 +64,6 @@ def main(argv=None):
                 with ThreadPoolExecutor(args.clients) as pool:
                     list(pool.map(client, range(args.clients)))
                 elapsed = time.perf_counter() - t
-            finally:
-                proc.kill()
-                proc.wait()
             store = AuditStore(f"sqlite:///{d}/state/audit.sqlite", Path(d) / "state" / "keys")
             total = args.clients * args.requests * per_request
             result[f"service_records_per_s_{per_request}_per_request"] = total / elapsed
@@ -85,12 +86,7 @@ def main(argv=None):
     # (2,000 per request, as the kernel's sender sends them), one request after another.
     with tempfile.TemporaryDirectory() as d:
         Platform(home=d).ensure_layout()
-        port = free_port()
-        proc = subprocess.Popen([sys.executable, "-c", SERVICE_SCRIPT, str(port)], env={**os.environ, "NGP_HOME": d},
-                                stdout=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "ready"
-        url = f"http://127.0.0.1:{port}/services/audit/"
-        try:
+        with running_service(d) as url:
             detail = {"event": "open", "mode": "r", "flags": 524288, "msg_id": "m" * 36, "cell_id": None}
             grouped = [[{"action": "file.open", "paths": [f"/project/files/f{i:05d}.txt" for i in range(j, j + 2000)],
                          "detail": detail}] for j in range(0, 10_000, 2000)]
@@ -102,9 +98,6 @@ def main(argv=None):
                     status, ack = post(url, body, token="tok-alice")
                     assert status == 200 and ack["acknowledged"] == 2000
                 times.append(time.perf_counter() - t)
-        finally:
-            proc.kill()
-            proc.wait()
         result["one_kernel_10000_opens_s"] = sorted(times)[len(times) // 2]
         result["one_kernel_records_per_s"] = 10_000 / result["one_kernel_10000_opens_s"]
     print(f"audit service, {args.clients} concurrent clients x {args.requests} requests, durable (synchronous=FULL):")

@@ -48,9 +48,9 @@ from results import save  # noqa: E402
 from ngp_research.platform import Platform  # noqa: E402
 from ngp_research.testing import write_vcf  # noqa: E402
 from ngp_research.workspace.environment import default_workspace_env  # noqa: E402
-from tests.test_audit_service import SERVICE_SCRIPT, free_port  # noqa: E402
+from tests.test_audit_service import free_port, start_service  # noqa: E402
 
-TOKEN = "tok-alice"  # the stand-in check in SERVICE_SCRIPT knows this one
+TOKEN = "tok-alice"  # the stand-in token check of tests/test_audit_service.py knows this one
 
 # Runs in the workspace environment (jupyter_client lives there, not in the project's venv).
 DRIVER = r'''
@@ -216,10 +216,8 @@ def main(argv=None):
         records = [("chr1", pos, "A", "G", ["0/1", "1/1"]) for pos in range(1, span, 50)]  # 20,000 variants
         vcf = write_vcf(d / "bench.vcf.gz", ["s1", "s2"], records, contigs=(("chr1", span + 1000),))
         port = free_port()
-        service = subprocess.Popen([sys.executable, "-c", SERVICE_SCRIPT, str(port)],
-                                   env={**os.environ, "NGP_HOME": str(home)}, stdout=subprocess.PIPE, text=True)
+        service = start_service(port, home)
         try:
-            assert service.stdout.readline().strip() == "ready"
             cfg = {"kernels": str(_kernelspecs(d, python)), "cwd": str(d), "ipython": str(d / "ipython"),
                    "url": f"http://127.0.0.1:{port}/services/audit/", "token": TOKEN, "files": str(files),
                    "vcf": str(vcf), "span": span, "fetches": args.fetches, "opens": args.opens,

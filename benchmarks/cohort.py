@@ -624,23 +624,23 @@ def write_inputs(data: dict, rundir: Path) -> dict:
                          bool(r.hypertrophic_cardiomyopathy)))
     inputs = rundir / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
-    paths = {k: str(inputs / f) for k, f in (("hail_pheno", "hail-pheno.tsv"), ("plink_pheno", "plink-pheno.tsv"),
-                                            ("plink_covar", "plink-covar.tsv"), ("plink_regions", "plink-regions.tsv"),
-                                            ("populations", "populations.txt"))}
-    with open(paths["hail_pheno"], "w") as f:
-        f.write("s\tregion\tsex\tcholesterol\thcm\n")
-        f.writelines(f"{s}\t{reg}\t{sex}\t{chol}\t{str(hcm).lower()}\n" for s, reg, sex, chol, hcm in rows)
-    with open(paths["plink_pheno"], "w") as f:
-        f.write("#IID\tcholesterol\thcm\n")
-        f.writelines(f"{s}\t{chol}\t{2 if hcm else 1}\n" for s, _, _, chol, hcm in rows)
-    with open(paths["plink_covar"], "w") as f:
-        f.write("#IID\tsex\n")
-        f.writelines(f"{s}\t{sex:g}\n" for s, _, sex, _, _ in rows)
-    with open(paths["plink_regions"], "w") as f:
-        f.write("#IID\tregion\n")
-        f.writelines(f"{s}\t{reg}\n" for s, reg, _, _, _ in rows)
-    with open(paths["populations"], "w") as f:
-        f.writelines(f"{s}\t{reg}\n" for s, reg, _, _, _ in rows)
+    # name -> (file, header or None, one line's fields from (sample, region, sex, cholesterol, hcm))
+    tables = {
+        "hail_pheno": ("hail-pheno.tsv", "s\tregion\tsex\tcholesterol\thcm",
+                       lambda s, reg, sex, chol, hcm: (s, reg, sex, chol, str(hcm).lower())),
+        "plink_pheno": ("plink-pheno.tsv", "#IID\tcholesterol\thcm",
+                        lambda s, reg, sex, chol, hcm: (s, chol, 2 if hcm else 1)),
+        "plink_covar": ("plink-covar.tsv", "#IID\tsex", lambda s, reg, sex, chol, hcm: (s, f"{sex:g}")),
+        "plink_regions": ("plink-regions.tsv", "#IID\tregion", lambda s, reg, sex, chol, hcm: (s, reg)),
+        "populations": ("populations.txt", None, lambda s, reg, sex, chol, hcm: (s, reg)),
+    }
+    paths = {}
+    for name, (file, header, fields) in tables.items():
+        paths[name] = str(inputs / file)
+        with open(paths[name], "w") as f:
+            if header:
+                f.write(header + "\n")
+            f.writelines("\t".join(map(str, fields(*row))) + "\n" for row in rows)
     return paths
 
 

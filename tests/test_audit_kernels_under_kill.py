@@ -46,7 +46,7 @@ import pytest
 
 from ngp_research.audit import AuditStore
 from ngp_research.workspace.environment import default_workspace_env, is_built, kernel_dir
-from tests.test_audit_service import SERVICE_SCRIPT, free_port
+from tests.test_audit_service import free_port, start_service
 
 ENV = default_workspace_env()
 PYTHON = os.path.join(ENV, "bin", "python")
@@ -258,19 +258,12 @@ class Driver:
         return "driver and kernel stderr (tail):\n" + "".join(lines)[-n:]
 
 
-def start_service(port, env):
-    p = subprocess.Popen([sys.executable, "-c", SERVICE_SCRIPT, str(port)], env=env, stdout=subprocess.PIPE,
-                         text=True)
-    assert p.stdout.readline().strip() == "ready"
-    return p
-
-
 @pytest.mark.parametrize("backend", ["sqlite"])
 def test_sigkill_under_50_kernels_loses_no_acknowledged_record(platform, tmp_path):
     t0 = time.monotonic()
     env = {**os.environ, "NGP_HOME": str(platform.home_path)}
     port = free_port()
-    service = start_service(port, env)
+    service = start_service(port, platform.home_path)
     driver = Driver(tmp_path, f"http://127.0.0.1:{port}/services/audit/")
     try:
         driver.wait(lambda cells, lines: any("ready" in x for x in lines), 240, "50 kernels to start")
@@ -292,7 +285,7 @@ def test_sigkill_under_50_kernels_loses_no_acknowledged_record(platform, tmp_pat
 
         # 3. Restart it (same port, same store); every kernel must run cells again.
         t_restart = time.time()
-        service = start_service(port, env)
+        service = start_service(port, platform.home_path)
         driver.wait(lambda cells, _: len({c["kernel"] for c in cells if c["acked"] and c["t_sent"] > t_restart})
                     == KERNELS and time.time() > t_restart + AFTER_S, 120,
                     "every kernel to run a cell after the restart")

@@ -304,15 +304,18 @@ asyncio.run(main())
 """
 
 
+def start_service(port, home):
+    """SERVICE_SCRIPT in its own process on ``port``, its store under ``home``; returned once it listens."""
+    p = subprocess.Popen([sys.executable, "-c", SERVICE_SCRIPT, str(port)], env={**os.environ, "NGP_HOME": str(home)},
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    return p
+
+
 @pytest.mark.parametrize("backend", ["sqlite"])
 def test_sigkill_under_load_loses_no_acknowledged_record(platform, tmp_path):
-    env = {**os.environ, "NGP_HOME": str(platform.home_path)}
-
     def start(port):
-        p = subprocess.Popen([sys.executable, "-c", SERVICE_SCRIPT, str(port)], env=env, stdout=subprocess.PIPE,
-                             text=True)
-        assert p.stdout.readline().strip() == "ready"
-        return p
+        return start_service(port, platform.home_path)
 
     port = free_port()
     proc = start(port)

@@ -312,3 +312,25 @@ def test_attacks_on_the_hook_are_recorded_or_refused(files):
         assert out["c"] is None
         assert out["after_close"] == [f"{files}/after-close.txt"]
         assert out["stats"]["blocked"] is None
+
+
+def test_a_fetch_records_the_file_it_reads_whatever_the_object_says(files):
+    """pysam's wrapped fetch keeps each file's path where a cell cannot rewrite it."""
+    from ngp_research.testing import write_vcf
+
+    vcf = write_vcf(files / "real.vcf.gz", ["s1"], [("chr1", p, "A", "G", ["0/1"]) for p in range(1, 500, 10)],
+                    contigs=(("chr1", 1000),))
+    body = rf'''
+    import pysam
+    from ngp_research.kernel.entrypoints import wrap_pysam
+    a = auditor.install(URL, "tok", linger=0.001)
+    wrap_pysam()
+    vf = pysam.VariantFile({str(vcf)!r})
+    vf._ngp_path = (vf.filename, "/project/decoy.vcf.gz")  # what a cell could set on the object
+    n = len(list(vf.fetch("chr1", 1, 200)))
+    assert a.flush(10) is None
+    print(json.dumps({{"n": n, "fetches": [r.get("path") for r in received
+                                          if r["detail"].get("entry_point") == "VariantFile.fetch"]}}))
+    '''
+    out = run_case(body, "c", files)
+    assert out["n"] > 0 and out["fetches"] == [str(vcf)]

@@ -112,15 +112,13 @@ def storable(value):
     ('/data/r/d/f', False)
     """
     if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-            if "\x00" not in value:
-                return value, False
-        except UnicodeEncodeError:
-            value = value.encode("utf-8", "surrogateescape" if all(
-                "\udc80" <= c <= "\udcff" for c in value if "\ud800" <= c <= "\udfff") else "backslashreplace")
-            value = value.decode("utf-8", "backslashreplace")
-        return value.replace("\x00", "\\x00"), True
+        if "\x00" not in value and (value.isascii() or not any("\ud800" <= c <= "\udfff" for c in value)):
+            return value, False
+        try:  # a file name's undecodable bytes, given back as they were, then escaped
+            raw = value.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # other lone surrogates
+            raw = value.encode("utf-8", "backslashreplace")
+        return raw.decode("utf-8", "backslashreplace").replace("\x00", "\\x00"), True
     if isinstance(value, dict):
         changed = False
         out = {}

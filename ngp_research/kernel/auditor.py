@@ -19,6 +19,7 @@ import http.client
 import json
 import operator
 import os
+import pathlib
 import socket
 import sys
 import threading
@@ -34,13 +35,9 @@ except ImportError:  # pragma: no cover - a build without a C compiler
 
 __all__ = ["AuditUnavailable", "Auditor", "install", "UNREACHABLE"]
 
-try:  # pathlib's own classes: their __fspath__ is theirs, not a user's
-    import pathlib as _pathlib
-
-    _PURE_PATHS = (_pathlib.PurePath, _pathlib.PurePosixPath, _pathlib.PureWindowsPath, _pathlib.Path,
-                   _pathlib.PosixPath, _pathlib.WindowsPath)
-except ImportError:  # pragma: no cover
-    _PURE_PATHS = ()
+#: pathlib's own classes: their ``__fspath__`` is theirs, not a user's.
+_PURE_PATHS = (pathlib.PurePath, pathlib.PurePosixPath, pathlib.PureWindowsPath, pathlib.Path, pathlib.PosixPath,
+               pathlib.WindowsPath)
 
 UNREACHABLE = "the audit service cannot be reached; no code was run"
 
@@ -660,15 +657,17 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             _handle(event, args, action)
         except AuditUnavailable:
             raise  # fail closed: the access does not happen
-        except BaseException as e:  # a record we could not shape: keep what we can, or refuse the access
+        except Exception as e:  # a record we could not shape: keep what we can, or refuse the access
             with lock:
                 state["errors"] += 1
             try:
                 record(action, None, {"event": event, "raw": _text(dumps(_plain(list(args))))[:1000],
-                                      "error": object.__repr__(e) if not isinstance(e, Exception) else
-                                      f"{type(e).__name__}"})
-            except BaseException:
-                raise AuditUnavailable(f"this access could not be recorded ({type(e).__name__}); it was refused")
+                                      "error": type(e).__name__})
+            except AuditUnavailable:
+                raise
+            except Exception:
+                raise AuditUnavailable(f"this access could not be recorded ({type(e).__name__}); it was refused") \
+                    from None
         finally:
             if not nested:
                 busy.discard(me)

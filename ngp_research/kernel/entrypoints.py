@@ -96,6 +96,9 @@ def _audited_subclass(base, fetch_names):
 
     audit = _audit
     fetch_entry = f"{base.__name__}.fetch"
+    # id(file) -> (its filename object, absolute path), resolved once at open so that a fetch loop
+    # does not pay for abspath each time; held here, not on the object, where a cell could rewrite it
+    resolved = {}
     plain_keys = ("contig", "start", "stop")
 
     def __init__(self, *args, **kwargs):
@@ -105,12 +108,16 @@ def _audited_subclass(base, fetch_names):
         record(path, mode=mode, library="pysam", entry_point=base.__name__,
                **({} if path else {"object": repr(target)[:200]}))
         base.__init__(self, *args, **kwargs)
-        self._ngp_path = path  # resolved once: a fetch loop does not pay for abspath each time
+        if len(resolved) > 4096:
+            resolved.clear()
+        resolved[id(self)] = (getattr(self, "filename", None), path)
 
     def fetch(self, *args, **kwargs):
-        path = self.__dict__.get("_ngp_path")
-        if path is None:
-            fn = getattr(self, "filename", None)
+        fn = getattr(self, "filename", None)
+        known = resolved.get(id(self))
+        if known is not None and known[0] is fn and fn is not None:  # the same object's own filename
+            path = known[1]
+        else:
             path = filename_of(fn) if fn is not None else None
         if not kwargs and 0 < len(args) <= 3 and args[0].__class__ is str and None not in args:
             detail = dict(zip(plain_keys, args))  # fetch("chr1", 100, 200): the common case, built directly
