@@ -170,14 +170,16 @@ def _kernelspecs(d: Path, python: str) -> Path:
 
 
 def _count(home: str, files_dir: str) -> dict:
-    from sqlalchemy import create_engine, text  # noqa: PLC0415
+    """Stored records by action, and the file opens under ``files_dir`` (paths of run records counted)."""
+    from ngp_research.audit.store import AuditStore  # noqa: PLC0415
 
-    engine = create_engine(f"sqlite:///{home}/state/audit.sqlite")
-    with engine.connect() as conn:
-        by_action = dict(conn.execute(text("SELECT action, count(*) FROM audit_records GROUP BY action")).all())
-        files = conn.execute(text("SELECT count(*) FROM audit_records WHERE action = 'file.open' AND path LIKE :p"),
-                             {"p": files_dir + "/%"}).scalar()
-    engine.dispose()
+    store = AuditStore(f"sqlite:///{home}/state/audit.sqlite", Path(home) / "state" / "keys", create_key=False)
+    by_action, files = {}, 0
+    for r in store.records():
+        by_action[r.action] = by_action.get(r.action, 0) + 1
+        if r.action == "file.open":
+            files += sum(1 for p in r.paths if p.startswith(files_dir + "/"))
+    store.engine.dispose()
     return {"by_action": by_action, "file_open_in_bench_folder": files}
 
 

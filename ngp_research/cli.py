@@ -322,7 +322,8 @@ def run(args) -> int:
         recs = store.records(region=args.region, actor=args.user, project=args.project, dataset=args.dataset,
                              action=args.action, since=args.since, until=args.until, limit=args.limit)
         store.engine.dispose()
-        rows = [[r.seq, r.time, r.actor, r.action, r.project, r.region, r.dataset, r.path or ""] for r in recs]
+        rows = [[a.seq, a.time, a.actor, a.action, a.project, a.region, a.dataset, a.path or ""]
+                for r in recs for a in r.accesses()]  # a record listing a run of paths: one line per path
         _emit(args, [r.to_json() for r in recs],
               _table(rows, ["seq", "time", "actor", "action", "project", "region", "dataset", "path"]))
         return EXIT_OK

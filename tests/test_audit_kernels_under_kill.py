@@ -316,7 +316,7 @@ def test_sigkill_under_50_kernels_loses_no_acknowledged_record(platform, tmp_pat
         for r in store.records(action="query.execute"):
             executes.setdefault(r.detail.get("msg_id"), []).append(r)
         opens = {}
-        for r in store.records(action="file.open"):
+        for r in (a for rec in store.records(action="file.open") for a in rec.accesses()):
             opens.setdefault((r.path, r.detail.get("msg_id")), set()).add(r.detail.get("mode"))
         n_stored = len(store.records())
     finally:

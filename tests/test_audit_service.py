@@ -22,7 +22,7 @@ import pytest
 
 from ngp_research.audit import AuditStore
 from ngp_research.audit.report import region_report, render
-from ngp_research.audit.service import (Caller, ServiceContext, build_record, build_records, identity_from_model,
+from ngp_research.audit.service import (GROUP_MIN, Caller, ServiceContext, build_record, build_records, identity_from_model,
                                         make_app)
 from ngp_research.errors import RefusedError
 
@@ -176,6 +176,52 @@ def test_a_record_with_paths_is_stored_as_one_record_per_path_in_order(service, 
     assert store.verify().ok
 
 
+def test_a_long_run_of_paths_in_one_place_is_one_chained_record_listing_them(service, store):
+    """A cell's 40 opens in one dataset cost the chain one record; shorter runs stay one record per path."""
+    syd = [f"/data/syd/syd-cohort/part-{i:02d}.vcf.gz" for i in range(40)]
+    vast = [f"/data/vast/vast-cohort/part-{i:02d}.vcf.gz" for i in range(GROUP_MIN)]
+    mine = ["/project/a.txt", "/project/b.txt"]
+    status, ack = post(service.url, [{"action": "file.open", "paths": syd + mine + vast,
+                                      "detail": {"mode": "rb", "msg_id": "m1"}}])
+    assert status == 200 and ack["acknowledged"] == 40 + 2 + GROUP_MIN
+    recs = store.records()
+    assert [(r.region, r.dataset, r.path) for r in recs] == [
+        ("syd", "syd-cohort", None), (None, None, "/project/a.txt"), (None, None, "/project/b.txt"),
+        ("vast", "vast-cohort", None)]
+    assert [p for r in recs for p in r.paths] == syd + mine + vast  # every path, in order, each in its region
+    assert recs[0].detail == {"mode": "rb", "msg_id": "m1", "paths": syd}
+    assert [(a.seq, a.path, a.detail) for a in recs[0].accesses()][:2] == [
+        (recs[0].seq, syd[0], {"mode": "rb", "msg_id": "m1"}), (recs[0].seq, syd[1], {"mode": "rb", "msg_id": "m1"})]
+    assert store.records(region="vast")[0].paths == vast  # no region's record lists another region's paths
+    assert store.verify().ok
+
+
+def test_a_path_edited_inside_a_run_record_fails_verification(service, store):
+    paths = [f"/data/syd/syd-cohort/part-{i:02d}.vcf.gz" for i in range(GROUP_MIN + 4)]
+    assert post(service.url, [{"action": "file.open", "paths": paths}])[0] == 200
+    (rec,) = store.records()
+    edited = json.dumps({**rec.detail, "paths": [p for p in paths if not p.endswith("-07.vcf.gz")]},
+                        sort_keys=True, separators=(",", ":"))
+    from sqlalchemy import update
+
+    from ngp_research.audit.store import records_table
+
+    with store.engine.begin() as conn:
+        conn.execute(update(records_table).where(records_table.c.seq == rec.seq).values(detail=edited))
+    report = store.verify()
+    assert not report.ok and f"record {rec.seq} does not match its hash (edited)" in report.problems
+
+
+def test_a_payload_cannot_make_a_record_stand_for_other_paths(service, store):
+    """``detail.paths`` is the service's: a client's is kept under another name, flagged, and never reported."""
+    status, _ = post(service.url, [{"action": "file.open", "path": "/data/syd/syd-cohort/x",
+                                    "detail": {"paths": ["/data/vast/vast-cohort/secret"]}}])
+    assert status == 200
+    (rec,) = store.records()
+    assert rec.paths == ["/data/syd/syd-cohort/x"] and rec.detail["claimed_paths"] == ["/data/vast/vast-cohort/secret"]
+    assert "payload set detail.paths" in rec.detail["flag"] and "paths" not in rec.detail
+
+
 @pytest.mark.parametrize("backend", ["sqlite"])
 def test_concurrent_writers_are_group_committed_and_nothing_acknowledged_is_lost(service, store, monkeypatch):
     calls = []
@@ -245,6 +291,22 @@ def reported(tmp_path):
     catalog.audit.append_many([build_record(alice, r, None) for r in raw])
     yield catalog
     catalog.close()
+
+
+def test_a_run_record_is_reported_as_one_row_per_path_with_its_cell(reported):
+    alice = Caller("alice", "cardio-gwas")
+    syd = [f"/data/syd/syd-cohort/part-{i:02d}.vcf.gz" for i in range(GROUP_MIN + 2)]
+    norr = [f"/data/norr/norr-cohort/part-{i:02d}.vcf.gz" for i in range(GROUP_MIN)]
+    reported.audit.append_many(build_records(alice, [
+        {"action": "query.execute", "detail": {"msg_id": "m3", "code": "for p in parts: open(p)"}},
+        {"action": "file.open", "paths": syd + norr, "detail": {"msg_id": "m3", "mode": "rb"}}], None))
+    rows = [r for r in region_report(reported.audit, reported, "admin-syd", "syd") if r["path"] in syd]
+    assert [r["path"] for r in rows] == syd and len({r["seq"] for r in rows}) == 1
+    assert all(r["code"] == "for p in parts: open(p)" and r["detail"] == {"msg_id": "m3", "mode": "rb"}
+               for r in rows)
+    norr_rows = region_report(reported.audit, reported, "admin-norr", "norr")
+    assert not any(r["path"] in syd for r in norr_rows) and [r["path"] for r in norr_rows][-GROUP_MIN:] == norr
+    assert len(json.loads(render(rows, "json", "syd"))) == len(syd)
 
 
 def test_a_region_admin_sees_their_regions_accesses_with_the_code_and_nothing_else(reported):

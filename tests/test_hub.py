@@ -388,7 +388,8 @@ def test_every_access_path_leaves_a_record_with_user_project_dataset_region_and_
     assert out.strip() == "done"
     new = [r for r in catalog.audit.records() if r.seq > before and r.actor == "alice"]
     (query,) = [r for r in new if r.action == "query.execute" and "pysam.VariantFile" in (r.detail.get("code") or "")]
-    caused = [r for r in new if r.detail.get("msg_id") == query.detail["msg_id"] and r.action != "query.execute"]
+    caused = [a for r in new if r.detail.get("msg_id") == query.detail["msg_id"] and r.action != "query.execute"
+              for a in r.accesses()]
     assert all(r.project == "cardio-gwas" for r in caused)
     assert query.seq < min(r.seq for r in caused)  # the code was recorded before anything it did
     seen = {(r.action, r.path, r.region, r.dataset) for r in caused}
@@ -427,7 +428,8 @@ def test_cohort_in_a_workspace_hail_and_dask_workers_leave_records_of_the_cell(a
     assert out.strip().splitlines()[-1] == "60 ['af', 'af_norr', 'af_syd'] 16"
     new = [r for r in catalog.audit.records() if r.seq > before]
     (query,) = [r for r in new if r.action == "query.execute" and "Cohort.from_workspace" in (r.detail.get("code") or "")]
-    mine = [r for r in new if r.detail.get("msg_id") == query.detail["msg_id"] and r.action != "query.execute"]
+    mine = [a for r in new if r.detail.get("msg_id") == query.detail["msg_id"] and r.action != "query.execute"
+            for a in r.accesses()]
     assert all((r.actor, r.project) == ("alice", "cardio-gwas") for r in mine)
     assert query.seq < min(r.seq for r in mine)
     hail = [r for r in mine if r.action == "data.open" and r.detail.get("entry_point") == "import_vcf"]

@@ -450,8 +450,8 @@ def test_bridge_sockets_are_private(workspace):
 def test_the_kernels_file_opens_reach_the_audit_service_with_the_cells_code(workspace, kernel):
     kernel["ws"].execute("open('/data/syd/syd-cohort/syd-cohort.vcf.gz', 'rb').read(2)")
     catalog = workspace["catalog"]
-    opens = [r for r in catalog.audit.records(action="file.open", actor="alice")
-             if r.path == "/data/syd/syd-cohort/syd-cohort.vcf.gz"]
+    opens = [a for r in catalog.audit.records(action="file.open", actor="alice") for a in r.accesses()
+             if a.path == "/data/syd/syd-cohort/syd-cohort.vcf.gz"]
     assert opens, "no file.open record"
     rec = opens[-1]
     assert (rec.project, rec.region, rec.dataset) == ("cardio-gwas", "syd", "syd-cohort")

@@ -10,6 +10,7 @@ Each stored record carries the hash of the one before; its own hash is the
 sha256 of :func:`canonical` of every field but the hash itself.
 """
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -131,6 +132,40 @@ class StoredRecord:
     prev_hash: str
     hash: str
     detail_text: str = field(default="", repr=False, compare=False)  # the stored (canonical) detail
+
+    @property
+    def paths(self) -> list:
+        """The paths this record is about: its ``path``, or the run of paths it stands for.
+
+        The audit service stores a long run of one cell's opens in one place as one record, its
+        paths in ``detail["paths"]`` (see ``ngp_research.audit.service.build_records``).
+
+        >>> r = StoredRecord(1, "t", "file.open", "u", None, None, None, None, {"paths": ["/a", "/b"]}, "0", "1")
+        >>> r.paths, r.replace(path="/c", detail={}).paths
+        (['/a', '/b'], ['/c'])
+        """
+        if self.path is not None:
+            return [self.path]
+        listed = self.detail.get("paths")
+        return list(listed) if isinstance(listed, list) else []
+
+    def accesses(self):
+        """One view of this record per path it stands for: the same record, with that ``path``.
+
+        The views share ``seq`` and ``hash`` with the stored record (their detail lacks ``paths``), so
+        they are for reading, not for verifying.
+
+        >>> r = StoredRecord(7, "t", "file.open", "u", None, "r", "d", None, {"paths": ["/a", "/b"], "mode": "r"}, "0", "1")
+        >>> [(v.seq, v.path, v.detail) for v in r.accesses()]
+        [(7, '/a', {'mode': 'r'}), (7, '/b', {'mode': 'r'})]
+        """
+        if self.path is not None or not isinstance(self.detail.get("paths"), list):
+            return [self]
+        detail = {k: v for k, v in self.detail.items() if k != "paths"}
+        return [self.replace(path=p, detail=detail, detail_text="") for p in self.detail["paths"]]
+
+    def replace(self, **changes) -> "StoredRecord":
+        return dataclasses.replace(self, **changes)
 
     def content(self) -> dict:
         """Every field but the hash: what the hash covers."""

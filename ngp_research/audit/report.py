@@ -27,8 +27,9 @@ def region_report(store, catalog, actor: str, region: str, since: datetime | Non
         catalog._region(s, region)
         catalog.require_region_admin(s, actor, region, f"read the audit of region {region!r}")
     rows = []
-    records = [r for r in store.records(region=region, actor=user, dataset=dataset, since=since, until=until)
-               if r.action in ACCESS_ACTIONS]
+    # One row per access: a stored record that lists a run of paths gives one row per path.
+    records = [a for r in store.records(region=region, actor=user, dataset=dataset, since=since, until=until)
+               if r.action in ACCESS_ACTIONS for a in r.accesses()]
     # Each access is joined to the FIRST query.execute with the same user, project and msg_id that precedes
     # it: a later record reusing a msg_id cannot change the code shown, and is flagged.
     wanted = {(r.actor, r.project, r.detail.get("msg_id")) for r in records if r.detail.get("msg_id")}

@@ -22,7 +22,10 @@ Endpoints (under the service prefix, e.g. ``/services/audit/``):
 ``POST records``
     ``{"records": [{"action", "path", "detail"}]}`` with ``Authorization: token T``;
     ``200 {"acknowledged": n, "first_seq", "last_seq"}`` once durable. A record may carry
-    ``paths`` (a list) instead of ``path``: it stands for one record per path, and ``n`` counts them.
+    ``paths`` (a list) instead of ``path``: it stands for one access per path, and ``n`` counts
+    them. A run of at least ``GROUP_MIN`` consecutive paths in one dataset (or outside ``/data``)
+    is stored as one chained record listing them (``detail["paths"]``); shorter runs as one record
+    per path. Reports show one row per path either way.
 ``GET health``
     ``200`` when the store is writable.
 ``GET report?region=R[&since&until&user&dataset&format=html|json|csv]``
@@ -42,6 +45,8 @@ from tornado import web
 from .records import AuditRecord, canonical
 
 MAX_RECORDS_PER_REQUEST = 5000
+#: A run of this many paths or more, in one place, is stored as one record listing them (see build_records).
+GROUP_MIN = 16
 MAX_BODY = 16 * 1024 * 1024
 _SERVER_SCOPE = re.compile(r"^access:servers!server=([^/]+)/(.+)$")
 ALLOWED_ACTIONS = {"query.execute", "file.open", "file.list", "process.exec", "library.load", "socket.connect",
@@ -159,6 +164,9 @@ def _checked(caller: Caller, raw: dict, members: set | None) -> tuple[str, dict,
         flags.append(f"{caller.user} is not a member of project {caller.project!r}")
     if code and any(sign in code for sign in TAMPERING_SIGNS):
         flags.append("the code reaches into the interpreter or the audit machinery (possible tampering)")
+    if "paths" in detail:  # reserved: the paths a stored record stands for (build_records sets it)
+        flags.append("payload set detail.paths (kept as claimed_paths)")
+        detail["claimed_paths"] = detail.pop("paths")
     for key, real in (("user", caller.user), ("actor", caller.user), ("project", caller.project)):
         claimed = raw.get(key, detail.get(key))
         if claimed is not None and claimed != real:
@@ -192,13 +200,22 @@ def build_record(caller: Caller, raw: dict, visible: set | None, members: set | 
 def build_records(caller: Caller, raw: list, visible: set | None, members: set | None = None) -> list[AuditRecord]:
     """The stored records of a request's submitted records, in order.
 
-    A submitted record with ``paths`` (a list of strings) instead of ``path`` stands for one record
+    A submitted record with ``paths`` (a list of strings) instead of ``path`` stands for one access
     per path with the same action and detail: the kernel sends a cell's run of file opens that way.
+    Its paths are split into consecutive runs of one place (the same region and dataset, or none).
+    A run of ``GROUP_MIN`` paths or more becomes one record whose ``detail["paths"]`` lists them
+    (``path`` is None), so a cell that opens 10,000 files costs the chain a few records, not
+    10,000; a shorter run becomes one record per path. Either way every path is in the chain,
+    under its region, and :attr:`StoredRecord.paths` gives them back.
 
     >>> recs = build_records(Caller("alice", "p"), [{"action": "file.open", "paths": ["/data/r/d/a", "/project/b"],
     ...                                              "detail": {"mode": "r"}}], None)
     >>> [(r.path, r.region, r.dataset, r.detail) for r in recs]
     [('/data/r/d/a', 'r', 'd', {'mode': 'r'}), ('/project/b', None, None, {'mode': 'r'})]
+    >>> many = [f"/data/r/d/part-{i}" for i in range(GROUP_MIN)] + ["/project/b"]
+    >>> recs = build_records(Caller("alice", "p"), [{"action": "file.open", "paths": many}], None)
+    >>> [(r.path, r.region, len(r.detail.get("paths", []))) for r in recs]
+    [(None, 'r', 16), ('/project/b', None, 0)]
     """
     out = []
     for r in raw:
@@ -211,17 +228,26 @@ def build_records(caller: Caller, raw: list, visible: set | None, members: set |
         if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
             raise ValueError("paths must be a non-empty list of strings")
         action, detail, flags = _checked(caller, r, members)
-        prepared = {}  # (region, dataset) -> (detail, its canonical text): one encoding per location
-        user, project = caller.user, caller.project
+        runs = []  # [[(region, dataset), escaped, [paths]], ...]: consecutive paths of one place
         for path in paths:
             path, escaped = storable(path)
             where = resolve(path)
+            if runs and runs[-1][0] == where and runs[-1][1] == escaped:
+                runs[-1][2].append(path)
+            else:
+                runs.append([where, escaped, [path]])
+        prepared = {}  # (place, escaped) -> (detail, its canonical text): one encoding per place
+        user, project = caller.user, caller.project
+        for where, escaped, run in runs:
             hit = prepared.get((where, escaped))
             if hit is None:
                 f = [*flags, "the path is not valid UTF-8 (or holds NUL): escaped"] if escaped else flags
                 located = _located(detail, f, *where, visible)
                 hit = prepared[(where, escaped)] = (located, canonical(located).decode("utf-8"))
-            out.append(AuditRecord.prepared(action, user, project, where[0], where[1], path, *hit))
+            if len(run) >= GROUP_MIN:
+                out.append(AuditRecord(action, user, project, where[0], where[1], None, {**hit[0], "paths": run}))
+            else:
+                out.extend(AuditRecord.prepared(action, user, project, where[0], where[1], path, *hit) for path in run)
     return out
 
 
@@ -338,7 +364,7 @@ class RecordsHandler(_Base):
         except Exception as e:
             self.ctx.log(f"append failed: {e!r}")
             return self.write_json(503, {"error": "the audit store could not append; nothing was acknowledged"})
-        self.write_json(200, {"acknowledged": len(stored), "first_seq": stored[0].seq, "last_seq": stored[-1].seq})
+        self.write_json(200, {"acknowledged": count, "first_seq": stored[0].seq, "last_seq": stored[-1].seq})
 
 
 class HealthHandler(_Base):
