@@ -334,3 +334,40 @@ def test_a_fetch_records_the_file_it_reads_whatever_the_object_says(files):
     '''
     out = run_case(body, "c", files)
     assert out["n"] > 0 and out["fetches"] == [str(vcf)]
+
+
+def test_the_c_encoder_gives_the_service_what_the_python_encoder_gives():
+    """``_hook.encode`` builds the POST body in C; it must carry the same records as :func:`encode_items`."""
+    from ngp_research.kernel import _hook
+    from ngp_research.kernel.auditor import encode_items
+
+    if _hook is None:
+        pytest.skip("the package was built without its C extension")
+    ids, other = ("m1", "c1"), ("m2", {"cellId": [1, "x"]})
+    items = [
+        ("o", "/data/r/d/a.vcf.gz", "rb", 0, ids), ("o", "/data/r/d/b.vcf.gz", "rb", 0, ids),
+        ("o", '/project/quote"back\\slash\nnewline\x7f', "r", 524288, ids),  # escapes
+        ("o", "/project/caf\u00e9 \u2603", "r", 524288, ids), ("o", "/project/caf\udce9", "r", 524288, ids),
+        ("o", "/project/x", None, -1, other), ("o", "/project/y", None, -1, other),
+        ("d", "/data/r/d/a.vcf.gz", {"contig": "chr1", "start": 5, "ratio": 0.5, "nan": float("nan"),
+                                     "ok": True, "none": None, "msg_id": "forged"}, ids, None),
+        ("r", {"action": "file.list", "path": "/data/r", "detail": {"event": "os.listdir", "n": [1, 2]}}, None, None,
+         None),
+        ("r", {"action": "process.exec", "path": None, "detail": {"argv": [object()]}}, None, None, None),
+        ("o", "/project/z", "w", 1, ids),
+    ]
+
+    def record_text(rec):
+        try:
+            return json.dumps(rec)
+        except TypeError:
+            return json.dumps({"action": rec["action"], "path": None, "detail": {"error": "not encodable"}})
+
+    c = json.loads(_hook.encode(items, json.dumps, json.encoder.encode_basestring_ascii, record_text))
+    py_items = [(t, p, dict(d), i, x) if t == "d" else (t, p, d, i, x) for t, p, d, i, x in items]
+    py = [json.loads(record_text(r)) if r.get("action") == "process.exec" else r for r in encode_items(py_items)]
+    py = json.loads(json.dumps({"records": py}))
+    assert c == py
+    assert [len(r.get("paths", [r.get("path")])) for r in c["records"]] == [2, 3, 2, 1, 1, 1, 1]
+    with pytest.raises(ValueError):
+        _hook.encode([("x", 1, 2, 3, 4)], json.dumps, json.encoder.encode_basestring_ascii, record_text)

@@ -26,6 +26,7 @@
 #include <Python.h>
 #include <pthread.h>
 #include <string.h>
+#include <math.h>
 
 #define MAX_PREFIXES 64
 #define MAX_EVENTS 64
@@ -337,9 +338,241 @@ stats(PyObject *self, PyObject *unused)
                          "handed_on", handled);
 }
 
+
+/* -- encode(items, dump, escape, record_text) -> bytes -----------------------------------------------
+ *
+ * The body the sender POSTs for buffered items, ``{"records":[...]}``: what the auditor's Python
+ * ``_encode`` and ``json.dumps`` make of the same items, built here so that the sender thread spends
+ * next to no time holding the GIL while a cell runs. A run of ``("o", path, mode, flags, ids)`` items
+ * with equal mode, flags and ids becomes one record with ``paths``; a ``("d", path, detail, ids, None)``
+ * item one ``data.open`` record; any other item's record is ``record_text(record)``. Values other
+ * than exact str, int, finite float, bool and None are encoded by ``dump`` (json.dumps); a str that
+ * is not plain printable ASCII by ``escape`` (json's encode_basestring_ascii).
+ */
+
+typedef struct {
+    char *p;
+    Py_ssize_t n, cap;
+} buf_t;
+
+static int
+buf_grow(buf_t *b, Py_ssize_t more)
+{
+    Py_ssize_t want = b->n + more;
+    char *p;
+    if (want <= b->cap)
+        return 0;
+    if (b->cap > PY_SSIZE_T_MAX / 2 - more) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    want = want > 2 * b->cap ? want + 4096 : 2 * b->cap;
+    p = PyMem_Realloc(b->p, (size_t)want);
+    if (p == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->p = p;
+    b->cap = want;
+    return 0;
+}
+
+static int
+buf_put(buf_t *b, const char *s, Py_ssize_t n)
+{
+    if (buf_grow(b, n) < 0)
+        return -1;
+    memcpy(b->p + b->n, s, (size_t)n);
+    b->n += n;
+    return 0;
+}
+
+#define PUT(b, lit) buf_put((b), (lit), (Py_ssize_t)(sizeof(lit) - 1))
+
+/* the text of a str object from Python (dump/escape results) */
+static int
+buf_put_text(buf_t *b, PyObject *text)
+{
+    const char *s;
+    Py_ssize_t n;
+    if (text == NULL)
+        return -1;
+    if (!PyUnicode_Check(text)) {
+        Py_DECREF(text);
+        PyErr_SetString(PyExc_TypeError, "encode: dump/escape must return str");
+        return -1;
+    }
+    s = PyUnicode_AsUTF8AndSize(text, &n);
+    if (s == NULL || buf_put(b, s, n) < 0) {
+        Py_DECREF(text);
+        return -1;
+    }
+    Py_DECREF(text);
+    return 0;
+}
+
+static int
+put_str(buf_t *b, PyObject *s, PyObject *escape)
+{
+    if (PyUnicode_IS_ASCII(s)) {
+        const unsigned char *c = (const unsigned char *)PyUnicode_DATA(s);
+        Py_ssize_t i, n = PyUnicode_GET_LENGTH(s);
+        for (i = 0; i < n; i++)
+            if (c[i] < 0x20 || c[i] == '"' || c[i] == '\\' || c[i] == 0x7f)
+                break;
+        if (i == n) {
+            if (buf_grow(b, n + 2) < 0)
+                return -1;
+            b->p[b->n++] = '"';
+            memcpy(b->p + b->n, c, (size_t)n);
+            b->n += n;
+            b->p[b->n++] = '"';
+            return 0;
+        }
+    }
+    return buf_put_text(b, PyObject_CallOneArg(escape, s));
+}
+
+static int
+put_value(buf_t *b, PyObject *v, PyObject *dump, PyObject *escape)
+{
+    if (PyUnicode_CheckExact(v))
+        return put_str(b, v, escape);
+    if (v == Py_None)
+        return PUT(b, "null");
+    if (v == Py_True)
+        return PUT(b, "true");
+    if (v == Py_False)
+        return PUT(b, "false");
+    if (PyLong_CheckExact(v) || (PyFloat_CheckExact(v) && isfinite(PyFloat_AS_DOUBLE(v))))
+        return buf_put_text(b, PyObject_Repr(v));  /* int and float reprs are their JSON */
+    return buf_put_text(b, PyObject_CallOneArg(dump, v));
+}
+
+/* ,"msg_id":I0,"cell_id":I1 from the ids tuple (anything else: both null, as the Python side fails closed) */
+static int
+put_ids(buf_t *b, PyObject *ids, PyObject *dump, PyObject *escape)
+{
+    if (!PyTuple_CheckExact(ids) || PyTuple_GET_SIZE(ids) != 2) {
+        PyErr_SetString(PyExc_ValueError, "encode: ids must be a (msg_id, cell_id) tuple");
+        return -1;
+    }
+    if (PUT(b, "\"msg_id\":") < 0 || put_value(b, PyTuple_GET_ITEM(ids, 0), dump, escape) < 0 ||
+        PUT(b, ",\"cell_id\":") < 0 || put_value(b, PyTuple_GET_ITEM(ids, 1), dump, escape) < 0)
+        return -1;
+    return 0;
+}
+
+static int
+same(PyObject *a, PyObject *b)
+{
+    if (a == b)
+        return 1;
+    return PyObject_RichCompareBool(a, b, Py_EQ);
+}
+
+static PyObject *
+encode(PyObject *self, PyObject *args)
+{
+    PyObject *items, *dump, *escape, *record_text, *seq, *result = NULL;
+    Py_ssize_t i, j, n;
+    buf_t b = {NULL, 0, 0};
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOOO", &items, &dump, &escape, &record_text))
+        return NULL;
+    seq = PySequence_Fast(items, "encode: items must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    n = PySequence_Fast_GET_SIZE(seq);
+    if (PUT(&b, "{\"records\":[") < 0)
+        goto done;
+    for (i = 0; i < n; i = j) {
+        PyObject *it = PySequence_Fast_GET_ITEM(seq, i), *tag;
+        if (!PyTuple_CheckExact(it) || PyTuple_GET_SIZE(it) != 5) {
+            PyErr_SetString(PyExc_ValueError, "encode: buffer items are 5-tuples");
+            goto done;
+        }
+        if (i > 0 && PUT(&b, ",") < 0)
+            goto done;
+        tag = PyTuple_GET_ITEM(it, 0);
+        j = i + 1;
+        if (PyUnicode_CheckExact(tag) && PyUnicode_GET_LENGTH(tag) == 1 && PyUnicode_READ_CHAR(tag, 0) == 'o') {
+            PyObject *mode = PyTuple_GET_ITEM(it, 2), *flags = PyTuple_GET_ITEM(it, 3), *ids = PyTuple_GET_ITEM(it, 4);
+            Py_ssize_t k;
+            for (; j < n; j++) {  /* the run: the same tag, mode, flags and ids */
+                PyObject *nx = PySequence_Fast_GET_ITEM(seq, j);
+                int eq;
+                if (!PyTuple_CheckExact(nx) || PyTuple_GET_SIZE(nx) != 5)
+                    break;
+                eq = same(PyTuple_GET_ITEM(nx, 0), tag);
+                if (eq > 0)
+                    eq = same(PyTuple_GET_ITEM(nx, 2), mode);
+                if (eq > 0)
+                    eq = same(PyTuple_GET_ITEM(nx, 3), flags);
+                if (eq > 0)
+                    eq = same(PyTuple_GET_ITEM(nx, 4), ids);
+                if (eq < 0)
+                    goto done;
+                if (!eq)
+                    break;
+            }
+            if (PUT(&b, "{\"action\":\"file.open\",\"detail\":{\"event\":\"open\",\"mode\":") < 0 ||
+                put_value(&b, mode, dump, escape) < 0 || PUT(&b, ",\"flags\":") < 0 ||
+                put_value(&b, flags, dump, escape) < 0 || PUT(&b, ",") < 0 || put_ids(&b, ids, dump, escape) < 0 ||
+                (j - i == 1 ? PUT(&b, "},\"path\":") : PUT(&b, "},\"paths\":[")) < 0)
+                goto done;
+            for (k = i; k < j; k++) {
+                PyObject *path = PyTuple_GET_ITEM(PySequence_Fast_GET_ITEM(seq, k), 1);
+                if ((k > i && PUT(&b, ",") < 0) || put_value(&b, path, dump, escape) < 0)
+                    goto done;
+            }
+            if ((j - i == 1 ? PUT(&b, "}") : PUT(&b, "]}")) < 0)
+                goto done;
+        }
+        else if (PyUnicode_CheckExact(tag) && PyUnicode_GET_LENGTH(tag) == 1 && PyUnicode_READ_CHAR(tag, 0) == 'd'
+                 && PyDict_CheckExact(PyTuple_GET_ITEM(it, 2))) {
+            PyObject *detail = PyTuple_GET_ITEM(it, 2), *k, *v;
+            Py_ssize_t pos = 0;
+            if (PUT(&b, "{\"action\":\"data.open\",\"path\":") < 0 ||
+                put_value(&b, PyTuple_GET_ITEM(it, 1), dump, escape) < 0 || PUT(&b, ",\"detail\":{") < 0)
+                goto done;
+            while (PyDict_Next(detail, &pos, &k, &v)) {
+                if (!PyUnicode_CheckExact(k)) {
+                    PyErr_SetString(PyExc_ValueError, "encode: detail keys are str");
+                    goto done;
+                }
+                if (PyUnicode_CompareWithASCIIString(k, "msg_id") == 0 ||
+                    PyUnicode_CompareWithASCIIString(k, "cell_id") == 0)
+                    continue;  /* the execution's ids, below, as _materialize sets them */
+                if (put_str(&b, k, escape) < 0 || PUT(&b, ":") < 0 || put_value(&b, v, dump, escape) < 0 ||
+                    PUT(&b, ",") < 0)
+                    goto done;
+            }
+            if (put_ids(&b, PyTuple_GET_ITEM(it, 3), dump, escape) < 0 || PUT(&b, "}}") < 0)
+                goto done;
+        }
+        else if (PyUnicode_CheckExact(tag) && PyUnicode_GET_LENGTH(tag) == 1 && PyUnicode_READ_CHAR(tag, 0) == 'r') {
+            if (buf_put_text(&b, PyObject_CallOneArg(record_text, PyTuple_GET_ITEM(it, 1))) < 0)
+                goto done;
+        }
+        else {
+            PyErr_SetString(PyExc_ValueError, "encode: an item that is not an open, a data open or a record");
+            goto done;
+        }
+    }
+    if (PUT(&b, "]}") < 0)
+        goto done;
+    result = PyBytes_FromStringAndSize(b.p, b.n);
+done:
+    PyMem_Free(b.p);
+    Py_DECREF(seq);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"install", install, METH_VARARGS, "Add the C audit hook (once per process)."},
     {"write_through", set_write_through, METH_NOARGS, "From now on, hand every recorded event to the handler."},
+    {"encode", encode, METH_VARARGS, "The POST body of buffered items: encode(items, dump, escape, record_text)."},
     {"stats", stats, METH_NOARGS, "Whether the hook is installed; opens taken by the fast path; events handed on."},
     {NULL, NULL, 0, NULL},
 };

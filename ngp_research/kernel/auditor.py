@@ -210,9 +210,51 @@ def _default_ignored() -> tuple:
     return tuple(sorted(out))
 
 
+def _materialize(item):
+    """The record dict of a ``("d", path, detail, ids, None)`` buffer item (a library's data open)."""
+    _, path, detail, ids, _ = item
+    detail["msg_id"], detail["cell_id"] = ids
+    return {"action": "data.open", "path": path, "detail": detail}
+
+
+_run_key, _second = operator.itemgetter(0, 2, 3, 4), operator.itemgetter(1)
+
+
+def encode_items(items) -> list:
+    """The records to POST for buffered ``items``, in order (``_hook.encode`` builds the same, in C).
+
+    Buffer items are 5-tuples: ``("o", path, mode, flags, ids)`` for a plain open (the hot path, C
+    or Python), ``("d", path, detail, ids, None)`` for a library's data open, and
+    ``("r", record, None, None, None)`` for any other record. A run of plain opens with the same
+    mode, flags and cell becomes one record with ``paths`` (the service stores one access per path).
+
+    >>> ids = ("m1", None)
+    >>> encode_items([("o", "/a", "r", 0, ids), ("o", "/b", "r", 0, ids), ("d", "/c", {"n": 1}, ids, None)])[0]
+    {'action': 'file.open', 'detail': {'event': 'open', 'mode': 'r', 'flags': 0, 'msg_id': 'm1', 'cell_id': None}, 'paths': ['/a', '/b']}
+    """
+    out = []
+    for key, group in groupby(items, _run_key):
+        tag = key[0]
+        if tag == "o":
+            paths = list(map(_second, group))
+            _, mode, flags, ids = key
+            rec = {"action": "file.open", "detail": {
+                "event": "open", "mode": mode, "flags": flags, "msg_id": ids[0], "cell_id": ids[1]}}
+            if len(paths) == 1:
+                rec["path"] = paths[0]
+            else:
+                rec["paths"] = paths
+            out.append(rec)
+        elif tag == "d":
+            out.extend(map(_materialize, group))
+        else:
+            out.extend(map(_second, group))
+    return out
+
+
 def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch: int = 500,
             linger: float = 0.005, timeout: float = 5.0, ignored: tuple | None = None,
-            add_hook: bool = True, max_post: int = 2000) -> Auditor:
+            add_hook: bool = True, max_post: int = 2000, encode_c: bool = True) -> Auditor:
     """Add the audit hook and start the sender thread; returns the :class:`Auditor` (call once).
 
     The hook is the C one from ``_hook`` when the package was built with it (``setup.py``): plain
@@ -251,7 +293,9 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
     fsdecode, normpath, getcwd = os.fsdecode, os.path.normpath, os.getcwd
     monotonic, _get_ident = time.monotonic, threading.get_ident
     dumps, loads = json.dumps, json.loads
-    run_key, second = operator.itemgetter(0, 2, 3, 4), operator.itemgetter(1)
+    encode = encode_items  # held here: a cell that rebinds the module's name changes nothing
+    encode_string = json.encoder.encode_basestring_ascii
+    c_encode = _hook.encode if _hook is not None and encode_c else None
 
     # -- delivery ---------------------------------------------------------------------------------
 
@@ -317,19 +361,22 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             conn.close()  # socket.close sets _closed: _post does not keep it
         return int(parts[1]), parts[2] if len(parts) > 2 else "", answer[:length]
 
-    def _post(records, t, count=None):
-        """POST one batch (``count`` records once expanded); None when acknowledged, else the reason.
+    def _body(records):
+        try:
+            return dumps({"records": records}).encode()
+        except (TypeError, ValueError):  # never expected (values are made plain when recorded); never fatal
+            return dumps({"records": [_encodable(r) for r in records]}).encode()
 
-        The caller holds send_lock."""
+    def _post(records, t, count=None, body=None):
+        """POST one batch (``count`` records once expanded, or ``body`` already encoded); None when
+        acknowledged, else the reason. The caller holds send_lock."""
         count = len(records) if count is None else count
         if not url or not parsed.hostname:
             return "NGP_AUDIT_URL is not set"
         if not token:
             return "JUPYTERHUB_API_TOKEN is not set"
-        try:
-            body = dumps({"records": records}).encode()
-        except (TypeError, ValueError):  # never expected (values are made plain when recorded); never fatal
-            body = dumps({"records": [_encodable(r) for r in records]}).encode()
+        if body is None:
+            body = _body(records)
         me = _get_ident()
         was_busy = me in busy
         busy.add(me)  # the connection to the service is not recorded (opens still are)
@@ -382,7 +429,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
                 items = buffer[:min(max_post, target - done)]  # one slice: atomic against the hook's appends
                 if not items:
                     return None
-                reason = _post(_encode(items), max(0.1, deadline - monotonic()), len(items))
+                reason = _post(None, max(0.1, deadline - monotonic()), len(items), _encode_body(items))
                 if reason is not None:
                     with lock:
                         state["failures"] += 1
@@ -453,40 +500,20 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             return {"action": rec.get("action"), "path": rec.get("path") if rec.get("path").__class__ is str else None,
                     "detail": {"error": "the record could not be encoded", "raw": _text(rec)[:1000]}}
 
-    def _materialize(item):
-        """The record dict of a ``("d", path, detail, ids, None)`` buffer item (a library's data open)."""
-        _, path, detail, ids, _ = item
-        detail["msg_id"], detail["cell_id"] = ids
-        return {"action": "data.open", "path": path, "detail": detail}
+    def _record_text(rec):
+        return dumps(_encodable(rec))
 
-    def _encode(items):
-        """The records to POST for buffered ``items``, in order.
-
-        Buffer items are 5-tuples: ``("o", path, mode, flags, ids)`` for a plain open (the hot path, C
-        or Python), ``("d", path, detail, ids, None)`` for a library's data open, and
-        ``("r", record, None, None, None)`` for any other record. A run of plain opens with the same
-        mode, flags and cell becomes one record with ``paths`` (the service stores one record per
-        path). The grouping runs in C (``groupby`` over ``itemgetter``), so 10,000 opens cost the
-        cell little while they are sent.
-        """
-        out = []
-        for key, group in groupby(items, run_key):
-            tag = key[0]
-            if tag == "o":
-                paths = list(map(second, group))
-                _, mode, flags, ids = key
-                rec = {"action": "file.open", "detail": {
-                    "event": "open", "mode": mode, "flags": flags, "msg_id": ids[0], "cell_id": ids[1]}}
-                if len(paths) == 1:
-                    rec["path"] = paths[0]
-                else:
-                    rec["paths"] = paths
-                out.append(rec)
-            elif tag == "d":
-                out.extend(map(_materialize, group))
-            else:
-                out.extend(map(second, group))
-        return out
+    def _encode_body(items):
+        """The POST body for buffered ``items``: built in C (``_hook.encode``) where the package has it,
+        so the sender holds the GIL for a few microseconds per batch while a cell runs; else from
+        :func:`_encode`. Both give the service the same records."""
+        if c_encode is not None:
+            try:
+                return c_encode(items, dumps, encode_string, _record_text)
+            except Exception:  # never expected; the Python encoder gives the same records
+                with lock:
+                    state["errors"] += 1
+        return _body(encode(items))
 
     def record(action, path, detail):
         detail["msg_id"], detail["cell_id"] = current[0]
@@ -773,7 +800,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
         state["closed"] = True
 
     auditor = Auditor(write_ahead, flush, begin, end, blocked, tamper, record, stats, watch, close)
-    guard = closure_guard([hook, _handle, _argv, _encodable, close, _materialize, _encode, record, _path, _ignored, _post, _exchange, _deliver, _connection, write_ahead,
+    guard = closure_guard([hook, _handle, _argv, _encodable, close, encode_items, _materialize, _body, _record_text, _encode_body, record, _path, _ignored, _post, _exchange, _deliver, _connection, write_ahead,
                            flush, blocked, begin, end, tamper, watch, stats, _run_checks, sender])
     checks.append(lambda: guard(restore=True))
     os.register_at_fork(after_in_child=_in_child)
