@@ -30,7 +30,6 @@ from sqlalchemy import (
     Table,
     Text,
     event,
-    insert,
     select,
 )
 
@@ -167,6 +166,9 @@ class AuditStore:
         marker = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
         self._insert_sql = (f"INSERT INTO {records_table.name} ({', '.join(c.name for c in records_table.columns)}) "
                             f"VALUES ({', '.join([marker] * len(records_table.columns))})")
+        cp_columns = [c.name for c in checkpoints_table.columns if c.name != "id"]
+        self._checkpoint_sql = (f"INSERT INTO {checkpoints_table.name} ({', '.join(cp_columns)}) "
+                                f"VALUES ({', '.join([marker] * len(cp_columns))})")
         try:
             self.signer = CheckpointSigner(Path(keys_dir), create=create_key)
         except FileNotFoundError:
@@ -190,21 +192,43 @@ class AuditStore:
 
     # -- writing ---------------------------------------------------------
 
-    def _lock(self, conn) -> None:
-        if self.engine.dialect.name == "postgresql":
-            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_ADVISORY_LOCK})")
-
-    # Plain SQL (the same on SQLite and PostgreSQL): on the append path of every record, where
-    # building and caching the equivalent SQLAlchemy statements cost more than running them.
+    # Plain SQL on the DB-API connection (the same on SQLite and PostgreSQL): on the append path of
+    # every record, where SQLAlchemy's per-statement work cost more than running the statements.
     _HEAD_SQL = f"SELECT seq, hash FROM {records_table.name} ORDER BY seq DESC LIMIT 1"
     _LAST_CHECKPOINT_SQL = f"SELECT COALESCE(MAX(seq), 0) FROM {checkpoints_table.name}"
 
-    def _head(self, conn) -> tuple[int, str]:
-        row = conn.exec_driver_sql(self._HEAD_SQL).first()
+    def _transaction(self):
+        """A DB-API cursor in a write transaction that holds the chain's lock (a context manager)."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def run():
+            raw = self.engine.raw_connection()
+            try:
+                cur = raw.cursor()
+                if self._is_sqlite:
+                    cur.execute("BEGIN IMMEDIATE")  # the connection is in autocommit mode (see __init__)
+                elif self.engine.dialect.name == "postgresql":
+                    cur.execute(f"SELECT pg_advisory_xact_lock({_ADVISORY_LOCK})")
+                try:
+                    yield cur
+                except BaseException:
+                    raw.rollback()
+                    raise
+                raw.commit()
+            finally:
+                raw.close()  # back to the pool
+
+        return run()
+
+    def _head(self, cur) -> tuple[int, str]:
+        cur.execute(self._HEAD_SQL)
+        row = cur.fetchone()
         return (row[0], row[1]) if row else (0, GENESIS)
 
-    def _last_checkpoint_seq(self, conn) -> int:
-        return conn.exec_driver_sql(self._LAST_CHECKPOINT_SQL).scalar_one()
+    def _last_checkpoint_seq(self, cur) -> int:
+        cur.execute(self._LAST_CHECKPOINT_SQL)
+        return cur.fetchone()[0]
 
     def append(self, record: AuditRecord) -> StoredRecord:
         """Append one record; it is durable (committed) when this returns."""
@@ -220,9 +244,8 @@ class AuditStore:
                 raise TypeError(f"records: expected AuditRecord, got {type(r).__name__}")
         now = utc_now()
         now_text = format_time(now)
-        with self.engine.begin() as conn:
-            self._lock(conn)
-            seq, prev = self._head(conn)
+        with self._transaction() as cur:
+            seq, prev = self._head(cur)
             sealed = []
             for r in records:
                 seq += 1
@@ -231,23 +254,26 @@ class AuditStore:
                 sealed.append(s)
             # The DB-API's executemany with positional rows: SQLAlchemy's per-row parameter handling
             # cost more than the hashing.
-            conn.exec_driver_sql(self._insert_sql, [
-                (s.seq, s.time, s.action, s.actor, s.project, s.region, s.dataset, s.path, s.detail_text,
-                 s.prev_hash, s.hash) for s in sealed])
-            last_checkpoint = self._last_checkpoint_seq(conn)
+            rows = [(s.seq, s.time, s.action, s.actor, s.project, s.region, s.dataset, s.path, s.detail_text,
+                     s.prev_hash, s.hash) for s in sealed]
+            if len(rows) == 1:
+                cur.execute(self._insert_sql, rows[0])
+            else:
+                cur.executemany(self._insert_sql, rows)
+            last_checkpoint = self._last_checkpoint_seq(cur)
             # The first append anchors the chain with a checkpoint, so a chain with records
             # and no checkpoint at all can only mean checkpoints were removed.
             if last_checkpoint == 0 or seq - last_checkpoint >= self.checkpoint_interval:
-                self._sign_head(conn, seq, prev)
+                self._sign_head(cur, seq, prev)
         return sealed
 
-    def _sign_head(self, conn, seq: int, head_hash: str) -> Checkpoint:
+    def _sign_head(self, cur, seq: int, head_hash: str) -> Checkpoint:
         if self.signer is None:
             raise AuditIntegrityError("the audit signing key is missing; refusing to sign")
         signed_at = format_time(utc_now())
         statement = canonical({"seq": seq, "head_hash": head_hash, "signed_at": signed_at})
         cp = Checkpoint(seq, head_hash, signed_at, self.signer.key_id, self.signer.sign(statement))
-        conn.execute(insert(checkpoints_table), [cp.to_json()])
+        cur.execute(self._checkpoint_sql, (cp.seq, cp.head_hash, cp.signed_at, cp.key_id, cp.signature))
         self.checkpoint_log.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.checkpoint_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
@@ -259,12 +285,11 @@ class AuditStore:
 
     def checkpoint(self) -> Checkpoint | None:
         """Sign the current head now. Returns None when the head is already signed."""
-        with self.engine.begin() as conn:
-            self._lock(conn)
-            seq, head = self._head(conn)
-            if seq == 0 or self._last_checkpoint_seq(conn) >= seq:
+        with self._transaction() as cur:
+            seq, head = self._head(cur)
+            if seq == 0 or self._last_checkpoint_seq(cur) >= seq:
                 return None
-            return self._sign_head(conn, seq, head)
+            return self._sign_head(cur, seq, head)
 
     def close(self) -> None:
         """Sign any unsigned records and release the database."""
