@@ -19,8 +19,9 @@ For (a) and (b) two times are given: "cell" (measured inside the cell with perf_
 hook and the concurrent delivery of records cost while the code runs) and "round trip"
 (execute_request sent -> execute_reply received: also the write-ahead ``query.execute`` and the
 delivery of the cell's remaining records before the reply). A third kernel, the audited one with
-``NGP_AUDIT_LINGER=3600``, delivers its records only at the cell's end: its in-cell time is what the
-hook alone costs, its round trip what delivering everything after the cell costs.
+``NGP_AUDIT_LINGER=3600`` (and a batch and capacity larger than any cell here), delivers its records
+only at the cell's end: its in-cell time is what the hook alone costs, its round trip what
+delivering everything after the cell costs.
 At the end the store is counted, so the records the run produced are shown to be there.
 
     python benchmarks/bench_kernel.py [--files 10000] [--fetches 2000] [--opens 50] [--repeats 5]
@@ -102,7 +103,8 @@ kernels = {
     "plain": start("ngp-bench-plain", {**base, "IPYTHONDIR": cfg["ipython"] + "-p"}),
     # the same audited kernel, its records delivered only at the cell's end: what the hook alone costs
     "deferred": start("ngp-bench-audited", {**audited_env, "IPYTHONDIR": cfg["ipython"] + "-d",
-                                             "NGP_AUDIT_LINGER": "3600"}),
+                                             "NGP_AUDIT_LINGER": "3600", "NGP_AUDIT_BATCH": "1000000",
+                                             "NGP_AUDIT_CAPACITY": "100000"}),
 }
 order = ["audited", "plain", "deferred"]
 

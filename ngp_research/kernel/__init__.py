@@ -10,7 +10,9 @@ Launched as ``python -P -s -m ngp_research.kernel -f {connection_file}`` (the on
   ``os.listdir``/``os.scandir``, ``shutil`` copies, ``subprocess.Popen``, ``os.system``,
   ``os.exec*``/``os.posix_spawn``, ``ctypes.dlopen`` and ``socket.connect`` into records; a bounded
   buffer (10,000) delivers them in batches, acknowledged by the service, retried with backoff;
-  nothing leaves the buffer unacknowledged.
+  nothing leaves the buffer unacknowledged. With the C extension the buffer is a C queue of
+  encoded records and a C thread delivers it without the GIL, so a cell that opens many files
+  does not wait for the sender (a run of opens in one place is one record with ``paths``).
 - :mod:`.kernel`: an ``IPythonKernel`` whose execute path sends the cell's code (``query.execute``)
   and waits for the acknowledgement before running it; no acknowledgement, no execution
   (``AuditUnavailable``). Buffered records are delivered before each reply; if they cannot be, the
@@ -30,7 +32,9 @@ What Python can see of tampering is refused or recorded:
 
 - An audit hook cannot be removed once added (PEP 578): no API exists to clear it.
 - The hook, its buffer, the connection and the "blocked" state live in closures, not in module
-  globals; the kernel's methods hold the auditor's functions in closures too.
+  globals; the kernel's methods hold the auditor's functions in closures too. The C queue and its
+  sender thread's state are C statics: no Python object reaches them (``_hook.put`` can only add
+  records, which are the caller's own).
 - Before each execution, and once a second from the sender thread, the kernel checks that its
   ``do_execute``/``execute_request`` (class, instance, handler table, ``__code__``), the
   ``IPythonKernel`` methods it calls, the comm handlers and the auditor's functions and hook code
@@ -44,9 +48,10 @@ space. ``ctypes`` (or any C extension, or a compiled program started with ``subp
 start is recorded but whose own opens are not) can make system calls that raise no audit event;
 it can also rewrite closure cells (``cell.cell_contents``) or the interpreter's memory, stop the
 sender thread, or forge extra records with ``sys.audit``. Pure Python is enough for some of
-this: ``gc.get_objects()`` reaches the hook's buffer and state, and mutating their contents (not
-replacing them, which the checks catch) can silence file records without an ``audit.tamper``
-record (shown by a review, 2026-11-29). Other gaps a member's code can use without C: records
+this: ``gc.get_objects()`` reaches the hook's Python state, and mutating its contents (not
+replacing it, which the checks catch) can silence records without an ``audit.tamper`` record
+(shown by a review, 2026-11-29; with the C queue the buffered file records themselves are out of
+its reach). Other gaps a member's code can use without C: records
 still buffered are lost if the kernel is killed hard (``os._exit``, SIGKILL, the memory limit)
 before its next delivery (within ~5 ms during a cell, always before the reply); a socket
 connection made by a signal handler while the kernel is delivering is not recorded. (A child made

@@ -24,9 +24,12 @@ def main(argv=None) -> None:
 
     from .auditor import install  # noqa: PLC0415
 
-    options = {}
-    if os.environ.get("NGP_AUDIT_LINGER"):  # seconds the sender lets a cell's opens collect (a tuning knob)
-        options["linger"] = float(os.environ["NGP_AUDIT_LINGER"])
+    options = {}  # tuning knobs: seconds the sender lets a burst of records collect; records that wake it at
+    # once; records buffered at most (past that, an access waits for delivery or is refused)
+    for name, option, kind in (("NGP_AUDIT_LINGER", "linger", float), ("NGP_AUDIT_BATCH", "batch", int),
+                               ("NGP_AUDIT_CAPACITY", "capacity", int)):
+        if os.environ.get(name):
+            options[option] = kind(os.environ[name])
     auditor = install(os.environ.get("NGP_AUDIT_URL"), os.environ.get("JUPYTERHUB_API_TOKEN"), **options)
     atexit.register(auditor.close)  # what is buffered goes out; later opens (__del__, threads) go out first
 

@@ -26,7 +26,16 @@
 #include <Python.h>
 #include <pthread.h>
 #include <string.h>
+#include <strings.h>
 #include <math.h>
+#include <errno.h>
+#include <signal.h>
+#include <time.h>
+#include <unistd.h>
+#include <netdb.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 
 #define MAX_PREFIXES 64
 #define MAX_EVENTS 64
@@ -81,6 +90,866 @@ is_recorded_event(const char *event)
     return 0;
 }
 
+typedef struct {
+    char *p;
+    Py_ssize_t n, cap;
+    int on_stack;  /* p is the caller's array: copied to the heap when it grows */
+} buf_t;
+
+static int
+buf_grow(buf_t *b, Py_ssize_t more)
+{
+    Py_ssize_t want = b->n + more;
+    char *p;
+    if (want <= b->cap)
+        return 0;
+    if (b->cap > PY_SSIZE_T_MAX / 2 - more) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    want = want > 2 * b->cap ? want + 4096 : 2 * b->cap;
+    p = b->on_stack ? PyMem_RawMalloc((size_t)want)  /* raw: the sender thread frees without the GIL */
+                    : PyMem_RawRealloc(b->p, (size_t)want);
+    if (p == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (b->on_stack) {
+        memcpy(p, b->p, (size_t)b->n);
+        b->on_stack = 0;
+    }
+    b->p = p;
+    b->cap = want;
+    return 0;
+}
+
+static int
+buf_put(buf_t *b, const char *s, Py_ssize_t n)
+{
+    if (buf_grow(b, n) < 0)
+        return -1;
+    memcpy(b->p + b->n, s, (size_t)n);
+    b->n += n;
+    return 0;
+}
+
+#define PUT(b, lit) buf_put((b), (lit), (Py_ssize_t)(sizeof(lit) - 1))
+
+/* the text of a str object from Python (dump/escape results) */
+static int
+buf_put_text(buf_t *b, PyObject *text)
+{
+    const char *s;
+    Py_ssize_t n;
+    if (text == NULL)
+        return -1;
+    if (!PyUnicode_Check(text)) {
+        Py_DECREF(text);
+        PyErr_SetString(PyExc_TypeError, "encode: dump/escape must return str");
+        return -1;
+    }
+    s = PyUnicode_AsUTF8AndSize(text, &n);
+    if (s == NULL || buf_put(b, s, n) < 0) {
+        Py_DECREF(text);
+        return -1;
+    }
+    Py_DECREF(text);
+    return 0;
+}
+
+static int
+put_str(buf_t *b, PyObject *s, PyObject *escape)
+{
+    if (PyUnicode_IS_ASCII(s)) {
+        const unsigned char *c = (const unsigned char *)PyUnicode_DATA(s);
+        Py_ssize_t i, n = PyUnicode_GET_LENGTH(s);
+        for (i = 0; i < n; i++)
+            if (c[i] < 0x20 || c[i] == '"' || c[i] == '\\' || c[i] == 0x7f)
+                break;
+        if (i == n) {
+            if (buf_grow(b, n + 2) < 0)
+                return -1;
+            b->p[b->n++] = '"';
+            memcpy(b->p + b->n, c, (size_t)n);
+            b->n += n;
+            b->p[b->n++] = '"';
+            return 0;
+        }
+    }
+    return buf_put_text(b, PyObject_CallOneArg(escape, s));
+}
+
+static int
+put_value(buf_t *b, PyObject *v, PyObject *dump, PyObject *escape)
+{
+    if (PyUnicode_CheckExact(v))
+        return put_str(b, v, escape);
+    if (v == Py_None)
+        return PUT(b, "null");
+    if (v == Py_True)
+        return PUT(b, "true");
+    if (v == Py_False)
+        return PUT(b, "false");
+    if (PyLong_CheckExact(v) || (PyFloat_CheckExact(v) && isfinite(PyFloat_AS_DOUBLE(v))))
+        return buf_put_text(b, PyObject_Repr(v));  /* int and float reprs are their JSON */
+    return buf_put_text(b, PyObject_CallOneArg(dump, v));
+}
+
+/* ,"msg_id":I0,"cell_id":I1 from the ids tuple (anything else: both null, as the Python side fails closed) */
+static int
+put_ids(buf_t *b, PyObject *ids, PyObject *dump, PyObject *escape)
+{
+    if (!PyTuple_CheckExact(ids) || PyTuple_GET_SIZE(ids) != 2) {
+        PyErr_SetString(PyExc_ValueError, "encode: ids must be a (msg_id, cell_id) tuple");
+        return -1;
+    }
+    if (PUT(b, "\"msg_id\":") < 0 || put_value(b, PyTuple_GET_ITEM(ids, 0), dump, escape) < 0 ||
+        PUT(b, ",\"cell_id\":") < 0 || put_value(b, PyTuple_GET_ITEM(ids, 1), dump, escape) < 0)
+        return -1;
+    return 0;
+}
+
+static int
+same(PyObject *a, PyObject *b)
+{
+    if (a == b)
+        return 1;
+    return PyObject_RichCompareBool(a, b, Py_EQ);
+}
+
+
+/* {"action":"file.open","detail":{"event":"open","mode":M,"flags":F,"msg_id":I0,"cell_id":I1}, */
+static int
+put_open_head(buf_t *b, PyObject *mode, PyObject *flags, PyObject *ids, PyObject *dump, PyObject *escape)
+{
+    return (PUT(b, "{\"action\":\"file.open\",\"detail\":{\"event\":\"open\",\"mode\":") < 0 ||
+            put_value(b, mode, dump, escape) < 0 || PUT(b, ",\"flags\":") < 0 ||
+            put_value(b, flags, dump, escape) < 0 || PUT(b, ",") < 0 || put_ids(b, ids, dump, escape) < 0 ||
+            PUT(b, "},") < 0) ? -1 : 0;
+}
+
+/* the data.open record of a library's open: the detail's items, then the execution's ids */
+static int
+put_data(buf_t *b, PyObject *path, PyObject *detail, PyObject *ids, PyObject *dump, PyObject *escape)
+{
+    PyObject *k, *v;
+    Py_ssize_t pos = 0;
+    if (PUT(b, "{\"action\":\"data.open\",\"path\":") < 0 || put_value(b, path, dump, escape) < 0 ||
+        PUT(b, ",\"detail\":{") < 0)
+        return -1;
+    while (PyDict_Next(detail, &pos, &k, &v)) {
+        if (!PyUnicode_CheckExact(k)) {
+            PyErr_SetString(PyExc_ValueError, "encode: detail keys are str");
+            return -1;
+        }
+        if (PyUnicode_CompareWithASCIIString(k, "msg_id") == 0 || PyUnicode_CompareWithASCIIString(k, "cell_id") == 0)
+            continue;  /* the execution's ids, below, as _materialize sets them */
+        if (put_str(b, k, escape) < 0 || PUT(b, ":") < 0 || put_value(b, v, dump, escape) < 0 || PUT(b, ",") < 0)
+            return -1;
+    }
+    return (put_ids(b, ids, dump, escape) < 0 || PUT(b, "}}") < 0) ? -1 : 0;
+}
+
+
+/* -- the C sender: a queue of encoded records and a thread that delivers them without the GIL -------
+ *
+ * start_sender(...) switches the fast paths from the auditor's list to this queue: a plain open is
+ * JSON-encoded into it (consecutive opens with the same mode, flags and execution share one record
+ * with "paths"), a library's data open too, and put() adds any other record the Python side
+ * encoded. A pthread that never takes the GIL waits ``linger`` seconds after the queue becomes
+ * non-empty (or until ``batch`` records wait, or wait() is called), POSTs the records at the front
+ * (at most ``max_post`` per request) over a kept-alive connection, and drops them only when the
+ * service acknowledged exactly as many as were sent. A failure is kept in ``last_error`` and retried
+ * with backoff; the records stay. wait(timeout) releases the GIL until everything queued before the
+ * call is acknowledged, and returns None or why not.
+ *
+ * Only the last segment can be an open run ("paths":[... without its closing "]}"); the sender closes
+ * it when it takes it, and ``out`` always has two spare bytes for that (the sender never allocates
+ * Python memory). In a forked child the queue is emptied (its records are the parent's to deliver)
+ * and there is no sender: the auditor delivers from Python there.
+ */
+
+typedef struct {
+    Py_ssize_t end;  /* offset in out just past this segment */
+    long count;      /* accesses it stands for */
+} seg_t;
+
+static int queue_mode = 0;
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cv_data, cv_ack;
+static buf_t out = {NULL, 0, 0, 0};
+static seg_t *segs = NULL;
+static Py_ssize_t nsegs = 0, segcap = 0;
+static int run_open = 0;
+static long long queued_total = 0, acked_total = 0;
+static long q_pending = 0, q_batch = 500, q_max_post = 2000, q_capacity = 10000;
+static double q_linger = 0.005, q_timeout = 5.0;
+static int flush_requested = 0, sender_running = 0;
+static unsigned long q_posts = 0, q_failures = 0;
+static char last_error[256] = "";
+static char q_host[64], q_port[16];
+static char *q_head = NULL;
+static size_t q_head_len = 0;
+static int q_fd = -1;
+static PyObject *q_dump = NULL, *q_escape = NULL;  /* json.dumps, encode_basestring_ascii (GIL only) */
+static PyObject *run_mode = NULL, *run_flags = NULL, *run_ids = NULL;  /* the open run's keys (GIL only) */
+static buf_t run_head = {NULL, 0, 0, 0};  /* its encoded head (GIL only) */
+
+/* A buffer on the caller's stack (no allocation per open). Not a static one: encoding a value can run
+ * Python code (json.dumps), during which another thread can take the GIL and encode its own open. */
+#define STACK_BUF(name, size) char name##_space[size]; buf_t name = {name##_space, 0, size, 1}
+
+static void
+buf_release(buf_t *b)
+{
+    if (!b->on_stack)
+        PyMem_RawFree(b->p);
+}
+
+static void
+deadline_in(struct timespec *ts, double seconds)
+{
+    clock_gettime(CLOCK_MONOTONIC, ts);
+    ts->tv_sec += (time_t)seconds;
+    ts->tv_nsec += (long)((seconds - (double)(time_t)seconds) * 1e9);
+    if (ts->tv_nsec >= 1000000000L) {
+        ts->tv_sec += 1;
+        ts->tv_nsec -= 1000000000L;
+    }
+}
+
+/* under mu, GIL held: room for one more segment and ``more`` bytes (plus the two spare) */
+static int
+q_reserve(Py_ssize_t more)
+{
+    if (nsegs == segcap) {
+        Py_ssize_t cap = segcap ? 2 * segcap : 256;
+        seg_t *p = PyMem_RawRealloc(segs, (size_t)cap * sizeof(seg_t));
+        if (p == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        segs = p;
+        segcap = cap;
+    }
+    return buf_grow(&out, more + 4);  /* 2 to close the open run first, 2 spare after */
+}
+
+/* under mu: close the open run, if any ("]}" into the spare bytes) */
+static void
+q_close_run(void)
+{
+    if (run_open) {
+        out.p[out.n++] = ']';
+        out.p[out.n++] = '}';
+        segs[nsegs - 1].end = out.n;
+        run_open = 0;
+    }
+}
+
+/* under mu: a record is queued; wake the sender at the first and at the batch-th */
+static void
+q_added(long count)
+{
+    q_pending += count;
+    queued_total += count;
+    if (q_pending == count || (q_pending >= q_batch && q_pending - count < q_batch))
+        pthread_cond_signal(&cv_data);
+}
+
+/* under mu, GIL held: a whole record as a new segment */
+static int
+q_put_segment(const char *text, Py_ssize_t n, long count)
+{
+    if (q_reserve(n) < 0)
+        return -1;
+    q_close_run();
+    memcpy(out.p + out.n, text, (size_t)n);
+    out.n += n;
+    segs[nsegs].end = out.n;
+    segs[nsegs].count = count;
+    nsegs++;
+    q_added(count);
+    return 0;
+}
+
+static void
+set_run_keys(PyObject *mode, PyObject *flags, PyObject *ids)
+{
+    Py_INCREF(mode); Py_INCREF(flags); Py_INCREF(ids);
+    Py_XSETREF(run_mode, mode);
+    Py_XSETREF(run_flags, flags);
+    Py_XSETREF(run_ids, ids);
+}
+
+static int
+same_or_not(PyObject *a, PyObject *b)
+{
+    int eq = a == NULL ? 0 : same(a, b);
+    if (eq < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    return eq;
+}
+
+/* the fast path of a plain open in queue mode: 1 queued, 0 hand it on (queue full), -1 error */
+static int
+queue_open(PyObject *path, PyObject *mode, PyObject *flags, PyObject *ids)
+{
+    STACK_BUF(pt, 1024);
+    STACK_BUF(head, 512);
+    int keys_same, r = -1;
+    if (PUT(&pt, ",") < 0 || put_value(&pt, path, q_dump, q_escape) < 0)
+        goto done;
+    keys_same = same_or_not(run_mode, mode) && same_or_not(run_flags, flags) && same_or_not(run_ids, ids);
+    if (!keys_same) {  /* a new run: its head, then the keys and head swapped in with no Python code between */
+        if (put_open_head(&head, mode, flags, ids, q_dump, q_escape) < 0 || PUT(&head, "\"paths\":[") < 0)
+            goto done;
+        run_head.n = 0;
+        if (buf_put(&run_head, head.p, head.n) < 0)
+            goto done;
+        set_run_keys(mode, flags, ids);
+    }
+    pthread_mutex_lock(&mu);
+    if (q_pending >= q_capacity) {
+        r = 0;
+    }
+    else if (keys_same && run_open && segs[nsegs - 1].count < q_max_post) {
+        if (buf_grow(&out, pt.n + 2) == 0) {
+            memcpy(out.p + out.n, pt.p, (size_t)pt.n);
+            out.n += pt.n;
+            segs[nsegs - 1].end = out.n;
+            segs[nsegs - 1].count++;
+            q_added(1);
+            r = 1;
+        }
+    }
+    else if (q_reserve(run_head.n + pt.n - 1) == 0) {
+        q_close_run();
+        memcpy(out.p + out.n, run_head.p, (size_t)run_head.n);
+        out.n += run_head.n;
+        memcpy(out.p + out.n, pt.p + 1, (size_t)pt.n - 1);  /* without its comma */
+        out.n += pt.n - 1;
+        segs[nsegs].end = out.n;
+        segs[nsegs].count = 1;
+        nsegs++;
+        run_open = 1;
+        q_added(1);
+        r = 1;
+    }
+    pthread_mutex_unlock(&mu);
+done:
+    buf_release(&pt);
+    buf_release(&head);
+    if (r == 1)
+        fast++;
+    return r;
+}
+
+/* the fast path of a library's data open in queue mode: 1 queued, 0 hand it on, -1 error */
+static int
+queue_data(PyObject *path, PyObject *detail, PyObject *ids)
+{
+    STACK_BUF(b, 1024);
+    int r = -1;
+    if (put_data(&b, path, detail, ids, q_dump, q_escape) < 0)
+        goto done;
+    pthread_mutex_lock(&mu);
+    r = q_pending >= q_capacity ? 0 : (q_put_segment(b.p, b.n, 1) < 0 ? -1 : 1);
+    pthread_mutex_unlock(&mu);
+done:
+    buf_release(&b);
+    if (r == 1)
+        fast++;
+    return r;
+}
+
+/* -- the sender thread (no GIL, no Python API below this line until the module functions) -- */
+
+static void
+q_close_fd(void)
+{
+    if (q_fd >= 0) {
+        close(q_fd);
+        q_fd = -1;
+    }
+}
+
+static int
+q_connect(char *err, size_t errlen)
+{
+    struct addrinfo hints, *res = NULL;
+    int fd, rc, one = 1;
+    struct timeval tv;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_NUMERICHOST | AI_NUMERICSERV;
+    rc = getaddrinfo(q_host, q_port, &hints, &res);
+    if (rc != 0 || res == NULL) {
+        snprintf(err, errlen, "the audit service's address %s:%s: %s", q_host, q_port, gai_strerror(rc));
+        return -1;
+    }
+    fd = socket(res->ai_family, res->ai_socktype | SOCK_CLOEXEC, res->ai_protocol);
+    if (fd < 0) {
+        snprintf(err, errlen, "socket: %s", strerror(errno));
+        freeaddrinfo(res);
+        return -1;
+    }
+    tv.tv_sec = (time_t)q_timeout;
+    tv.tv_usec = (suseconds_t)((q_timeout - (double)tv.tv_sec) * 1e6);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    do {
+        rc = connect(fd, res->ai_addr, res->ai_addrlen);
+    } while (rc < 0 && errno == EINTR);
+    freeaddrinfo(res);
+    if (rc < 0) {
+        snprintf(err, errlen, "ConnectionRefusedError: [Errno %d] %s", errno, strerror(errno));
+        close(fd);
+        return -1;
+    }
+    q_fd = fd;
+    return 0;
+}
+
+static int
+send_all(int fd, const char *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t r = send(fd, p, n, MSG_NOSIGNAL);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        p += r;
+        n -= (size_t)r;
+    }
+    return 0;
+}
+
+static const char *
+find_header(const char *head, size_t n, const char *name)
+{
+    size_t len = strlen(name), i;
+    for (i = 0; i + len + 2 < n; i++)
+        if (head[i] == '\n' && strncasecmp(head + i + 1, name, len) == 0 && head[i + 1 + len] == ':')
+            return head + i + 2 + len;
+    return NULL;
+}
+
+#define RESPONSE_MAX 65536
+
+/* 0 answered (status, acknowledged count); 1 the connection closed before any byte; -1 failed */
+static int
+read_response(int *status, long *ack, int *closing, char *err, size_t errlen)
+{
+    static char r[RESPONSE_MAX + 1];
+    size_t n = 0, head_len = 0;
+    long length = -1;
+    const char *h, *body, *a;
+    char *end;
+    for (;;) {
+        ssize_t got = recv(q_fd, r + n, RESPONSE_MAX - n, 0);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got == 0 && n == 0)
+            return 1;
+        if (got <= 0) {
+            snprintf(err, errlen, got == 0 ? "RemoteDisconnected: the audit service closed the connection"
+                     : (errno == EAGAIN || errno == EWOULDBLOCK) ? "TimeoutError: timed out" : "OSError: %s",
+                     strerror(errno));
+            return -1;
+        }
+        n += (size_t)got;
+        r[n] = '\0';
+        if (head_len == 0) {
+            char *e = strstr(r, "\r\n\r\n");
+            if (e == NULL) {
+                if (n == RESPONSE_MAX) {
+                    snprintf(err, errlen, "the audit service's answer is too large");
+                    return -1;
+                }
+                continue;
+            }
+            head_len = (size_t)(e - r) + 4;
+            if (strncmp(r, "HTTP/1.", 7) != 0 || n < 12 || sscanf(r + 9, "%3d", status) != 1) {
+                snprintf(err, errlen, "BadStatusLine: the audit service's answer is not HTTP");
+                return -1;
+            }
+            if (find_header(r, head_len, "transfer-encoding") != NULL) {
+                snprintf(err, errlen, "the audit service's answer is not sized");
+                return -1;
+            }
+            h = find_header(r, head_len, "content-length");
+            if (h == NULL || (length = strtol(h, NULL, 10)) < 0 || (size_t)length > RESPONSE_MAX - head_len) {
+                snprintf(err, errlen, "the audit service's answer has no usable Content-Length");
+                return -1;
+            }
+            h = find_header(r, head_len, "connection");
+            *closing = h != NULL && strncasecmp(h + strspn(h, " \t"), "close", 5) == 0;
+        }
+        if (n >= head_len + (size_t)length)
+            break;
+    }
+    *ack = -1;
+    body = r + head_len;
+    r[head_len + (size_t)length] = '\0';
+    a = strstr(body, "\"acknowledged\"");
+    if (a != NULL) {
+        a += strlen("\"acknowledged\"");
+        a += strspn(a, " \t");
+        if (*a == ':') {
+            *ack = strtol(a + 1, &end, 10);
+            if (end == a + 1)
+                *ack = -1;
+        }
+    }
+    return 0;
+}
+
+/* one POST of ``body`` (``count`` accesses): 0 when acknowledged, else -1 with ``err`` */
+static int
+exchange(const char *body, size_t len, long count, char *err, size_t errlen)
+{
+    int attempt;
+    for (attempt = 0; attempt < 2; attempt++) {
+        int reused = q_fd >= 0, status = 0, closing = 0, rc;
+        long ack = -1;
+        if (q_fd < 0 && q_connect(err, errlen) < 0)
+            return -1;
+        if (send_all(q_fd, body, len) < 0) {
+            int e = errno;
+            q_close_fd();
+            if (reused && attempt == 0 && (e == EPIPE || e == ECONNRESET))
+                continue;  /* a kept-alive connection the service closed: once more on a new one */
+            snprintf(err, errlen, "OSError: send: %s", strerror(e));
+            return -1;
+        }
+        rc = read_response(&status, &ack, &closing, err, errlen);
+        if (rc == 1) {
+            q_close_fd();
+            if (reused && attempt == 0)
+                continue;
+            snprintf(err, errlen, "RemoteDisconnected: the audit service closed the connection");
+            return -1;
+        }
+        if (rc < 0 || closing)
+            q_close_fd();
+        if (rc < 0)
+            return -1;
+        if (status != 200) {
+            snprintf(err, errlen, "HTTP %d", status);
+            return -1;
+        }
+        if (ack != count) {
+            snprintf(err, errlen, "the service acknowledged %ld of %ld records", ack, count);
+            return -1;
+        }
+        return 0;
+    }
+    snprintf(err, errlen, "connection closed");
+    return -1;
+}
+
+/* under mu: the request for the segments at the front (at most q_max_post accesses, at least one
+ * segment) into a new malloc'd buffer; *k segments, *count accesses */
+static char *
+take(size_t *len, Py_ssize_t *k, long *count)
+{
+    Py_ssize_t i = 0, bytes;
+    long c = 0;
+    size_t json_len, n;
+    char digits[32], *req, *p;
+    while (i < nsegs && (i == 0 || c + segs[i].count <= q_max_post)) {
+        if (i == nsegs - 1)
+            q_close_run();  /* the open run goes out whole: later opens start a new one */
+        c += segs[i].count;
+        i++;
+    }
+    bytes = segs[i - 1].end;
+    json_len = strlen("{\"records\":[") + (size_t)bytes + (size_t)(i - 1) + 2;
+    snprintf(digits, sizeof digits, "%zu\r\n\r\n", json_len);
+    n = q_head_len + strlen(digits) + json_len;
+    req = malloc(n);
+    if (req == NULL)
+        return NULL;
+    p = req;
+    memcpy(p, q_head, q_head_len); p += q_head_len;
+    memcpy(p, digits, strlen(digits)); p += strlen(digits);
+    memcpy(p, "{\"records\":[", 12); p += 12;
+    for (Py_ssize_t j = 0; j < i; j++) {
+        Py_ssize_t start = j == 0 ? 0 : segs[j - 1].end;
+        if (j > 0)
+            *p++ = ',';
+        memcpy(p, out.p + start, (size_t)(segs[j].end - start));
+        p += segs[j].end - start;
+    }
+    *p++ = ']';
+    *p++ = '}';
+    *len = n;
+    *k = i;
+    *count = c;
+    return req;
+}
+
+/* under mu: the first k segments (count accesses) were acknowledged */
+static void
+drop(Py_ssize_t k, long count)
+{
+    Py_ssize_t bytes = segs[k - 1].end, j;
+    memmove(out.p, out.p + bytes, (size_t)(out.n - bytes));
+    out.n -= bytes;
+    for (j = k; j < nsegs; j++) {
+        segs[j - k].end = segs[j].end - bytes;
+        segs[j - k].count = segs[j].count;
+    }
+    nsegs -= k;
+    q_pending -= count;
+    acked_total += count;
+}
+
+static void *
+sender_main(void *unused)
+{
+    double backoff = 0.1;
+    struct timespec until;
+    (void)unused;
+    pthread_mutex_lock(&mu);
+    for (;;) {
+        char err[sizeof last_error];
+        char *req;
+        size_t len;
+        Py_ssize_t k;
+        long count;
+        int rc;
+        while (nsegs == 0)
+            pthread_cond_wait(&cv_data, &mu);
+        if (!flush_requested && q_pending < q_batch && q_linger > 0) {  /* let a burst collect */
+            deadline_in(&until, q_linger);
+            while (!flush_requested && q_pending < q_batch)
+                if (pthread_cond_timedwait(&cv_data, &mu, &until) == ETIMEDOUT)
+                    break;
+        }
+        req = take(&len, &k, &count);
+        if (req == NULL) {
+            snprintf(last_error, sizeof last_error, "MemoryError");
+            q_failures++;
+            pthread_cond_broadcast(&cv_ack);
+            deadline_in(&until, 1.0);
+            pthread_cond_timedwait(&cv_data, &mu, &until);
+            continue;
+        }
+        pthread_mutex_unlock(&mu);
+        err[0] = '\0';
+        rc = exchange(req, len, count, err, sizeof err);
+        free(req);
+        pthread_mutex_lock(&mu);
+        if (rc == 0) {
+            drop(k, count);
+            q_posts++;
+            last_error[0] = '\0';
+            backoff = 0.1;
+            if (nsegs == 0)
+                flush_requested = 0;
+            pthread_cond_broadcast(&cv_ack);
+        }
+        else {
+            memcpy(last_error, err, sizeof last_error);
+            q_failures++;
+            flush_requested = 0;  /* each wait() asks for one more try, not a loop without backoff */
+            pthread_cond_broadcast(&cv_ack);
+            deadline_in(&until, backoff);
+            backoff = backoff * 2 > 2.0 ? 2.0 : backoff * 2;
+            while (!flush_requested)
+                if (pthread_cond_timedwait(&cv_data, &mu, &until) == ETIMEDOUT)
+                    break;
+        }
+    }
+    return NULL;
+}
+
+/* -- module functions of the queue ---------------------------------------------------------------- */
+
+static void
+queue_after_fork_in_child(void)
+{
+    /* the parent's records are the parent's to deliver; this process has no sender thread */
+    pthread_mutex_init(&mu, NULL);
+    pthread_cond_init(&cv_data, NULL);
+    pthread_cond_init(&cv_ack, NULL);
+    out.n = 0;
+    nsegs = 0;
+    run_open = 0;
+    q_pending = 0;
+    acked_total = queued_total;
+    sender_running = 0;
+    if (q_fd >= 0) {
+        close(q_fd);
+        q_fd = -1;
+    }
+}
+
+static PyObject *
+start_sender(PyObject *self, PyObject *args)
+{
+    const char *host, *port;
+    Py_buffer head;
+    double linger, timeout;
+    Py_ssize_t bat, max_post, cap;
+    PyObject *dump, *escape;
+    pthread_condattr_t attr;
+    pthread_t thread;
+    sigset_t all, old;
+    int rc;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "ssy*dnnndOO", &host, &port, &head, &linger, &bat, &max_post, &cap, &timeout,
+                          &dump, &escape))
+        return NULL;
+    if (queue_mode || installed) {
+        PyBuffer_Release(&head);
+        PyErr_SetString(PyExc_RuntimeError, "start the sender once, before the hook is installed");
+        return NULL;
+    }
+    if (strlen(host) >= sizeof q_host || strlen(port) >= sizeof q_port || bat < 1 || max_post < 1 || cap < 1 ||
+        timeout <= 0 || linger < 0) {
+        PyBuffer_Release(&head);
+        PyErr_SetString(PyExc_ValueError, "start_sender: bad arguments");
+        return NULL;
+    }
+    q_head = PyMem_RawMalloc((size_t)head.len);
+    if (q_head == NULL) {
+        PyBuffer_Release(&head);
+        return PyErr_NoMemory();
+    }
+    memcpy(q_head, head.buf, (size_t)head.len);
+    q_head_len = (size_t)head.len;
+    PyBuffer_Release(&head);
+    strcpy(q_host, host);
+    strcpy(q_port, port);
+    q_linger = linger;
+    q_batch = (long)bat;
+    q_max_post = (long)max_post;
+    q_capacity = (long)cap;
+    q_timeout = timeout;
+    Py_INCREF(dump); Py_INCREF(escape);
+    q_dump = dump;
+    q_escape = escape;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&cv_data, &attr);
+    pthread_cond_init(&cv_ack, &attr);
+    pthread_condattr_destroy(&attr);
+    if (buf_grow(&out, 4096) < 0)
+        return NULL;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);  /* signals stay the interpreter's main thread's */
+    rc = pthread_create(&thread, NULL, sender_main, NULL);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0) {
+        errno = rc;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    pthread_detach(thread);
+    if (pthread_atfork(NULL, NULL, queue_after_fork_in_child) != 0) {
+        PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
+        return NULL;
+    }
+    sender_running = 1;
+    queue_mode = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+queue_put(PyObject *self, PyObject *args)
+{
+    Py_buffer text;
+    Py_ssize_t count;
+    int rc;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*n", &text, &count))
+        return NULL;
+    if (!queue_mode || count < 1) {
+        PyBuffer_Release(&text);
+        PyErr_SetString(PyExc_RuntimeError, "put: the C sender is not running");
+        return NULL;
+    }
+    pthread_mutex_lock(&mu);
+    rc = q_put_segment(text.buf, text.len, (long)count);
+    pthread_mutex_unlock(&mu);
+    PyBuffer_Release(&text);
+    if (rc < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+queue_wait(PyObject *self, PyObject *arg)
+{
+    double t = PyFloat_AsDouble(arg);
+    char err[sizeof last_error];
+    int rc = 0;
+    (void)self;
+    if (t == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (!queue_mode) {
+        PyErr_SetString(PyExc_RuntimeError, "wait: the C sender is not running");
+        return NULL;
+    }
+    err[0] = '\0';
+    Py_BEGIN_ALLOW_THREADS
+    {
+        struct timespec until;
+        long long target;
+        unsigned long f0;
+        deadline_in(&until, t > 0 ? t : 0);
+        pthread_mutex_lock(&mu);
+        target = queued_total;
+        f0 = q_failures;
+        if (acked_total < target) {
+            flush_requested = 1;
+            pthread_cond_signal(&cv_data);
+        }
+        while (acked_total < target) {
+            if (!sender_running) {
+                snprintf(err, sizeof err, "no audit sender runs in this process");
+                rc = 1;
+                break;
+            }
+            if (q_failures != f0) {
+                memcpy(err, last_error, sizeof err);
+                rc = 1;
+                break;
+            }
+            if (pthread_cond_timedwait(&cv_ack, &mu, &until) == ETIMEDOUT && acked_total < target) {
+                snprintf(err, sizeof err, "the audit service did not take the records in time");
+                rc = 1;
+                break;
+            }
+        }
+        pthread_mutex_unlock(&mu);
+    }
+    Py_END_ALLOW_THREADS
+    if (rc == 0)
+        Py_RETURN_NONE;
+    return PyUnicode_DecodeUTF8(err, (Py_ssize_t)strlen(err), "replace");
+}
+
+static PyObject *
+queue_status(PyObject *self, PyObject *unused)
+{
+    PyObject *r;
+    (void)self; (void)unused;
+    pthread_mutex_lock(&mu);
+    r = Py_BuildValue("{s:l,s:L,s:L,s:k,s:k,s:s,s:O}", "pending", q_pending, "queued", queued_total,
+                      "acknowledged", acked_total, "posts", q_posts, "failures", q_failures,
+                      "last_error", last_error, "running", sender_running ? Py_True : Py_False);
+    pthread_mutex_unlock(&mu);
+    return r;
+}
+
 static int append(PyObject *item, Py_ssize_t len);
 
 /* 1: appended; 0: not a plain open (hand it on); -1: error */
@@ -107,6 +976,8 @@ fast_open(PyObject *args)
         return 1;
     if (PyList_GET_SIZE(current) != 1)
         return 0;  /* tampered with: the handler fails closed */
+    if (queue_mode)
+        return queue_open(path, PyTuple_GET_ITEM(args, 1), PyTuple_GET_ITEM(args, 2), PyList_GET_ITEM(current, 0));
     len = PyList_GET_SIZE(buffer);
     if (len >= capacity)
         return 0;  /* full: the Python hook delivers now or refuses the open */
@@ -173,6 +1044,8 @@ fast_data(PyObject *args)
         return 0;
     if (PyList_GET_SIZE(current) != 1 || !plain_dict(detail))
         return 0;  /* values that are not plain: the handler makes them plain without running user code */
+    if (queue_mode)
+        return queue_data(path, detail, PyList_GET_ITEM(current, 0));
     len = PyList_GET_SIZE(buffer);
     if (len >= capacity)
         return 0;
@@ -350,133 +1223,12 @@ stats(PyObject *self, PyObject *unused)
  * is not plain printable ASCII by ``escape`` (json's encode_basestring_ascii).
  */
 
-typedef struct {
-    char *p;
-    Py_ssize_t n, cap;
-} buf_t;
-
-static int
-buf_grow(buf_t *b, Py_ssize_t more)
-{
-    Py_ssize_t want = b->n + more;
-    char *p;
-    if (want <= b->cap)
-        return 0;
-    if (b->cap > PY_SSIZE_T_MAX / 2 - more) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    want = want > 2 * b->cap ? want + 4096 : 2 * b->cap;
-    p = PyMem_Realloc(b->p, (size_t)want);
-    if (p == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    b->p = p;
-    b->cap = want;
-    return 0;
-}
-
-static int
-buf_put(buf_t *b, const char *s, Py_ssize_t n)
-{
-    if (buf_grow(b, n) < 0)
-        return -1;
-    memcpy(b->p + b->n, s, (size_t)n);
-    b->n += n;
-    return 0;
-}
-
-#define PUT(b, lit) buf_put((b), (lit), (Py_ssize_t)(sizeof(lit) - 1))
-
-/* the text of a str object from Python (dump/escape results) */
-static int
-buf_put_text(buf_t *b, PyObject *text)
-{
-    const char *s;
-    Py_ssize_t n;
-    if (text == NULL)
-        return -1;
-    if (!PyUnicode_Check(text)) {
-        Py_DECREF(text);
-        PyErr_SetString(PyExc_TypeError, "encode: dump/escape must return str");
-        return -1;
-    }
-    s = PyUnicode_AsUTF8AndSize(text, &n);
-    if (s == NULL || buf_put(b, s, n) < 0) {
-        Py_DECREF(text);
-        return -1;
-    }
-    Py_DECREF(text);
-    return 0;
-}
-
-static int
-put_str(buf_t *b, PyObject *s, PyObject *escape)
-{
-    if (PyUnicode_IS_ASCII(s)) {
-        const unsigned char *c = (const unsigned char *)PyUnicode_DATA(s);
-        Py_ssize_t i, n = PyUnicode_GET_LENGTH(s);
-        for (i = 0; i < n; i++)
-            if (c[i] < 0x20 || c[i] == '"' || c[i] == '\\' || c[i] == 0x7f)
-                break;
-        if (i == n) {
-            if (buf_grow(b, n + 2) < 0)
-                return -1;
-            b->p[b->n++] = '"';
-            memcpy(b->p + b->n, c, (size_t)n);
-            b->n += n;
-            b->p[b->n++] = '"';
-            return 0;
-        }
-    }
-    return buf_put_text(b, PyObject_CallOneArg(escape, s));
-}
-
-static int
-put_value(buf_t *b, PyObject *v, PyObject *dump, PyObject *escape)
-{
-    if (PyUnicode_CheckExact(v))
-        return put_str(b, v, escape);
-    if (v == Py_None)
-        return PUT(b, "null");
-    if (v == Py_True)
-        return PUT(b, "true");
-    if (v == Py_False)
-        return PUT(b, "false");
-    if (PyLong_CheckExact(v) || (PyFloat_CheckExact(v) && isfinite(PyFloat_AS_DOUBLE(v))))
-        return buf_put_text(b, PyObject_Repr(v));  /* int and float reprs are their JSON */
-    return buf_put_text(b, PyObject_CallOneArg(dump, v));
-}
-
-/* ,"msg_id":I0,"cell_id":I1 from the ids tuple (anything else: both null, as the Python side fails closed) */
-static int
-put_ids(buf_t *b, PyObject *ids, PyObject *dump, PyObject *escape)
-{
-    if (!PyTuple_CheckExact(ids) || PyTuple_GET_SIZE(ids) != 2) {
-        PyErr_SetString(PyExc_ValueError, "encode: ids must be a (msg_id, cell_id) tuple");
-        return -1;
-    }
-    if (PUT(b, "\"msg_id\":") < 0 || put_value(b, PyTuple_GET_ITEM(ids, 0), dump, escape) < 0 ||
-        PUT(b, ",\"cell_id\":") < 0 || put_value(b, PyTuple_GET_ITEM(ids, 1), dump, escape) < 0)
-        return -1;
-    return 0;
-}
-
-static int
-same(PyObject *a, PyObject *b)
-{
-    if (a == b)
-        return 1;
-    return PyObject_RichCompareBool(a, b, Py_EQ);
-}
-
 static PyObject *
 encode(PyObject *self, PyObject *args)
 {
     PyObject *items, *dump, *escape, *record_text, *seq, *result = NULL;
     Py_ssize_t i, j, n;
-    buf_t b = {NULL, 0, 0};
+    buf_t b = {NULL, 0, 0, 0};
     (void)self;
     if (!PyArg_ParseTuple(args, "OOOO", &items, &dump, &escape, &record_text))
         return NULL;
@@ -516,10 +1268,8 @@ encode(PyObject *self, PyObject *args)
                 if (!eq)
                     break;
             }
-            if (PUT(&b, "{\"action\":\"file.open\",\"detail\":{\"event\":\"open\",\"mode\":") < 0 ||
-                put_value(&b, mode, dump, escape) < 0 || PUT(&b, ",\"flags\":") < 0 ||
-                put_value(&b, flags, dump, escape) < 0 || PUT(&b, ",") < 0 || put_ids(&b, ids, dump, escape) < 0 ||
-                (j - i == 1 ? PUT(&b, "},\"path\":") : PUT(&b, "},\"paths\":[")) < 0)
+            if (put_open_head(&b, mode, flags, ids, dump, escape) < 0 ||
+                (j - i == 1 ? PUT(&b, "\"path\":") : PUT(&b, "\"paths\":[")) < 0)
                 goto done;
             for (k = i; k < j; k++) {
                 PyObject *path = PyTuple_GET_ITEM(PySequence_Fast_GET_ITEM(seq, k), 1);
@@ -531,24 +1281,7 @@ encode(PyObject *self, PyObject *args)
         }
         else if (PyUnicode_CheckExact(tag) && PyUnicode_GET_LENGTH(tag) == 1 && PyUnicode_READ_CHAR(tag, 0) == 'd'
                  && PyDict_CheckExact(PyTuple_GET_ITEM(it, 2))) {
-            PyObject *detail = PyTuple_GET_ITEM(it, 2), *k, *v;
-            Py_ssize_t pos = 0;
-            if (PUT(&b, "{\"action\":\"data.open\",\"path\":") < 0 ||
-                put_value(&b, PyTuple_GET_ITEM(it, 1), dump, escape) < 0 || PUT(&b, ",\"detail\":{") < 0)
-                goto done;
-            while (PyDict_Next(detail, &pos, &k, &v)) {
-                if (!PyUnicode_CheckExact(k)) {
-                    PyErr_SetString(PyExc_ValueError, "encode: detail keys are str");
-                    goto done;
-                }
-                if (PyUnicode_CompareWithASCIIString(k, "msg_id") == 0 ||
-                    PyUnicode_CompareWithASCIIString(k, "cell_id") == 0)
-                    continue;  /* the execution's ids, below, as _materialize sets them */
-                if (put_str(&b, k, escape) < 0 || PUT(&b, ":") < 0 || put_value(&b, v, dump, escape) < 0 ||
-                    PUT(&b, ",") < 0)
-                    goto done;
-            }
-            if (put_ids(&b, PyTuple_GET_ITEM(it, 3), dump, escape) < 0 || PUT(&b, "}}") < 0)
+            if (put_data(&b, PyTuple_GET_ITEM(it, 1), PyTuple_GET_ITEM(it, 2), PyTuple_GET_ITEM(it, 3), dump, escape) < 0)
                 goto done;
         }
         else if (PyUnicode_CheckExact(tag) && PyUnicode_GET_LENGTH(tag) == 1 && PyUnicode_READ_CHAR(tag, 0) == 'r') {
@@ -564,7 +1297,7 @@ encode(PyObject *self, PyObject *args)
         goto done;
     result = PyBytes_FromStringAndSize(b.p, b.n);
 done:
-    PyMem_Free(b.p);
+    PyMem_RawFree(b.p);
     Py_DECREF(seq);
     return result;
 }
@@ -573,6 +1306,12 @@ static PyMethodDef methods[] = {
     {"install", install, METH_VARARGS, "Add the C audit hook (once per process)."},
     {"write_through", set_write_through, METH_NOARGS, "From now on, hand every recorded event to the handler."},
     {"encode", encode, METH_VARARGS, "The POST body of buffered items: encode(items, dump, escape, record_text)."},
+    {"start_sender", start_sender, METH_VARARGS,
+     "start_sender(host, port, request_head, linger, batch, max_post, capacity, timeout, dump, escape): "
+     "deliver from the C queue (once, before install)."},
+    {"put", queue_put, METH_VARARGS, "put(record_json_bytes, count): queue a record the Python side encoded."},
+    {"wait", queue_wait, METH_O, "wait(timeout) -> None | reason: until everything queued now is acknowledged."},
+    {"sender_status", queue_status, METH_NOARGS, "The queue and the sender: pending, posts, failures, last_error."},
     {"stats", stats, METH_NOARGS, "Whether the hook is installed; opens taken by the fast path; events handed on."},
     {NULL, NULL, 0, NULL},
 };

@@ -13,6 +13,14 @@ Records leave the buffer only when acknowledged: nothing is dropped. When the bu
 cannot be delivered, the audited operation itself is refused (the hook raises
 :class:`AuditUnavailable`, a ``PermissionError``) and the kernel runs no further code until the
 buffer is delivered.
+
+Two senders, the same records. With the C extension and a plain-HTTP service URL (the sandbox's
+socket bridge), the buffer is the C queue of ``_hook``: the C hook encodes each plain open into it,
+the Python side adds the other records encoded, and a C thread delivers it over its own connection
+without ever taking the GIL, so a cell's opens never wait for the sender (``_hook.start_sender``).
+Otherwise (no C extension, HTTPS, ``sender_c=False``), and always in a forked child and after
+:func:`close`, the list ``buffer`` below is delivered by the Python sender thread. The write-ahead
+record of a cell is sent by the calling thread on the Python connection, after the queue is drained.
 """
 
 import http.client
@@ -252,9 +260,17 @@ def encode_items(items) -> list:
     return out
 
 
+def _service_address(parsed) -> tuple[str, str]:
+    """(numeric host, port) of the service URL for the C sender: an IPv4 address where there is one."""
+    port = parsed.port or 80
+    found = socket.getaddrinfo(parsed.hostname, port, type=socket.SOCK_STREAM)
+    found.sort(key=lambda a: a[0] != socket.AF_INET)
+    return found[0][4][0], str(found[0][4][1])
+
+
 def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch: int = 500,
             linger: float = 0.005, timeout: float = 5.0, ignored: tuple | None = None,
-            add_hook: bool = True, max_post: int = 2000, encode_c: bool = True) -> Auditor:
+            add_hook: bool = True, max_post: int = 2000, encode_c: bool = True, sender_c: bool = True) -> Auditor:
     """Add the audit hook and start the sender thread; returns the :class:`Auditor` (call once).
 
     The hook is the C one from ``_hook`` when the package was built with it (``setup.py``): plain
@@ -263,6 +279,11 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
 
     ``batch`` buffered records wake the sender early; one POST carries at most ``max_post`` records
     (fewer, larger POSTs: the service commits each one durably).
+
+    With the C hook and a plain-HTTP service URL, records go to the C queue of ``_hook`` and a C
+    thread delivers them without taking the GIL (``_hook.start_sender``): a cell that opens many
+    files then never waits for the sender. Otherwise (``sender_c=False``, HTTPS, no C extension),
+    and always in a forked child and after :func:`close`, the Python sender delivers from ``buffer``.
 
     The hot paths (``open`` of a plain absolute path, ``ngp.data.open``) append a tuple to the
     buffer; what the service gets is built from the tuples in :func:`_encode`, when they are sent.
@@ -294,6 +315,11 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
     monotonic, _get_ident = time.monotonic, threading.get_ident
     dumps, loads = json.dumps, json.loads
     encode = encode_items  # held here: a cell that rebinds the module's name changes nothing
+    c_queue = bool(_hook is not None and add_hook and sender_c and parsed.scheme == "http" and parsed.hostname
+                   and token)  # records go to the C queue (see _hook.start_sender); decided once
+    c_put = _hook.put if c_queue else None
+    c_wait = _hook.wait if c_queue else None
+    c_status = _hook.sender_status if c_queue else None
     encode_string = json.encoder.encode_basestring_ascii
     c_encode = _hook.encode if _hook is not None and encode_c else None
 
@@ -452,18 +478,16 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
         deadline = monotonic() + t
         reason = blocked()
         if reason is None:
-            with lock:
-                pending = len(buffer)
-            if pending:  # records of earlier work first, so the order stays true
-                reason = _deliver(deadline)
+            if _pending():  # records of earlier work first, so the order stays true
+                reason = _drain(deadline)
         elif not state["tampered"]:
-            retry = _deliver(deadline)  # blocked on undelivered records: try them again now
+            retry = _drain(deadline)  # blocked on undelivered records: try them again now
             if retry is None:
                 reason = blocked()
             else:
                 with lock:
                     if not state["tampered"]:
-                        state["blocked"] = f"{len(buffer)} audit records could not be delivered ({retry})"
+                        state["blocked"] = f"{_pending()} audit records could not be delivered ({retry})"
                 reason = blocked()
         if reason is not None:
             return reason
@@ -474,12 +498,29 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
         finally:
             send_lock.release()
 
+    def _pending():
+        return len(buffer) + (c_status()["pending"] if c_queue else 0)
+
+    def _drain(deadline):
+        """Deliver everything recorded so far, by ``deadline``: the C queue (its thread sends, this
+        thread waits without the GIL) and the Python buffer. None when done, else the reason."""
+        if c_queue and not state["closed"] and getpid() == home_pid:
+            reason = c_wait(max(0.0, deadline - monotonic()))
+            if reason is None and buffer:
+                reason = _deliver(deadline)
+            if reason is None:
+                with lock:
+                    if state["blocked"] and not state["tampered"]:
+                        state["blocked"] = None
+            return reason
+        return _deliver(deadline)
+
     def flush(t=timeout):
-        reason = _deliver(monotonic() + t)
+        reason = _drain(monotonic() + t)
         if reason is not None:
             with lock:
                 if state["blocked"] is None:
-                    state["blocked"] = f"{len(buffer)} audit records could not be delivered ({reason})"
+                    state["blocked"] = f"{_pending()} audit records could not be delivered ({reason})"
         return reason
 
     def blocked():
@@ -529,13 +570,20 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
                     state["blocked"] = state["blocked"] or reason
                 raise AuditUnavailable(f"{UNREACHABLE.split(';')[0]}; this access was refused ({reason})")
             return
-        if n < capacity:
+        if c_queue:  # into the C queue, encoded here (a record that cannot be encoded is kept as what can)
+            try:
+                text = dumps(rec).encode()
+            except (TypeError, ValueError):
+                text = dumps(_encodable(rec)).encode()
+            if c_status()["pending"] < capacity or _drain(monotonic() + timeout) is None:
+                c_put(text, 1)
+                return
+        elif n < capacity:
             buffer.append(("r", rec, None, None, None))
             if n == 0 or n + 1 == batch:
                 wake.set()
             return
-        # Full: try to make room now; if that fails the access does not happen.
-        if _deliver(monotonic() + timeout) is None:
+        elif _deliver(monotonic() + timeout) is None:  # full: make room now, or the access does not happen
             buffer.append(("r", rec, None, None, None))
             return
         with lock:
@@ -644,8 +692,9 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
     def hook(event, args):
         if event not in events:  # nearly every event: one set lookup
             return
-        if state["closed"]:
-            pass  # after close(): every record goes through record(), delivered before the access
+        if state["closed"] or c_queue:
+            pass  # after close(): every record goes through record(), delivered before the access; with
+            # the C queue, the C hook took every plain open it could (what it hands on goes to record())
         elif event == "open":  # the hot path, inlined: a plain absolute str path (nothing here raises events)
             p = args[0]
             if p.__class__ is str and p[:1] == "/" and "/." not in p and "//" not in p:
@@ -722,9 +771,13 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             detail["what"] = what
             msg_id, cell_id = current[0]
             detail.update(msg_id=msg_id, cell_id=cell_id)
-            with lock:
-                buffer.append(("r", {"action": "audit.tamper", "path": None, "detail": detail}, None, None, None))
-            wake.set()
+            rec = {"action": "audit.tamper", "path": None, "detail": detail}
+            if c_queue and not state["closed"] and getpid() == home_pid:
+                c_put(dumps(_encodable(rec)).encode(), 1)
+            else:
+                with lock:
+                    buffer.append(("r", rec, None, None, None))
+                wake.set()
 
     def watch(check):
         checks.append(check)
@@ -743,9 +796,14 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
 
     def stats():
         with lock:
-            return {"pending": len(buffer), "posts": state["posts"], "delivered": state["records"],
-                    "failures": state["failures"], "errors": state["errors"], "blocked": blocked(),
-                    "hook": state.get("hook")}
+            out = {"pending": len(buffer), "posts": state["posts"], "delivered": state["records"],
+                   "failures": state["failures"], "errors": state["errors"], "blocked": blocked(),
+                   "hook": state.get("hook"), "sender": "c" if c_queue else "python"}
+        if c_queue:
+            q = c_status()
+            out.update(pending=out["pending"] + q["pending"], posts=out["posts"] + q["posts"],
+                       delivered=out["delivered"] + q["acknowledged"], failures=out["failures"] + q["failures"])
+        return out
 
     def _run_checks():
         for check in checks:
@@ -800,12 +858,15 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
         state["closed"] = True
 
     auditor = Auditor(write_ahead, flush, begin, end, blocked, tamper, record, stats, watch, close)
-    guard = closure_guard([hook, _handle, _argv, _encodable, close, encode_items, _materialize, _body, _record_text, _encode_body, record, _path, _ignored, _post, _exchange, _deliver, _connection, write_ahead,
+    guard = closure_guard([hook, _handle, _argv, _encodable, close, encode_items, _materialize, _body, _record_text, _encode_body, _pending, _drain, record, _path, _ignored, _post, _exchange, _deliver, _connection, write_ahead,
                            flush, blocked, begin, end, tamper, watch, stats, _run_checks, sender])
     checks.append(lambda: guard(restore=True))
     os.register_at_fork(after_in_child=_in_child)
     if add_hook:
         if _hook is not None:  # the C hook: plain opens never enter Python; other events go to ``hook``
+            if c_queue:
+                _hook.start_sender(*_service_address(parsed), request_head, linger, batch, max_post, capacity,
+                                   timeout, dumps, encode_string)
             _hook.install(hook, buffer, current, wake.set, ignored, ALWAYS,
                           tuple(EVENT_ACTIONS), capacity, batch)
             state["hook"] = "c"
