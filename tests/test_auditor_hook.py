@@ -435,3 +435,95 @@ def test_the_c_sender_delivers_every_record_once_in_order_through_refusals_and_c
         assert [p for p in paths if f"/t{t}-" in p] == [f"{files}/t{t}-{i}.txt" for i in range(300)]
     assert out["lists"] == [str(files)]
     assert max(out["sizes"]) <= 700 and out["stats"]["failures"] >= 1
+
+
+def test_attacks_on_the_c_queue_are_refused_or_caught(files):
+    """A review's attacks on the C sender, from a cell's side (no ctypes):
+
+    - ``_hook.put`` of raw JSON text that would open a record swallowing the real opens after it;
+    - ``os.dup2`` of a socketpair over the sender's connection, answered by a fake service;
+    - a forged ``open`` audit event whose mode is a str subclass with a ``__del__`` that opens a file;
+    - a finalizer that opens a file while the queue's status is being built (once a deadlock).
+    """
+    body = r'''
+    import gc, socket
+    from ngp_research.kernel import _hook
+    a = auditor.install(URL, "tok", linger=0.001)
+    d = os.environ["D"]
+    a.begin("m1", None)
+    open(d + "/before", "w").close()
+    assert a.flush(5) is None
+    out = {}
+    try:
+        _hook.put(b'{"action":"file.open","path":null,"detail":{"junk":[0', 1)
+        out["put_text"] = "accepted"
+    except TypeError as e:
+        out["put_text"] = "refused"
+
+    port = int(URL.rsplit(":", 1)[1].strip("/"))
+    victims = []
+    for fd in range(3, 256):
+        try:
+            s = socket.socket(fileno=fd)
+        except OSError:
+            continue
+        try:
+            if s.family == socket.AF_INET and s.getpeername()[1] == port:
+                victims.append(fd)
+        except OSError:
+            pass
+        finally:
+            s.detach()
+    fake_a, fake_b = socket.socketpair()
+    def fake():
+        buf = b""
+        while True:
+            chunk = fake_b.recv(1 << 20)
+            if not chunk:
+                return
+            buf += chunk
+            while b"\r\n\r\n" in buf:
+                head, _, rest = buf.partition(b"\r\n\r\n")
+                n = int([l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0].split(b":")[1])
+                if len(rest) < n:
+                    break
+                body, buf = rest[:n], rest[n:]
+                k = sum(len(r.get("paths") or [0]) for r in json.loads(body)["records"])
+                ans = json.dumps({"acknowledged": k}).encode()
+                fake_b.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(ans) + ans)
+    threading.Thread(target=fake, daemon=True).start()
+    for fd in victims:
+        os.dup2(fake_a.fileno(), fd)
+    open(d + "/secret", "w").close()
+    out["swapped"] = len(victims)
+    out["wait_swapped"] = a.flush(5)
+    out["wait_after"] = a.flush(5)
+
+    class S(str):
+        def __del__(self):
+            open(d + "/from-del", "w").close()
+    sys.audit("open", d + "/forged", S("r"), 524865)
+    open(d + "/outer", "w").close()
+
+    class C:
+        def __del__(self):
+            open(d + "/finalizer").close()
+    open(d + "/finalizer", "w").close()
+    for i in range(300):
+        keep = [{} for _ in range(100)]
+        c = C(); c.me = c; del c
+        gc.set_threshold(1)
+        _hook.sender_status()
+        gc.set_threshold(700)
+    out["flush"] = a.flush(5)
+    out["records"] = [(r.get("path"), (r.get("detail") or {}).get("mode")) for r in received]
+    print(json.dumps(out))
+    '''
+    out = run_case(body, "c", files)
+    d = str(files)
+    assert out["put_text"] == "refused"
+    assert out["swapped"] >= 1 and "replaced or closed" in out["wait_swapped"] and out["wait_after"] is None
+    modes = dict((p, m) for p, m in out["records"] if p)
+    assert modes[f"{d}/secret"] == "w"  # the real service got it, on a new connection
+    assert (modes[f"{d}/forged"], modes[f"{d}/from-del"], modes[f"{d}/outer"]) == ("r", "w", "w")
+    assert out["flush"] is None and f"{d}/finalizer" in modes

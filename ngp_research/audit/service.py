@@ -100,7 +100,8 @@ def resolve(path):
 #: Code that reaches into the interpreter or the audit machinery: in-process auditing cannot stop a determined
 #: user (see ngp_research.kernel), so such cells are flagged where the region admin reads them.
 TAMPERING_SIGNS = ("gc.", "get_objects", "get_referrers", "ctypes", "__closure__", "cell_contents", "__code__",
-                   "addaudithook", "ngp_research.kernel", "_ngp", "/run/ngp", "sys.modules[", "__globals__")
+                   "addaudithook", "ngp_research.kernel", "_ngp", "/run/ngp", "sys.modules[", "__globals__",
+                   "dup2", "fileno=")  # the last two: taking over a connection to the audit service
 
 
 def storable(value):

@@ -34,6 +34,7 @@
 #include <unistd.h>
 #include <netdb.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 
@@ -291,6 +292,8 @@ static char q_host[64], q_port[16];
 static char *q_head = NULL;
 static size_t q_head_len = 0;
 static int q_fd = -1;
+static dev_t q_fd_dev;  /* the connected socket's identity: a cell that dup2()s another socket over */
+static ino_t q_fd_ino;  /* q_fd (a fake service answering itself) is caught before and after each POST */
 static PyObject *q_dump = NULL, *q_escape = NULL;  /* json.dumps, encode_basestring_ascii (GIL only) */
 static PyObject *run_mode = NULL, *run_flags = NULL, *run_ids = NULL;  /* the open run's keys (GIL only) */
 static buf_t run_head = {NULL, 0, 0, 0};  /* its encoded head (GIL only) */
@@ -309,6 +312,10 @@ buf_release(buf_t *b)
 static void
 deadline_in(struct timespec *ts, double seconds)
 {
+    if (!(seconds >= 0))
+        seconds = 0;
+    if (seconds > 86400.0 * 365)
+        seconds = 86400.0 * 365;
     clock_gettime(CLOCK_MONOTONIC, ts);
     ts->tv_sec += (time_t)seconds;
     ts->tv_nsec += (long)((seconds - (double)(time_t)seconds) * 1e9);
@@ -373,13 +380,20 @@ q_put_segment(const char *text, Py_ssize_t n, long count)
     return 0;
 }
 
-static void
-set_run_keys(PyObject *mode, PyObject *flags, PyObject *ids)
+/* 1 when an open's mode, flags and execution ids are plain values whose comparison and release run no
+ * user code (a forged ``sys.audit("open", ...)`` can pass anything): exact str or None, exact int,
+ * a 2-tuple of exact str or None. Anything else goes to the Python handler. */
+static int
+plain_keys(PyObject *mode, PyObject *flags, PyObject *ids)
 {
-    Py_INCREF(mode); Py_INCREF(flags); Py_INCREF(ids);
-    Py_XSETREF(run_mode, mode);
-    Py_XSETREF(run_flags, flags);
-    Py_XSETREF(run_ids, ids);
+    PyObject *a, *b;
+    if (!(mode == Py_None || PyUnicode_CheckExact(mode)) || !(flags == Py_None || PyLong_CheckExact(flags)))
+        return 0;
+    if (!PyTuple_CheckExact(ids) || PyTuple_GET_SIZE(ids) != 2)
+        return 0;
+    a = PyTuple_GET_ITEM(ids, 0);
+    b = PyTuple_GET_ITEM(ids, 1);
+    return (a == Py_None || PyUnicode_CheckExact(a)) && (b == Py_None || PyUnicode_CheckExact(b));
 }
 
 static int
@@ -399,19 +413,27 @@ queue_open(PyObject *path, PyObject *mode, PyObject *flags, PyObject *ids)
 {
     STACK_BUF(pt, 1024);
     STACK_BUF(head, 512);
+    PyObject *old_mode = NULL, *old_flags = NULL, *old_ids = NULL;
     int keys_same, r = -1;
+    if (!plain_keys(mode, flags, ids))
+        return 0;
     if (PUT(&pt, ",") < 0 || put_value(&pt, path, q_dump, q_escape) < 0)
         goto done;
     keys_same = same_or_not(run_mode, mode) && same_or_not(run_flags, flags) && same_or_not(run_ids, ids);
-    if (!keys_same) {  /* a new run: its head, then the keys and head swapped in with no Python code between */
+    if (!keys_same) {  /* a new run: its head first (this can run json code), then keys and head swapped in */
         if (put_open_head(&head, mode, flags, ids, q_dump, q_escape) < 0 || PUT(&head, "\"paths\":[") < 0)
             goto done;
+        old_mode = run_mode; old_flags = run_flags; old_ids = run_ids;  /* released after the lock */
+        run_mode = run_flags = run_ids = NULL;  /* no stale keys if the head cannot be kept */
         run_head.n = 0;
         if (buf_put(&run_head, head.p, head.n) < 0)
             goto done;
-        set_run_keys(mode, flags, ids);
+        Py_INCREF(mode); Py_INCREF(flags); Py_INCREF(ids);
+        run_mode = mode; run_flags = flags; run_ids = ids;
     }
     pthread_mutex_lock(&mu);
+    if (!keys_same)
+        q_close_run();  /* the open run has other keys: nothing is added to it from now on */
     if (q_pending >= q_capacity) {
         r = 0;
     }
@@ -440,6 +462,9 @@ queue_open(PyObject *path, PyObject *mode, PyObject *flags, PyObject *ids)
     }
     pthread_mutex_unlock(&mu);
 done:
+    Py_XDECREF(old_mode);
+    Py_XDECREF(old_flags);
+    Py_XDECREF(old_ids);
     buf_release(&pt);
     buf_release(&head);
     if (r == 1)
@@ -510,7 +535,31 @@ q_connect(char *err, size_t errlen)
         close(fd);
         return -1;
     }
+    {
+        struct stat st;
+        if (fstat(fd, &st) < 0) {
+            snprintf(err, errlen, "fstat: %s", strerror(errno));
+            close(fd);
+            return -1;
+        }
+        q_fd_dev = st.st_dev;
+        q_fd_ino = st.st_ino;
+    }
     q_fd = fd;
+    return 0;
+}
+
+/* 1 when q_fd is still the socket q_connect made; else it is forgotten (not closed: the number is
+ * someone else's now) and ``err`` says so */
+static int
+fd_is_ours(char *err, size_t errlen)
+{
+    struct stat st;
+    if (fstat(q_fd, &st) == 0 && st.st_dev == q_fd_dev && st.st_ino == q_fd_ino)
+        return 1;
+    q_fd = -1;
+    snprintf(err, errlen, "the audit connection's socket was replaced or closed (tampering?); "
+             "the records stay and go out on a new connection");
     return 0;
 }
 
@@ -555,8 +604,8 @@ read_response(int *status, long *ack, int *closing, char *err, size_t errlen)
         ssize_t got = recv(q_fd, r + n, RESPONSE_MAX - n, 0);
         if (got < 0 && errno == EINTR)
             continue;
-        if (got == 0 && n == 0)
-            return 1;
+        if (n == 0 && (got == 0 || (got < 0 && (errno == ECONNRESET || errno == EPIPE))))
+            return 1;  /* closed before answering: on a kept-alive connection, the caller tries a new one */
         if (got <= 0) {
             snprintf(err, errlen, got == 0 ? "RemoteDisconnected: the audit service closed the connection"
                      : (errno == EAGAIN || errno == EWOULDBLOCK) ? "TimeoutError: timed out" : "OSError: %s",
@@ -620,6 +669,8 @@ exchange(const char *body, size_t len, long count, char *err, size_t errlen)
         long ack = -1;
         if (q_fd < 0 && q_connect(err, errlen) < 0)
             return -1;
+        if (!fd_is_ours(err, errlen))
+            return -1;
         if (send_all(q_fd, body, len) < 0) {
             int e = errno;
             q_close_fd();
@@ -636,6 +687,8 @@ exchange(const char *body, size_t len, long count, char *err, size_t errlen)
             snprintf(err, errlen, "RemoteDisconnected: the audit service closed the connection");
             return -1;
         }
+        if (!fd_is_ours(err, errlen))
+            return -1;  /* swapped while the request was out: its answer is not the service's */
         if (rc < 0 || closing)
             q_close_fd();
         if (rc < 0)
@@ -761,9 +814,12 @@ sender_main(void *unused)
             q_failures++;
             flush_requested = 0;  /* each wait() asks for one more try, not a loop without backoff */
             pthread_cond_broadcast(&cv_ack);
+            deadline_in(&until, 0.02);  /* at least this long between failed tries, whoever asks */
+            while (pthread_cond_timedwait(&cv_data, &mu, &until) != ETIMEDOUT)
+                ;
             deadline_in(&until, backoff);
             backoff = backoff * 2 > 2.0 ? 2.0 : backoff * 2;
-            while (!flush_requested)
+            while (!flush_requested)  /* a wait() cuts the backoff short: one more try now */
                 if (pthread_cond_timedwait(&cv_data, &mu, &until) == ETIMEDOUT)
                     break;
         }
@@ -863,23 +919,37 @@ start_sender(PyObject *self, PyObject *args)
 }
 
 static PyObject *
-queue_put(PyObject *self, PyObject *args)
+queue_put(PyObject *self, PyObject *record)
 {
-    Py_buffer text;
-    Py_ssize_t count;
+    PyObject *text;
+    const char *t;
+    Py_ssize_t n;
     int rc;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*n", &text, &count))
-        return NULL;
-    if (!queue_mode || count < 1) {
-        PyBuffer_Release(&text);
+    if (!queue_mode) {
         PyErr_SetString(PyExc_RuntimeError, "put: the C sender is not running");
         return NULL;
     }
+    if (!PyDict_CheckExact(record)) {
+        PyErr_SetString(PyExc_TypeError, "put: one record, a dict");
+        return NULL;
+    }
+    /* encoded here, by the json.dumps captured at start: one JSON object, whatever the caller passes
+     * (text from outside could open a record that swallows the ones after it) */
+    text = PyObject_CallOneArg(q_dump, record);
+    if (text == NULL)
+        return NULL;
+    t = PyUnicode_Check(text) ? PyUnicode_AsUTF8AndSize(text, &n) : NULL;
+    if (t == NULL || n < 2 || t[0] != '{') {
+        Py_DECREF(text);
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "put: the record did not encode as a JSON object");
+        return NULL;
+    }
     pthread_mutex_lock(&mu);
-    rc = q_put_segment(text.buf, text.len, (long)count);
+    rc = q_put_segment(t, n, 1);
     pthread_mutex_unlock(&mu);
-    PyBuffer_Release(&text);
+    Py_DECREF(text);
     if (rc < 0)
         return NULL;
     Py_RETURN_NONE;
@@ -940,14 +1010,21 @@ queue_wait(PyObject *self, PyObject *arg)
 static PyObject *
 queue_status(PyObject *self, PyObject *unused)
 {
-    PyObject *r;
+    long pending;
+    long long queued, acked;
+    unsigned long posts, failures;
+    int running;
+    char error[sizeof last_error];
     (void)self; (void)unused;
-    pthread_mutex_lock(&mu);
-    r = Py_BuildValue("{s:l,s:L,s:L,s:k,s:k,s:s,s:O}", "pending", q_pending, "queued", queued_total,
-                      "acknowledged", acked_total, "posts", q_posts, "failures", q_failures,
-                      "last_error", last_error, "running", sender_running ? Py_True : Py_False);
+    pthread_mutex_lock(&mu);  /* copies only: building Python objects under mu could run a finalizer
+                                 that opens a file and takes mu again in this thread */
+    pending = q_pending; queued = queued_total; acked = acked_total; posts = q_posts; failures = q_failures;
+    running = sender_running;
+    memcpy(error, last_error, sizeof error);
     pthread_mutex_unlock(&mu);
-    return r;
+    return Py_BuildValue("{s:l,s:L,s:L,s:k,s:k,s:s,s:O}", "pending", pending, "queued", queued, "acknowledged", acked,
+                         "posts", posts, "failures", failures, "last_error", error,
+                         "running", running ? Py_True : Py_False);
 }
 
 static int append(PyObject *item, Py_ssize_t len);
@@ -1309,7 +1386,7 @@ static PyMethodDef methods[] = {
     {"start_sender", start_sender, METH_VARARGS,
      "start_sender(host, port, request_head, linger, batch, max_post, capacity, timeout, dump, escape): "
      "deliver from the C queue (once, before install)."},
-    {"put", queue_put, METH_VARARGS, "put(record_json_bytes, count): queue a record the Python side encoded."},
+    {"put", queue_put, METH_O, "put(record): queue one record (a dict), encoded with json.dumps."},
     {"wait", queue_wait, METH_O, "wait(timeout) -> None | reason: until everything queued now is acknowledged."},
     {"sender_status", queue_status, METH_NOARGS, "The queue and the sender: pending, posts, failures, last_error."},
     {"stats", stats, METH_NOARGS, "Whether the hook is installed; opens taken by the fast path; events handed on."},

@@ -570,13 +570,12 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
                     state["blocked"] = state["blocked"] or reason
                 raise AuditUnavailable(f"{UNREACHABLE.split(';')[0]}; this access was refused ({reason})")
             return
-        if c_queue:  # into the C queue, encoded here (a record that cannot be encoded is kept as what can)
-            try:
-                text = dumps(rec).encode()
-            except (TypeError, ValueError):
-                text = dumps(_encodable(rec)).encode()
+        if c_queue:  # into the C queue (a record that cannot be encoded is kept as what can)
             if c_status()["pending"] < capacity or _drain(monotonic() + timeout) is None:
-                c_put(text, 1)
+                try:
+                    c_put(rec)
+                except (TypeError, ValueError):
+                    c_put(_encodable(rec))
                 return
         elif n < capacity:
             buffer.append(("r", rec, None, None, None))
@@ -773,7 +772,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             detail.update(msg_id=msg_id, cell_id=cell_id)
             rec = {"action": "audit.tamper", "path": None, "detail": detail}
             if c_queue and not state["closed"] and getpid() == home_pid:
-                c_put(dumps(_encodable(rec)).encode(), 1)
+                c_put(_encodable(rec))
             else:
                 with lock:
                     buffer.append(("r", rec, None, None, None))
@@ -789,9 +788,14 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
         daemon threads can still open files.
         """
         reason = flush(t)
+        # In this order, so that no open of another thread lands where nothing waits for it: from now on
+        # records go through the Python buffer, delivered before their access; then the C hook hands
+        # every event to Python; then whatever reached the C queue meanwhile goes out.
         state["closed"] = True
         if _hook is not None and state.get("hook") == "c":
             _hook.write_through()
+        if c_queue and getpid() == home_pid:
+            reason = c_wait(t) or reason
         return reason
 
     def stats():
