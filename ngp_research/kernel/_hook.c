@@ -407,9 +407,10 @@ same_or_not(PyObject *a, PyObject *b)
     return eq;
 }
 
-/* the fast path of a plain open in queue mode: 1 queued, 0 hand it on (queue full), -1 error */
+/* the fast path of a plain open in queue mode: 1 queued, 0 hand it on (queue full), -1 error.
+ * ``text`` is the path's UTF-8 when it needs no JSON escaping (else NULL: encoded from ``path``). */
 static int
-queue_open(PyObject *path, PyObject *mode, PyObject *flags, PyObject *ids)
+queue_open(PyObject *path, const char *text, Py_ssize_t text_len, PyObject *mode, PyObject *flags, PyObject *ids)
 {
     STACK_BUF(pt, 1024);
     STACK_BUF(head, 512);
@@ -417,7 +418,14 @@ queue_open(PyObject *path, PyObject *mode, PyObject *flags, PyObject *ids)
     int keys_same, r = -1;
     if (!plain_keys(mode, flags, ids))
         return 0;
-    if (PUT(&pt, ",") < 0 || put_value(&pt, path, q_dump, q_escape) < 0)
+    if (text != NULL && text_len + 3 <= pt.cap) {
+        pt.p[0] = ',';
+        pt.p[1] = '"';
+        memcpy(pt.p + 2, text, (size_t)text_len);
+        pt.p[text_len + 2] = '"';
+        pt.n = text_len + 3;
+    }
+    else if (PUT(&pt, ",") < 0 || put_value(&pt, path, q_dump, q_escape) < 0)
         goto done;
     keys_same = same_or_not(run_mode, mode) && same_or_not(run_flags, flags) && same_or_not(run_ids, ids);
     if (!keys_same) {  /* a new run: its head first (this can run json code), then keys and head swapped in */
@@ -1027,6 +1035,26 @@ queue_status(PyObject *self, PyObject *unused)
                          "running", running ? Py_True : Py_False);
 }
 
+/* One pass over an absolute path's UTF-8: -1 when it is not plain (holds "/." or "//": the Python side
+ * normalises it), else 1 when JSON can take it as it is (printable ASCII, no quote or backslash), 0
+ * when it needs escaping. */
+static int
+scan_path(const char *s, Py_ssize_t n)
+{
+    int plain_text = 1;
+    Py_ssize_t i;
+    for (i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c == '/') {
+            if (i + 1 < n && (s[i + 1] == '.' || s[i + 1] == '/'))
+                return -1;
+        }
+        else if (c < 0x20 || c >= 0x7f || c == '"' || c == '\\')
+            plain_text = 0;
+    }
+    return plain_text;
+}
+
 static int append(PyObject *item, Py_ssize_t len);
 
 /* 1: appended; 0: not a plain open (hand it on); -1: error */
@@ -1036,6 +1064,7 @@ fast_open(PyObject *args)
     PyObject *path, *item;
     const char *s;
     Py_ssize_t n, len;
+    int plain_text;
 
     if (!PyTuple_Check(args) || PyTuple_GET_SIZE(args) < 3)
         return 0;
@@ -1047,14 +1076,15 @@ fast_open(PyObject *args)
         PyErr_Clear();
         return 0;
     }
-    if (n == 0 || s[0] != '/' || memmem(s, (size_t)n, "/.", 2) != NULL || memmem(s, (size_t)n, "//", 2) != NULL)
+    if (n == 0 || s[0] != '/' || (plain_text = scan_path(s, n)) < 0)
         return 0;
     if (is_ignored(s, n))
         return 1;
     if (PyList_GET_SIZE(current) != 1)
         return 0;  /* tampered with: the handler fails closed */
     if (queue_mode)
-        return queue_open(path, PyTuple_GET_ITEM(args, 1), PyTuple_GET_ITEM(args, 2), PyList_GET_ITEM(current, 0));
+        return queue_open(path, plain_text ? s : NULL, n, PyTuple_GET_ITEM(args, 1), PyTuple_GET_ITEM(args, 2),
+                          PyList_GET_ITEM(current, 0));
     len = PyList_GET_SIZE(buffer);
     if (len >= capacity)
         return 0;  /* full: the Python hook delivers now or refuses the open */
