@@ -506,3 +506,22 @@ def test_a_request_with_too_many_paths_is_refused_before_anything_is_built(servi
     status, body = post(service.url, [{"action": "file.open", "paths": ["/p"] * 3000},
                                       {"action": "file.open", "paths": ["/p"] * 3000}])
     assert status == 400 and "at most 5000" in body["error"] and not built
+
+
+def test_runs_of_places_agrees_with_resolving_path_by_path():
+    """The service's quick pass over a run of paths groups them exactly as storable+resolve do one by one."""
+    import random
+
+    from ngp_research.audit.service import _runs_path_by_path, runs_of_places
+
+    pool = ["/data/syd/syd-cohort/a.vcf.gz", "/data/syd/syd-cohort", "/data/syd", "/data/norr/norr-cohort/x",
+            "/data/" + "r" * 65 + "/d/x", "/data/r/" + "d" * 129 + "/x", "/data/r/d/caf\u00e9", "/project/notes.txt",
+            "/home/alice/x", "/dataset/x", "/data", "/tmp/f", "/data/r/d/x y\"q\\z"]
+    odd = ["/project/../data/syd/syd-cohort/x", "/data/syd/syd-cohort/", "/data//syd/syd-cohort/x", "relative",
+           "/project/nul\x00", "/project/caf\udce9", "/p\n/data/syd/syd-cohort/x", "/data/./syd/d/x"]
+    rng = random.Random(7)
+    for n in range(300):
+        paths = [rng.choice(pool) for _ in range(rng.randint(1, 12))]
+        if n % 3 == 0:
+            paths.insert(rng.randint(0, len(paths)), rng.choice(odd))
+        assert runs_of_places(paths) == _runs_path_by_path(paths), paths

@@ -229,14 +229,7 @@ def build_records(caller: Caller, raw: list, visible: set | None, members: set |
         if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
             raise ValueError("paths must be a non-empty list of strings")
         action, detail, flags = _checked(caller, r, members)
-        runs = []  # [[(region, dataset), escaped, [paths]], ...]: consecutive paths of one place
-        for path in paths:
-            path, escaped = storable(path)
-            where = resolve(path)
-            if runs and runs[-1][0] == where and runs[-1][1] == escaped:
-                runs[-1][2].append(path)
-            else:
-                runs.append([where, escaped, [path]])
+        runs = runs_of_places(paths)
         prepared = {}  # (place, escaped) -> (detail, its canonical text): one encoding per place
         user, project = caller.user, caller.project
         for where, escaped, run in runs:
@@ -250,6 +243,54 @@ def build_records(caller: Caller, raw: list, visible: set | None, members: set |
             else:
                 out.extend(AuditRecord.prepared(action, user, project, where[0], where[1], path, *hit) for path in run)
     return out
+
+
+def _runs_path_by_path(paths: list) -> list:
+    runs = []
+    for path in paths:
+        path, escaped = storable(path)
+        where = resolve(path)
+        if runs and runs[-1][0] == where and runs[-1][1] == escaped:
+            runs[-1][2].append(path)
+        else:
+            runs.append([where, escaped, [path]])
+    return runs
+
+
+def runs_of_places(paths: list) -> list:
+    r"""``[[(region, dataset), escaped, [paths]], ...]``: consecutive paths of one place, made storable.
+
+    The same as :func:`storable` and :func:`resolve` path by path, but a list of plain absolute paths
+    (no NUL, lone surrogate, ``/.``, ``//`` or trailing slash) is checked in a few passes over all of
+    it, and only paths under ``/data/`` are resolved one by one: a cell's 10,000 opens cost the
+    service little while the cell still runs.
+
+    >>> runs_of_places(["/project/a", "/project/b", "/data/r/d/x", "/data/r/d/y", "/home/u/z"])
+    [[(None, None), False, ['/project/a', '/project/b']], [('r', 'd'), False, ['/data/r/d/x', '/data/r/d/y']], [(None, None), False, ['/home/u/z']]]
+    >>> odd = ["/project/../data/r/d/x", "/data/r/d/", "rel", "/project/caf\udce9", "/p\n/data/r/d/q"]
+    >>> runs_of_places(odd) == _runs_path_by_path(odd)
+    True
+    """
+    text = "\n".join(paths)
+    plain = (text[:1] == "/" and "\x00" not in text and "/." not in text and "//" not in text
+             and "/\n" not in text and text[-1:] != "/" and text.count("\n/") == len(paths) - 1)
+    if plain and not text.isascii():
+        try:
+            text.encode("utf-8")  # lone surrogates (undecodable file names) cannot be: storable escapes them
+        except UnicodeEncodeError:
+            plain = False
+    if not plain:
+        return _runs_path_by_path(paths)
+    if not (text.startswith("/data/") or "\n/data/" in text):
+        return [[(None, None), False, list(paths)]]
+    runs, nowhere = [], (None, None)
+    for path in paths:
+        where = resolve(path) if path.startswith("/data/") else nowhere
+        if runs and runs[-1][0] == where:
+            runs[-1][2].append(path)
+        else:
+            runs.append([where, False, [path]])
+    return runs
 
 
 class GroupCommitter:
