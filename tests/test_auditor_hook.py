@@ -453,6 +453,8 @@ def test_attacks_on_the_c_queue_are_refused_or_caught(files):
     a.begin("m1", None)
     open(d + "/before", "w").close()
     assert a.flush(5) is None
+    query = lambda m: {"action": "query.execute", "path": None, "detail": {"code": "1", "msg_id": m}}
+    assert a.write_ahead(query("w1"), 5) is None  # the Python connection that carries write-ahead records
     out = {}
     try:
         _hook.put(b'{"action":"file.open","path":null,"detail":{"junk":[0', 1)
@@ -498,6 +500,9 @@ def test_attacks_on_the_c_queue_are_refused_or_caught(files):
     out["swapped"] = len(victims)
     out["wait_swapped"] = a.flush(5)
     out["wait_after"] = a.flush(5)
+    out["write_ahead_swapped"] = a.write_ahead(query("w2"), 5)  # not acknowledged by the fake: refused
+    out["write_ahead_after"] = a.write_ahead(query("w3"), 5)
+    out["queries"] = [r["detail"]["msg_id"] for r in received if r["action"] == "query.execute"]
 
     class S(str):
         def __del__(self):
@@ -522,7 +527,9 @@ def test_attacks_on_the_c_queue_are_refused_or_caught(files):
     out = run_case(body, "c", files)
     d = str(files)
     assert out["put_text"] == "refused"
-    assert out["swapped"] >= 1 and "replaced or closed" in out["wait_swapped"] and out["wait_after"] is None
+    assert out["swapped"] >= 2 and "replaced or closed" in out["wait_swapped"] and out["wait_after"] is None
+    assert "replaced" in out["write_ahead_swapped"] and out["write_ahead_after"] is None
+    assert out["queries"] == ["w1", "w3"]
     modes = dict((p, m) for p, m in out["records"] if p)
     assert modes[f"{d}/secret"] == "w"  # the real service got it, on a new connection
     assert (modes[f"{d}/forged"], modes[f"{d}/from-del"], modes[f"{d}/outer"]) == ("r", "w", "w")

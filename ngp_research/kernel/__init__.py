@@ -35,9 +35,10 @@ What Python can see of tampering is refused or recorded:
   globals; the kernel's methods hold the auditor's functions in closures too. The C queue and its
   sender thread's state are C statics: no Python object reaches them (``_hook.put`` adds one whole
   record, encoded by the ``json.dumps`` captured at start, and records are the caller's own). The
-  C sender checks before and after each POST that its socket is still the one it connected
-  (device and inode): a socket ``os.dup2``'d over it by a cell, answering as a fake service, fails
-  the POST and the records go out again on a new connection.
+  senders (C, and Python for the write-ahead record) check before and after each POST that their
+  socket is still the one they connected (device and inode): a socket ``os.dup2``'d over it by a
+  cell, answering as a fake service, fails the POST (a cell whose write-ahead record it was is
+  refused) and the records go out again on a new connection.
 - Before each execution, and once a second from the sender thread, the kernel checks that its
   ``do_execute``/``execute_request`` (class, instance, handler table, ``__code__``), the
   ``IPythonKernel`` methods it calls, the comm handlers and the auditor's functions and hook code
@@ -57,10 +58,9 @@ replacing it, which the checks catch) can silence records without an ``audit.tam
 its reach). Other gaps a member's code can use without C: records
 still buffered are lost if the kernel is killed hard (``os._exit``, SIGKILL, the memory limit)
 before its next delivery (within ~5 ms during a cell, always before the reply); a socket
-connection made by a signal handler while the kernel is delivering is not recorded; a cell can
-``os.dup2`` a socket of its own over the Python connection that carries the write-ahead record
-(the C sender's check above is not on that path, and a well-timed swap can slip between the C
-sender's two checks) and acknowledge records itself (the service flags cells using ``dup2`` or
+connection made by a signal handler while the kernel is delivering is not recorded; a cell's thread
+that swaps a socket of its own in with ``os.dup2`` exactly between a sender's two identity checks,
+and back, can acknowledge one POST itself (the service flags cells using ``dup2`` or
 ``socket(fileno=...)``). (A child made
 with ``os.fork`` or ``multiprocessing``'s fork method has no sender thread: it delivers each record
 before the access happens, so its ``os._exit`` loses nothing.) Those bypasses are themselves code in a cell, and every

@@ -260,6 +260,15 @@ def encode_items(items) -> list:
     return out
 
 
+def _socket_identity(sock):
+    """(st_dev, st_ino) of a socket's file descriptor, or None when it has none."""
+    try:
+        st = os.fstat(sock.fileno())
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _service_address(parsed) -> tuple[str, str]:
     """(numeric host, port) of the service URL for the C sender: an IPv4 address where there is one."""
     port = parsed.port or 80
@@ -311,6 +320,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
              "failures": 0, "errors": 0, "closed": False}
     checks = []
     conn_box = [None]
+    socket_ids = {}  # id(bare socket) -> its (st_dev, st_ino) when connected
     fsdecode, normpath, getcwd = os.fsdecode, os.path.normpath, os.getcwd
     monotonic, _get_ident = time.monotonic, threading.get_ident
     dumps, loads = json.dumps, json.loads
@@ -337,6 +347,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             else:  # plain HTTP on the sandbox's socket bridge: a bare socket (see _exchange)
                 conn = socket.create_connection((parsed.hostname, parsed.port or 80), timeout=t)
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                socket_ids[id(conn)] = _socket_identity(conn)
             conn_box[0] = conn
         if isinstance(conn, http.client.HTTPConnection):
             conn.timeout = t
@@ -347,7 +358,14 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
         return conn
 
     def _exchange(conn, body):
-        """(status, reason, answer) of one POST of ``body``; raises OSError/HTTPException when it fails."""
+        """(status, reason, answer) of one POST of ``body``; raises OSError/HTTPException when it fails.
+
+        A bare socket must still be the one connected (device and inode) before the request and after
+        the answer: a cell that ``os.dup2``'d a socket of its own over it could acknowledge records,
+        the write-ahead record of the next cell among them, itself.
+        """
+        if not isinstance(conn, http.client.HTTPConnection) and socket_ids.get(id(conn)) != _socket_identity(conn):
+            raise ConnectionAbortedError("the audit connection's socket was replaced or closed (tampering?)")
         if isinstance(conn, http.client.HTTPConnection):
             conn.request("POST", base_path + "records", body, headers)
             resp = conn.getresponse()
@@ -383,7 +401,10 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             if not chunk:
                 raise http.client.IncompleteRead(answer, length - len(answer))
             answer += chunk
+        if socket_ids.get(id(conn)) != _socket_identity(conn):
+            raise ConnectionAbortedError("the audit connection's socket was replaced during the request (tampering?)")
         if close:
+            socket_ids.pop(id(conn), None)
             conn.close()  # socket.close sets _closed: _post does not keep it
         return int(parts[1]), parts[2] if len(parts) > 2 else "", answer[:length]
 
@@ -416,7 +437,9 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
                     if not getattr(conn, "_closed", False):
                         conn_box[0] = conn
                 except BaseException as e:
-                    if conn is not None:
+                    if isinstance(conn, socket.socket) and socket_ids.pop(id(conn), None) != _socket_identity(conn):
+                        conn.detach()  # its number is someone else's now: forget it, do not close theirs
+                    elif conn is not None:
                         conn.close()
                     conn_box[0] = None
                     if not isinstance(e, (OSError, http.client.HTTPException, ValueError)):
