@@ -3,7 +3,7 @@
 The kernel runs as a real process of the workspace environment (``make workspace-env``), started
 from its installed kernelspec by jupyter_client in a driver process of that environment (the
 project's own venv has no jupyter_client). The stub is a threaded ``http.server`` that records
-every POST (a record with ``paths`` as one record per path, as the service stores it), checks the
+every POST (a record with ``paths`` as one access per path, as the service reports it), checks the
 token, and can be stopped, restarted or made to refuse.
 
 No sandbox here: the files are in tmp_path (the hook records every path outside the kernel's own
@@ -88,7 +88,7 @@ class StubAudit:
                 if stub.refuse:
                     return self._reply(503, {"error": "refused"})
                 records = []
-                for r in json.loads(body)["records"]:  # a record with "paths" is one record per path
+                for r in json.loads(body)["records"]:  # a record with "paths" is one access per path
                     if "paths" in r:
                         records += [{**{k: v for k, v in r.items() if k != "paths"}, "path": p,
                                      "detail": dict(r.get("detail") or {})} for p in r["paths"]]
