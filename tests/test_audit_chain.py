@@ -283,3 +283,21 @@ def test_malformed_checkpoint_log_lines_are_reported(store, line):
     with open(store.checkpoint_log, "a") as f:
         f.write(line + "\n")
     assert "checkpoint log line" in problems(store)
+
+
+def test_a_long_read_does_not_hold_up_appends(tmp_path):
+    """``ngp audit verify`` or a report reading the chain must not block the service's appends (SQLite, WAL)."""
+    import threading
+
+    store = AuditStore(f"sqlite:///{tmp_path}/audit.sqlite", tmp_path / "keys")
+    store.append_many([AuditRecord("file.open", "alice", path=f"/project/{i}") for i in range(10)])
+    rows = store._iter_rows()
+    next(rows)  # a read transaction is open now, as during a long verify
+    done = []
+    writer = threading.Thread(target=lambda: done.append(store.append(AuditRecord("file.open", "bob", path="/p"))),
+                              daemon=True)
+    writer.start()
+    writer.join(5)
+    rest = list(rows)
+    assert done and done[0].seq == 11, "the append waited for the reader"
+    assert len(rest) >= 9 and store.verify().ok

@@ -273,7 +273,7 @@ def runs_of_places(paths: list) -> list:
     """
     text = "\n".join(paths)
     plain = (text[:1] == "/" and "\x00" not in text and "/." not in text and "//" not in text
-             and "/\n" not in text and text[-1:] != "/" and text.count("\n/") == len(paths) - 1)
+             and "/\n" not in text and text[-1:] != "/" and text.count("\n") == text.count("\n/") == len(paths) - 1)
     if plain and not text.isascii():
         try:
             text.encode("utf-8")  # lone surrogates (undecodable file names) cannot be: storable escapes them

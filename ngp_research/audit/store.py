@@ -159,8 +159,11 @@ class AuditStore:
                 dbapi_conn.isolation_level = None
 
             @event.listens_for(self.engine, "begin")
-            def _begin_immediate(conn):
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            def _begin_deferred(conn):
+                # SQLAlchemy's transactions on this engine only read (appends take the write lock in
+                # _transaction): in WAL mode a reader, however long (verify, a report), does not
+                # block the service's appends.
+                conn.exec_driver_sql("BEGIN")
 
         metadata.create_all(self.engine)
         marker = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
@@ -204,19 +207,25 @@ class AuditStore:
         @contextmanager
         def run():
             raw = self.engine.raw_connection()
+            cur = None
             try:
                 cur = raw.cursor()
                 if self._is_sqlite:
                     cur.execute("BEGIN IMMEDIATE")  # the connection is in autocommit mode (see __init__)
                 elif self.engine.dialect.name == "postgresql":
+                    # read committed whatever the server's default: the head must be read after the
+                    # lock is granted, not from a snapshot taken before it
+                    cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
                     cur.execute(f"SELECT pg_advisory_xact_lock({_ADVISORY_LOCK})")
                 try:
                     yield cur
+                    raw.commit()
                 except BaseException:
                     raw.rollback()
                     raise
-                raw.commit()
             finally:
+                if cur is not None:
+                    cur.close()
                 raw.close()  # back to the pool
 
         return run()
