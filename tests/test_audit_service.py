@@ -293,6 +293,17 @@ def reported(tmp_path):
     catalog.close()
 
 
+def test_a_path_with_two_leading_slashes_is_reported_in_its_region(reported):
+    """``//data/syd/...`` is /data/syd/... to Linux, though normpath keeps the two slashes (POSIX)."""
+    alice = Caller("alice", "cardio-gwas")
+    reported.audit.append_many(build_records(alice, [
+        {"action": "file.open", "path": "//data/syd/syd-cohort/syd-cohort.vcf.gz", "detail": {"msg_id": "m1"}},
+        {"action": "file.open", "paths": ["//data/syd/syd-cohort/a"] * GROUP_MIN, "detail": {"msg_id": "m1"}}], None))
+    rows = region_report(reported.audit, reported, "admin-syd", "syd")
+    assert [r["path"] for r in rows].count("//data/syd/syd-cohort/syd-cohort.vcf.gz") == 1
+    assert [r["path"] for r in rows].count("//data/syd/syd-cohort/a") == GROUP_MIN
+
+
 def test_a_run_record_is_reported_as_one_row_per_path_with_its_cell(reported):
     alice = Caller("alice", "cardio-gwas")
     syd = [f"/data/syd/syd-cohort/part-{i:02d}.vcf.gz" for i in range(GROUP_MIN + 2)]

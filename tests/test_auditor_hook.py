@@ -196,6 +196,10 @@ ran = []
 
 # /proc/self/root and /dev/shm lead anywhere: recorded, not ignored as the kernel's own
 open("/proc/self/root" + secret).read()
+# two leading slashes: normpath keeps them (POSIX), Linux opens the single-slash path; recorded as that
+open("/" + secret).read()
+with open("//" + secret.lstrip("/") + "x", "w"):
+    pass
 shm = f"/dev/shm/ngp-test-{os.getpid()}"
 os.symlink(d, shm)
 try:
@@ -303,7 +307,8 @@ def test_attacks_on_the_hook_are_recorded_or_refused(files):
         paths = [r.get("path") for r in out["received"]]
         assert "/proc/self/root" + secret in paths  # not hidden as the kernel's own /proc/self
         assert any(p and p.startswith("/dev/shm/ngp-test-") and p.endswith("/secret.txt") for p in paths)
-        assert paths.count(secret) >= 2  # the str and bytes subclasses, recorded as the characters they hold
+        assert paths.count(secret) >= 3  # "//"+secret, and the str and bytes subclasses as the characters they hold
+        assert secret + "x" in paths and not any(p and p.startswith("//") for p in paths)
         assert out["ran"] == []  # no user method ran: not startswith, decode, repr or str
         assert "cannot record this path" in out["fileio"]
         data = [r for r in out["received"] if r["action"] == "data.open"]

@@ -84,11 +84,15 @@ def resolve(path):
     ('syd', 'syd-cohort')
     >>> resolve("/project/notes.txt"), resolve("/data/syd/"), resolve("/project/../data/syd/ds/x")
     ((None, None), (None, None), ('syd', 'ds'))
+    >>> resolve("//data/syd/ds/x")  # the kernel opens /data/syd/ds/x
+    ('syd', 'ds')
     """
     if not isinstance(path, str):
         return None, None
     if "/." in path or "//" in path or path.endswith("/") or not path.startswith("/"):
         path = os.path.normpath(path)
+        if path.startswith("//"):  # normpath keeps two leading slashes (POSIX); Linux opens /data/... there
+            path = path[1:]
     if not path.startswith("/data/"):
         return None, None
     parts = path.split("/", 4)

@@ -632,6 +632,8 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             p = getcwd() + "/" + p
         if "/." in p or "//" in p:
             p = normpath(p)
+            if p[:2] == "//":  # POSIX normpath keeps exactly two leading slashes; Linux reads them as one
+                p = p[1:]
         return p
 
     def _ignored(path):
