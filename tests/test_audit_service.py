@@ -293,6 +293,17 @@ def reported(tmp_path):
     catalog.close()
 
 
+def test_a_link_into_a_dataset_is_reported_to_its_region(reported):
+    """A symlink in /project that leads into /data: later opens through it name /project, so the link
+    itself is the region's to see."""
+    alice = Caller("alice", "cardio-gwas")
+    reported.audit.append(build_record(alice, {"action": "file.link", "path": "/data/syd/syd-cohort", "detail": {
+        "msg_id": "m1", "event": "os.symlink", "link": "/project/l", "as_given": "/data/syd/syd-cohort"}}, None))
+    (row,) = [r for r in region_report(reported.audit, reported, "admin-syd", "syd") if r["action"] == "file.link"]
+    assert (row["dataset"], row["detail"]["link"], row["user"]) == ("syd-cohort", "/project/l", "alice")
+    assert row["code"] == "open('/data/syd/syd-cohort/syd-cohort.vcf.gz')"  # the cell m1
+
+
 def test_a_path_with_two_leading_slashes_is_reported_in_its_region(reported):
     """``//data/syd/...`` is /data/syd/... to Linux, though normpath keeps the two slashes (POSIX)."""
     alice = Caller("alice", "cardio-gwas")

@@ -196,6 +196,13 @@ ran = []
 
 # /proc/self/root and /dev/shm lead anywhere: recorded, not ignored as the kernel's own
 open("/proc/self/root" + secret).read()
+# links: recorded under what they lead to, so opens through them cannot hide which data was reached
+for n in ("alias.txt", "dirlink", "hard.txt"):  # left by the run with the other hook
+    if os.path.lexists(d + "/" + n):
+        os.unlink(d + "/" + n)
+os.symlink("secret.txt", d + "/alias.txt")
+os.symlink(d, d + "/dirlink")
+os.link(secret, d + "/hard.txt")
 # two leading slashes: normpath keeps them (POSIX), Linux opens the single-slash path; recorded as that
 open("/" + secret).read()
 with open("//" + secret.lstrip("/") + "x", "w"):
@@ -309,6 +316,11 @@ def test_attacks_on_the_hook_are_recorded_or_refused(files):
         assert any(p and p.startswith("/dev/shm/ngp-test-") and p.endswith("/secret.txt") for p in paths)
         assert paths.count(secret) >= 3  # "//"+secret, and the str and bytes subclasses as the characters they hold
         assert secret + "x" in paths and not any(p and p.startswith("//") for p in paths)
+        links = [(r["path"], r["detail"]["link"], r["detail"]["event"]) for r in out["received"]
+                 if r["action"] == "file.link"]
+        assert links[:3] == [(secret, f"{files}/alias.txt", "os.symlink"),
+                             (str(files), f"{files}/dirlink", "os.symlink"), (secret, f"{files}/hard.txt", "os.link")]
+        assert links[3][0] == str(files) and links[3][1].startswith("/dev/shm/ngp-test-")  # the /dev/shm one below
         assert out["ran"] == []  # no user method ran: not startswith, decode, repr or str
         assert "cannot record this path" in out["fileio"]
         data = [r for r in out["received"] if r["action"] == "data.open"]

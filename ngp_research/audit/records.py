@@ -32,6 +32,7 @@ ACTIONS = {
     "tag.revoke": "a region revoked a tag",
     "change.failed": "a recorded catalog change did not commit (detail names the record)",
     "file.open": "a file was opened inside a workspace",
+    "file.link": "a link was made inside a workspace (path: what it leads to; detail.link: the link)",
     "workspace.start": "a project workspace started (detail: uid, datasets)",
     "workspace.stop": "a project workspace stopped (detail: why, e.g. access revoked)",
     "workspace.run": "an operator ran a command in a member's workspace sandbox (detail: command)",

@@ -15,7 +15,7 @@ from datetime import datetime
 
 from .records import AuditRecord
 
-ACCESS_ACTIONS = ("file.open", "file.list", "data.open", "server.file", "process.exec")
+ACCESS_ACTIONS = ("file.open", "file.list", "file.link", "data.open", "server.file", "process.exec")
 FORMATS = ("table", "csv", "json", "html")
 COLUMNS = ("time", "user", "project", "region", "dataset", "action", "path", "detail", "code", "flag", "seq")
 

@@ -49,7 +49,7 @@ MAX_RECORDS_PER_REQUEST = 5000
 GROUP_MIN = 16
 MAX_BODY = 16 * 1024 * 1024
 _SERVER_SCOPE = re.compile(r"^access:servers!server=([^/]+)/(.+)$")
-ALLOWED_ACTIONS = {"query.execute", "file.open", "file.list", "process.exec", "library.load", "socket.connect",
+ALLOWED_ACTIONS = {"query.execute", "file.open", "file.list", "file.link", "process.exec", "library.load", "socket.connect",
                    "data.open", "server.file", "audit.tamper", "review.mark"}
 # report.run is not among them: only the report runner, outside every sandbox, writes provenance.
 

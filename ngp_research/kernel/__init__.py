@@ -7,7 +7,9 @@ Launched as ``python -P -s -m ngp_research.kernel -f {connection_file}`` (the on
 
 - :mod:`.auditor`: a PEP 578 audit hook (its hot path in C, ``_hook.c``), installed before IPython
   is imported, turns ``open``,
-  ``os.listdir``/``os.scandir``, ``shutil`` copies, ``subprocess.Popen``, ``os.system``,
+  ``os.listdir``/``os.scandir``, ``os.symlink``/``os.link`` (recorded under what the link leads
+  to, so a region sees a link into its data even though later opens through it name the link),
+  ``shutil`` copies, ``subprocess.Popen``, ``os.system``,
   ``os.exec*``/``os.posix_spawn``, ``ctypes.dlopen`` and ``socket.connect`` into records; a bounded
   buffer (10,000) delivers them in batches, acknowledged by the service, retried with backoff;
   nothing leaves the buffer unacknowledged. With the C extension the buffer is a C queue of

@@ -55,6 +55,8 @@ EVENT_ACTIONS = {
     "os.listdir": "file.list",
     "os.scandir": "file.list",
     "shutil.copyfile": "file.open",
+    "os.symlink": "file.link",  # a link into /data would make later opens through it look outside every region
+    "os.link": "file.link",
     "shutil.copytree": "file.list",
     "shutil.make_archive": "file.list",
     "shutil.unpack_archive": "file.open",
@@ -666,6 +668,14 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             if len(args) > 1:
                 detail["target"] = _text(args[1])
             record(action, path, detail)
+        elif action == "file.link":  # (src, dst, ...): recorded under what the link leads to
+            src, dst = args[0], args[1]
+            link = _path(dst)
+            target = _text(src)
+            if event == "os.symlink" and target[:1] != "/" and link is not None:
+                target = link.rsplit("/", 1)[0] + "/" + target  # relative to the link's own folder
+            target = _path(target)
+            record(action, target, {"event": event, "link": link, "as_given": _text(src)})
         elif event.startswith("shutil."):
             path = _path(args[0])
             if _ignored(path):
