@@ -16,6 +16,7 @@ where that matters, and copy the checkpoint log off the machine.
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -200,35 +201,30 @@ class AuditStore:
     _HEAD_SQL = f"SELECT seq, hash FROM {records_table.name} ORDER BY seq DESC LIMIT 1"
     _LAST_CHECKPOINT_SQL = f"SELECT COALESCE(MAX(seq), 0) FROM {checkpoints_table.name}"
 
+    @contextmanager
     def _transaction(self):
-        """A DB-API cursor in a write transaction that holds the chain's lock (a context manager)."""
-        from contextlib import contextmanager
-
-        @contextmanager
-        def run():
-            raw = self.engine.raw_connection()
-            cur = None
+        """A DB-API cursor in a write transaction that holds the chain's lock."""
+        raw = self.engine.raw_connection()
+        cur = None
+        try:
+            cur = raw.cursor()
+            if self._is_sqlite:
+                cur.execute("BEGIN IMMEDIATE")  # the connection is in autocommit mode (see __init__)
+            elif self.engine.dialect.name == "postgresql":
+                # read committed whatever the server's default: the head must be read after the lock is
+                # granted, not from a snapshot taken before it
+                cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                cur.execute(f"SELECT pg_advisory_xact_lock({_ADVISORY_LOCK})")
             try:
-                cur = raw.cursor()
-                if self._is_sqlite:
-                    cur.execute("BEGIN IMMEDIATE")  # the connection is in autocommit mode (see __init__)
-                elif self.engine.dialect.name == "postgresql":
-                    # read committed whatever the server's default: the head must be read after the
-                    # lock is granted, not from a snapshot taken before it
-                    cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-                    cur.execute(f"SELECT pg_advisory_xact_lock({_ADVISORY_LOCK})")
-                try:
-                    yield cur
-                    raw.commit()
-                except BaseException:
-                    raw.rollback()
-                    raise
-            finally:
-                if cur is not None:
-                    cur.close()
-                raw.close()  # back to the pool
-
-        return run()
+                yield cur
+                raw.commit()
+            except BaseException:
+                raw.rollback()
+                raise
+        finally:
+            if cur is not None:
+                cur.close()
+            raw.close()  # back to the pool
 
     def _head(self, cur) -> tuple[int, str]:
         cur.execute(self._HEAD_SQL)

@@ -416,8 +416,6 @@ queue_open(PyObject *path, const char *text, Py_ssize_t text_len, PyObject *mode
     STACK_BUF(head, 512);
     PyObject *old_mode = NULL, *old_flags = NULL, *old_ids = NULL;
     int keys_same, r = -1;
-    if (!plain_keys(mode, flags, ids))
-        return 0;
     if (text != NULL && text_len + 3 <= pt.cap) {
         pt.p[0] = ',';
         pt.p[1] = '"';
@@ -1088,6 +1086,8 @@ fast_open(PyObject *args)
         return 1;
     if (PyList_GET_SIZE(current) != 1)
         return 0;  /* tampered with: the handler fails closed */
+    if (!plain_keys(PyTuple_GET_ITEM(args, 1), PyTuple_GET_ITEM(args, 2), PyList_GET_ITEM(current, 0)))
+        return 0;  /* comparing or releasing them could run user code: the handler makes them plain */
     if (queue_mode)
         return queue_open(path, plain_text ? s : NULL, n, PyTuple_GET_ITEM(args, 1), PyTuple_GET_ITEM(args, 2),
                           PyList_GET_ITEM(current, 0));

@@ -81,6 +81,7 @@ ALWAYS = ("/data", "/project", "/home")
 
 
 _SCALARS = frozenset((str, int, float, bool, type(None)))
+_PLAIN_MODES = (str, type(None))  # an open's mode as the fast paths take it (a forged event may pass anything)
 
 
 def _socket_family(sock) -> int:
@@ -281,7 +282,7 @@ def _service_address(parsed) -> tuple[str, str]:
 
 def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch: int = 500,
             linger: float = 0.005, timeout: float = 5.0, ignored: tuple | None = None,
-            add_hook: bool = True, max_post: int = 2000, encode_c: bool = True, sender_c: bool = True) -> Auditor:
+            add_hook: bool = True, max_post: int = 2000, sender_c: bool = True) -> Auditor:
     """Add the audit hook and start the sender thread; returns the :class:`Auditor` (call once).
 
     The hook is the C one from ``_hook`` when the package was built with it (``setup.py``): plain
@@ -333,7 +334,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
     c_wait = _hook.wait if c_queue else None
     c_status = _hook.sender_status if c_queue else None
     encode_string = json.encoder.encode_basestring_ascii
-    c_encode = _hook.encode if _hook is not None and encode_c else None
+    c_encode = _hook.encode if _hook is not None else None
 
     # -- delivery ---------------------------------------------------------------------------------
 
@@ -731,7 +732,8 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             # the C queue, the C hook took every plain open it could (what it hands on goes to record())
         elif event == "open":  # the hot path, inlined: a plain absolute str path (nothing here raises events)
             p = args[0]
-            if p.__class__ is str and p[:1] == "/" and "/." not in p and "//" not in p:
+            if p.__class__ is str and p[:1] == "/" and "/." not in p and "//" not in p \
+                    and args[1].__class__ in _PLAIN_MODES and args[2].__class__ is int:
                 if (p.startswith(ignored_slash) or p in ignored_set) and not p.startswith(always_slash):
                     return
                 if getpid() != home_pid:
