@@ -222,6 +222,80 @@ def test_a_payload_cannot_make_a_record_stand_for_other_paths(service, store):
     assert "payload set detail.paths" in rec.detail["flag"] and "paths" not in rec.detail
 
 
+def _fetches(path, n, msg_id="m1", start=1):
+    return [{"action": "data.open", "path": path, "detail": {
+        "contig": "chr1", "start": s, "stop": s + 200, "library": "pysam", "entry_point": "VariantFile.fetch",
+        "msg_id": msg_id, "cell_id": None}} for s in range(start, start + 500 * n, 500)]
+
+
+def test_a_loop_of_fetches_on_one_file_is_one_chained_record_of_its_regions(service, store):
+    """40 fetches of one file cost the chain one record; each fetch's region comes back from it as sent."""
+    syd, vast = "/data/syd/syd-cohort/syd-cohort.vcf.gz", "/data/vast/vast-cohort/vast-cohort.vcf.gz"
+    sent = _fetches(syd, 40) + [{"action": "file.open", "path": "/project/notes.txt"}] + _fetches(vast, GROUP_MIN)
+    status, ack = post(service.url, sent)
+    assert status == 200 and ack["acknowledged"] == len(sent)
+    recs = store.records()
+    assert [(r.action, r.region, r.path) for r in recs] == [
+        ("data.open", "syd", syd), ("file.open", None, "/project/notes.txt"), ("data.open", "vast", vast)]
+    assert {k: v for k, v in recs[0].detail.items() if k != "accesses"} == {
+        "contig": "chr1", "library": "pysam", "entry_point": "VariantFile.fetch", "msg_id": "m1", "cell_id": None}
+    assert recs[0].detail["accesses"][:2] == [{"start": 1, "stop": 201}, {"start": 501, "stop": 701}]
+    views = [a for r in recs for a in r.accesses()]
+    assert [(a.path, a.detail) for a in views] == [(r["path"], r.get("detail", {})) for r in sent]
+    assert store.verify().ok
+
+
+def test_a_fetch_edited_inside_a_run_record_fails_verification(service, store):
+    assert post(service.url, _fetches("/data/syd/syd-cohort/x.vcf.gz", GROUP_MIN + 3))[0] == 200
+    (rec,) = store.records()
+    accesses = [dict(a) for a in rec.detail["accesses"]]
+    accesses[7]["start"] = 1_000_000  # "they fetched somewhere else"
+    edited = json.dumps({**rec.detail, "accesses": accesses}, sort_keys=True, separators=(",", ":"))
+    from sqlalchemy import update
+
+    from ngp_research.audit.store import records_table
+
+    with store.engine.begin() as conn:
+        conn.execute(update(records_table).where(records_table.c.seq == rec.seq).values(detail=edited))
+    report = store.verify()
+    assert not report.ok and f"record {rec.seq} does not match its hash (edited)" in report.problems
+
+
+def test_a_payload_cannot_make_a_record_stand_for_other_accesses(service, store):
+    """``detail.accesses`` is the service's too: a client's is renamed, flagged, and gives no extra report row."""
+    status, _ = post(service.url, [{"action": "data.open", "path": "/data/syd/syd-cohort/x", "detail": {
+        "accesses": [{"start": 1}, {"start": 2}, {"user": "bob"}]}}])
+    assert status == 200
+    (rec,) = store.records()
+    assert rec.accesses() == [rec] and rec.detail["claimed_accesses"][2] == {"user": "bob"}
+    assert "payload set detail.accesses" in rec.detail["flag"] and "accesses" not in rec.detail
+
+
+def test_fetch_runs_with_claims_odd_text_or_mixed_types_keep_every_value_and_flag(service, store):
+    """A run holding a claimed identity or text storable() must escape is stored record by record (each
+    flagged on its own); values equal across a run but of other types (1, 1.0, True) are not merged."""
+    path = "/data/syd/syd-cohort/x.vcf.gz"
+    claims = _fetches(path, GROUP_MIN)
+    claims[5] = {**claims[5], "detail": {**claims[5]["detail"], "user": "bob"}}
+    odd = _fetches(path, GROUP_MIN, msg_id="m2")
+    odd[3] = {**odd[3], "detail": {**odd[3]["detail"], "contig": "chr1\udce9\x00"}}
+    typed = _fetches(path, GROUP_MIN, msg_id="m3")
+    for i, value in enumerate([1] * (GROUP_MIN - 2) + [1.0, True]):
+        typed[i]["detail"]["n"] = value
+    for batch in (claims, odd, typed):
+        assert post(service.url, batch)[0] == 200
+    recs = store.records()
+    assert len(recs) == 2 * GROUP_MIN + 1
+    flagged = [r for r in recs if "flag" in r.detail]
+    assert [r.detail["msg_id"] for r in flagged] == ["m1", "m2"]
+    assert "payload claimed user 'bob'" in flagged[0].detail["flag"] and flagged[0].actor == "alice"
+    assert "escaped" in flagged[1].detail["flag"] and flagged[1].detail["contig"] == "chr1\\xe9\\x00"
+    run = recs[-1]
+    assert "n" not in run.detail and [a.detail["n"] for a in run.accesses()][-3:] == [1, 1.0, True]
+    assert [type(a.detail["n"]) for a in run.accesses()][-3:] == [int, float, bool]
+    assert store.verify().ok
+
+
 @pytest.mark.parametrize("backend", ["sqlite"])
 def test_concurrent_writers_are_group_committed_and_nothing_acknowledged_is_lost(service, store, monkeypatch):
     calls = []
@@ -329,6 +403,20 @@ def test_a_run_record_is_reported_as_one_row_per_path_with_its_cell(reported):
     norr_rows = region_report(reported.audit, reported, "admin-norr", "norr")
     assert not any(r["path"] in syd for r in norr_rows) and [r["path"] for r in norr_rows][-GROUP_MIN:] == norr
     assert len(json.loads(render(rows, "json", "syd"))) == len(syd)
+
+
+def test_a_fetch_loop_is_reported_as_one_row_per_fetch_with_its_region_and_cell(reported):
+    alice = Caller("alice", "cardio-gwas")
+    path = "/data/syd/syd-cohort/syd-cohort.vcf.gz"
+    reported.audit.append_many(build_records(alice, [
+        {"action": "query.execute", "detail": {"msg_id": "m4", "code": "for s in starts: vf.fetch('chr1', s, s + 200)"}},
+        *_fetches(path, GROUP_MIN + 1, msg_id="m4")], None))
+    rows = [r for r in region_report(reported.audit, reported, "admin-syd", "syd") if r["action"] == "data.open"
+            and r["detail"].get("msg_id") == "m4"]
+    assert [(r["path"], r["dataset"], r["detail"]["start"]) for r in rows] == [
+        (path, "syd-cohort", s) for s in range(1, 1 + 500 * (GROUP_MIN + 1), 500)]
+    assert all(r["code"] == "for s in starts: vf.fetch('chr1', s, s + 200)" for r in rows)
+    assert not [r for r in region_report(reported.audit, reported, "admin-norr", "norr") if r["path"] == path]
 
 
 def test_a_region_admin_sees_their_regions_accesses_with_the_code_and_nothing_else(reported):

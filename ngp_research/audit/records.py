@@ -151,15 +151,25 @@ class StoredRecord:
         return list(listed) if isinstance(listed, list) else []
 
     def accesses(self):
-        """One view of this record per path it stands for: the same record, with that ``path``.
+        """One view of this record per access it stands for: the same record, with that access's path and detail.
 
-        The views share ``seq`` and ``hash`` with the stored record (their detail lacks ``paths``), so
-        they are for reading, not for verifying.
+        A record listing a run of paths (``detail["paths"]``) gives one view per path; a record of a
+        run of data accesses to its ``path`` (``detail["accesses"]``, e.g. a loop of ``fetch``
+        calls) gives one view per access, its detail what the accesses share plus its own. The
+        views share ``seq`` and ``hash`` with the stored record (their detail lacks ``paths`` and
+        ``accesses``), so they are for reading, not for verifying.
 
         >>> r = StoredRecord(7, "t", "file.open", "u", None, "r", "d", None, {"paths": ["/a", "/b"], "mode": "r"}, "0", "1")
         >>> [(v.seq, v.path, v.detail) for v in r.accesses()]
         [(7, '/a', {'mode': 'r'}), (7, '/b', {'mode': 'r'})]
+        >>> r = StoredRecord(8, "t", "data.open", "u", None, "r", "d", "/x", {"contig": "1", "accesses": [{"start": 5}]}, "0", "1")
+        >>> [(v.path, v.detail) for v in r.accesses()]
+        [('/x', {'contig': '1', 'start': 5})]
         """
+        listed = self.detail.get("accesses")
+        if self.path is not None and isinstance(listed, list) and all(isinstance(a, dict) for a in listed):
+            shared = {k: v for k, v in self.detail.items() if k != "accesses"}
+            return [self.replace(detail={**shared, **a}, detail_text="") for a in listed]
         if self.path is not None or not isinstance(self.detail.get("paths"), list):
             return [self]
         detail = {k: v for k, v in self.detail.items() if k != "paths"}

@@ -25,7 +25,9 @@ Endpoints (under the service prefix, e.g. ``/services/audit/``):
     ``paths`` (a list) instead of ``path``: it stands for one access per path, and ``n`` counts
     them. A run of at least ``GROUP_MIN`` consecutive paths in one dataset (or outside ``/data``)
     is stored as one chained record listing them (``detail["paths"]``); shorter runs as one record
-    per path. Reports show one row per path either way.
+    per path. Likewise ``GROUP_MIN`` or more consecutive plain ``data.open`` records of one path
+    (a loop of ``fetch`` calls) are stored as one record of that path listing what differs between
+    them (``detail["accesses"]``). Reports show one row per access either way.
 ``GET health``
     ``200`` when the store is writable.
 ``GET report?region=R[&since&until&user&dataset&format=html|json|csv]``
@@ -163,21 +165,27 @@ def _checked(caller: Caller, raw: dict, members: set | None) -> tuple[str, dict,
     detail, escaped = storable(detail)
     if escaped:
         flags.append("text that is not valid UTF-8 (or holds NUL) was escaped")
-    if caller.project is None:
-        flags.append("the token names no workspace")
-    elif members is not None and caller.user not in members:
-        flags.append(f"{caller.user} is not a member of project {caller.project!r}")
+    flags.extend(_caller_flags(caller, members))
     if code and any(sign in code for sign in TAMPERING_SIGNS):
         flags.append("the code reaches into the interpreter or the audit machinery (possible tampering)")
-    if "paths" in detail:  # reserved: the paths a stored record stands for (build_records sets it)
-        flags.append("payload set detail.paths (kept as claimed_paths)")
-        detail["claimed_paths"] = detail.pop("paths")
+    for key in ("paths", "accesses"):  # reserved: the accesses a stored record stands for (build_records sets them)
+        if key in detail:
+            flags.append(f"payload set detail.{key} (kept as claimed_{key})")
+            detail[f"claimed_{key}"] = detail.pop(key)
     for key, real in (("user", caller.user), ("actor", caller.user), ("project", caller.project)):
         claimed = raw.get(key, detail.get(key))
         if claimed is not None and claimed != real:
             flags.append(f"payload claimed {key} {claimed!r}")
         detail.pop(key, None)
     return action, detail, flags
+
+
+def _caller_flags(caller: Caller, members: set | None) -> list:
+    if caller.project is None:
+        return ["the token names no workspace"]
+    if members is not None and caller.user not in members:
+        return [f"{caller.user} is not a member of project {caller.project!r}"]
+    return []
 
 
 def _located(detail: dict, flags: list, region, dataset, visible) -> dict:
@@ -213,6 +221,11 @@ def build_records(caller: Caller, raw: list, visible: set | None, members: set |
     10,000; a shorter run becomes one record per path. Either way every path is in the chain,
     under its region, and :attr:`StoredRecord.paths` gives them back.
 
+    Likewise ``GROUP_MIN`` or more consecutive ``data.open`` records of one path (a loop of
+    ``fetch`` calls on one file) become one record of that path whose ``detail["accesses"]`` lists
+    what differs between them (the regions fetched); what they share stays in ``detail``
+    (:meth:`StoredRecord.accesses` puts each back together). See :func:`data_run`.
+
     >>> recs = build_records(Caller("alice", "p"), [{"action": "file.open", "paths": ["/data/r/d/a", "/project/b"],
     ...                                              "detail": {"mode": "r"}}], None)
     >>> [(r.path, r.region, r.dataset, r.detail) for r in recs]
@@ -221,32 +234,111 @@ def build_records(caller: Caller, raw: list, visible: set | None, members: set |
     >>> recs = build_records(Caller("alice", "p"), [{"action": "file.open", "paths": many}], None)
     >>> [(r.path, r.region, len(r.detail.get("paths", []))) for r in recs]
     [(None, 'r', 16), ('/project/b', None, 0)]
+    >>> fetches = [{"action": "data.open", "path": "/data/r/d/x.vcf.gz", "detail": {"contig": "chr1", "start": s}}
+    ...            for s in range(GROUP_MIN)]
+    >>> (rec,) = build_records(Caller("alice", "p"), fetches, None)
+    >>> rec.path, rec.detail["contig"], rec.detail["accesses"][:2]
+    ('/data/r/d/x.vcf.gz', 'chr1', [{'start': 0}, {'start': 1}])
     """
     out = []
-    for r in raw:
-        if not (isinstance(r, dict) and "paths" in r):
-            out.append(build_record(caller, r, visible, members))
+    i, n = 0, len(raw)
+    while i < n:
+        r = raw[i]
+        if isinstance(r, dict) and "paths" in r:
+            out.extend(_path_runs(caller, r, visible, members))
+            i += 1
             continue
-        paths = r["paths"]
-        if r.get("path") is not None:
-            raise ValueError("a record has a path or paths, not both")
-        if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
-            raise ValueError("paths must be a non-empty list of strings")
-        action, detail, flags = _checked(caller, r, members)
-        runs = runs_of_places(paths)
-        prepared = {}  # (place, escaped) -> (detail, its canonical text): one encoding per place
-        user, project = caller.user, caller.project
-        for where, escaped, run in runs:
-            hit = prepared.get((where, escaped))
-            if hit is None:
-                f = [*flags, "the path is not valid UTF-8 (or holds NUL): escaped"] if escaped else flags
-                located = _located(detail, f, *where, visible)
-                hit = prepared[(where, escaped)] = (located, canonical(located).decode("utf-8"))
-            if len(run) >= GROUP_MIN:
-                out.append(AuditRecord(action, user, project, where[0], where[1], None, {**hit[0], "paths": run}))
-            else:
-                out.extend(AuditRecord.prepared(action, user, project, where[0], where[1], path, *hit) for path in run)
+        j = i
+        if isinstance(r, dict) and r.get("action") == "data.open" and isinstance(r.get("path"), str):
+            path = r["path"]
+            j = i + 1
+            while j < n and isinstance(raw[j], dict) and raw[j].get("action") == "data.open" \
+                    and raw[j].get("path") == path and "paths" not in raw[j]:
+                j += 1
+        grouped = data_run(caller, raw[i:j], visible, members) if j - i >= GROUP_MIN else None
+        if grouped is not None:
+            out.append(grouped)
+            i = j
+        else:
+            out.append(build_record(caller, r, visible, members))
+            i += 1
     return out
+
+
+def _path_runs(caller: Caller, r: dict, visible, members) -> list[AuditRecord]:
+    """The stored records of one submitted record with ``paths`` (see :func:`build_records`)."""
+    out = []
+    paths = r["paths"]
+    if r.get("path") is not None:
+        raise ValueError("a record has a path or paths, not both")
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
+        raise ValueError("paths must be a non-empty list of strings")
+    action, detail, flags = _checked(caller, r, members)
+    runs = runs_of_places(paths)
+    prepared = {}  # (place, escaped) -> (detail, its canonical text): one encoding per place
+    user, project = caller.user, caller.project
+    for where, escaped, run in runs:
+        hit = prepared.get((where, escaped))
+        if hit is None:
+            f = [*flags, "the path is not valid UTF-8 (or holds NUL): escaped"] if escaped else flags
+            located = _located(detail, f, *where, visible)
+            hit = prepared[(where, escaped)] = (located, canonical(located).decode("utf-8"))
+        if len(run) >= GROUP_MIN:
+            out.append(AuditRecord(action, user, project, where[0], where[1], None, {**hit[0], "paths": run}))
+        else:
+            out.extend(AuditRecord.prepared(action, user, project, where[0], where[1], path, *hit) for path in run)
+    return out
+
+
+#: Detail keys that send a run of data.open records the record-by-record way (claims, code, reserved names).
+_NOT_IN_DATA_RUNS = frozenset({"paths", "accesses", "claimed_paths", "claimed_accesses", "user", "actor",
+                               "project", "code", "flag"})
+_RECORD_KEYS = frozenset({"action", "path", "detail"})
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def data_run(caller: Caller, run: list, visible: set | None, members: set | None = None) -> AuditRecord | None:
+    """One stored record for consecutive ``data.open`` records of one path, or None to store them one by one.
+
+    Taken only when every record is plain: the keys ``action``, ``path`` and ``detail``, a detail
+    with no identity claim, code or reserved name, and text that is printable ASCII (so
+    :func:`storable` would change nothing and no record would be flagged on its own). The values
+    that are the same scalar (same type, same value) in every record's detail are kept once; each
+    access keeps the rest, in order, in ``detail["accesses"]``.
+
+    >>> run = [{"action": "data.open", "path": "/data/r/d/x", "detail": {"contig": "chr1", "start": s, "msg_id": "m"}}
+    ...        for s in (5, 9)]
+    >>> data_run(Caller("alice", "p"), run, None).detail
+    {'contig': 'chr1', 'msg_id': 'm', 'accesses': [{'start': 5}, {'start': 9}]}
+    >>> data_run(Caller("alice", "p"), [{**run[0], "detail": {"user": "bob"}}, run[1]], None) is None
+    True
+    """
+    path = run[0]["path"]
+    details = []
+    for r in run:
+        d = r.get("detail")
+        if type(d) is not dict or not r.keys() <= _RECORD_KEYS or not _NOT_IN_DATA_RUNS.isdisjoint(d):
+            return None
+        details.append(d)
+    text = json.dumps([path, details])
+    if "\\u" in text:  # NUL, other control characters, non-ASCII, lone surrogates: storable() one by one
+        return None
+    common = {}
+    for k, v in details[0].items():
+        if not isinstance(v, _SCALARS):
+            continue
+        values = [d.get(k, _MISSING) for d in details]
+        if values.count(v) != len(values):  # == over the list in C; 1 == 1.0 == True, hence the types below
+            continue
+        if v is None or type(v) is str or all(type(w) is type(v) for w in values):  # only None equals None,
+            common[k] = v  # and only a str equals a str (json gives no subclasses)
+    accesses = [{k: v for k, v in d.items() if k not in common} for d in details]
+    region, dataset = resolve(path)
+    detail = _located({**common, "accesses": accesses}, _caller_flags(caller, members), region, dataset, visible)
+    return AuditRecord("data.open", caller.user, caller.project, region, dataset, path, detail)
+
+
+_MISSING = object()
 
 
 def _runs_path_by_path(paths: list) -> list:
