@@ -323,6 +323,23 @@ def test_concurrent_writers_are_group_committed_and_nothing_acknowledged_is_lost
     assert store.verify().ok
 
 
+def test_a_failed_commit_is_not_acknowledged_and_the_next_request_is(service, store, monkeypatch):
+    """A lone request is committed on the spot (no hop through the committer's task); a failure there
+    still answers 503 with nothing stored, and the service goes on."""
+    real, failures = store.append_many, [RuntimeError("disk full")]
+
+    def failing_once(records):
+        if failures:
+            raise failures.pop()
+        return real(records)
+
+    monkeypatch.setattr(store, "append_many", failing_once)
+    status, answer = post(service.url, [{"action": "file.open", "path": "/project/a"}])
+    assert status == 503 and "nothing was acknowledged" in answer["error"] and store.records() == []
+    status, ack = post(service.url, [{"action": "file.open", "path": "/project/b"}])
+    assert status == 200 and [r.path for r in store.records()] == ["/project/b"] and ack["first_seq"] == 1
+
+
 def test_paths_outside_the_workspace_data_are_flagged(tmp_path):
     from ngp_research.catalog import Catalog
     from ngp_research.demo.seed import seed_demo

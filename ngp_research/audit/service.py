@@ -402,6 +402,8 @@ class GroupCommitter:
         self.max_wait = max_wait
         self.queue: asyncio.Queue = asyncio.Queue()
         self.task = None
+        self.busy = False  # a batch is being appended (perhaps in a thread): newcomers queue up
+        self.arriving = 0  # requests between entering submit and deciding how to commit
 
     def start(self):
         self.task = asyncio.ensure_future(self._run())
@@ -412,6 +414,16 @@ class GroupCommitter:
         return await loop.run_in_executor(None, self.store.append_many, records)
 
     async def submit(self, records):
+        self.arriving += 1
+        try:
+            await asyncio.sleep(0)  # requests read in the same turn of the loop get here meanwhile
+            alone = self.arriving == 1
+        finally:
+            self.arriving -= 1
+        if alone and not self.busy and self.queue.empty() and len(records) <= self.inline_max:
+            # Nothing to share a commit with: append here and now, without the hops through the
+            # committer's task (no await below, so nothing else runs on the loop meanwhile).
+            return self.store.append_many(records)
         fut = asyncio.get_running_loop().create_future()
         await self.queue.put((records, fut))
         return await fut
@@ -420,48 +432,56 @@ class GroupCommitter:
         loop = asyncio.get_running_loop()
         while True:
             first = await self.queue.get()
-            batch = [first]
-            size = len(first[0])
-            # Whatever queued up while the previous transaction ran joins this one: concurrent writers
-            # share commits without a lone writer ever waiting for company (max_wait adds a wait).
-            deadline = loop.time() + self.max_wait
-            while size < self.max_batch:
-                try:
-                    item = self.queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    timeout = deadline - loop.time()
-                    if timeout <= 0:
-                        break
-                    try:
-                        item = await asyncio.wait_for(self.queue.get(), timeout)
-                    except asyncio.TimeoutError:
-                        break
-                batch.append(item)
-                size += len(item[0])
-            records = [r for recs, _ in batch for r in recs]
+            self.busy = True
             try:
-                stored = await self._append(loop, records)
-            except Exception as e:  # nothing in this batch was stored: each request on its own, so one
-                if len(batch) == 1:  # bad request does not fail the others that shared its transaction
-                    if not batch[0][1].done():
-                        batch[0][1].set_exception(e)
-                    continue
-                for recs, fut in batch:
-                    try:
-                        mine = await self._append(loop, recs)
-                    except Exception as e2:
-                        if not fut.done():
-                            fut.set_exception(e2)
-                    else:
-                        if not fut.done():
-                            fut.set_result(mine)
-                continue
-            i = 0
+                await self._commit(loop, first)
+            finally:
+                self.busy = False
+
+    async def _commit(self, loop, first):
+        """Append ``first`` and whatever else is queued, in one transaction; answer each request."""
+        batch = [first]
+        size = len(first[0])
+        # Whatever queued up while the previous transaction ran joins this one: concurrent writers
+        # share commits without a lone writer ever waiting for company (max_wait adds a wait).
+        deadline = loop.time() + self.max_wait
+        while size < self.max_batch:
+            try:
+                item = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), timeout)
+                except asyncio.TimeoutError:
+                    break
+            batch.append(item)
+            size += len(item[0])
+        records = [r for recs, _ in batch for r in recs]
+        try:
+            stored = await self._append(loop, records)
+        except Exception as e:  # nothing in this batch was stored: each request on its own, so one
+            if len(batch) == 1:  # bad request does not fail the others that shared its transaction
+                if not batch[0][1].done():
+                    batch[0][1].set_exception(e)
+                return
             for recs, fut in batch:
-                mine = stored[i:i + len(recs)]
-                i += len(recs)
-                if not fut.done():
-                    fut.set_result(mine)
+                try:
+                    mine = await self._append(loop, recs)
+                except Exception as e2:
+                    if not fut.done():
+                        fut.set_exception(e2)
+                else:
+                    if not fut.done():
+                        fut.set_result(mine)
+            return
+        i = 0
+        for recs, fut in batch:
+            mine = stored[i:i + len(recs)]
+            i += len(recs)
+            if not fut.done():
+                fut.set_result(mine)
 
 
 class _Base(web.RequestHandler):
