@@ -422,6 +422,27 @@ def test_a_run_record_is_reported_as_one_row_per_path_with_its_cell(reported):
     assert len(json.loads(render(rows, "json", "syd"))) == len(syd)
 
 
+def test_a_path_not_in_normal_form_is_reported_where_it_leads_and_flagged(reported):
+    """``/data/norr/../syd/...`` opens syd's data: it is syd's to see, with the path as sent and a flag
+    saying where it leads (the kernel only ever sends normal forms), whichever way it was sent."""
+    alice = Caller("alice", "cardio-gwas")
+    odd = "/data/norr/norr-cohort/../../syd/syd-cohort/syd-cohort.vcf.gz"
+    reported.audit.append_many(build_records(alice, [
+        {"action": "file.open", "path": odd, "detail": {"msg_id": "m1"}},
+        {"action": "file.open", "paths": ["/project/a", odd, "/project/b"], "detail": {"msg_id": "m1"}},
+        *[{"action": "data.open", "path": odd, "detail": {"msg_id": "m1", "start": s}} for s in range(GROUP_MIN)],
+        {"action": "file.open", "path": "relative.txt", "detail": {"msg_id": "m1"}}], None))
+    rows = [r for r in region_report(reported.audit, reported, "admin-syd", "syd") if r["path"] == odd]
+    assert len(rows) == 2 + GROUP_MIN and {r["dataset"] for r in rows} == {"syd-cohort"}
+    assert all("not in normal form (it opens /data/syd/syd-cohort/syd-cohort.vcf.gz)" in r["flag"]
+               for r in rows)
+    assert not [r for r in region_report(reported.audit, reported, "admin-norr", "norr") if r["path"] == odd]
+    plain = [r for r in reported.audit.records() if r.path in ("/project/a", "/project/b")]
+    assert len(plain) == 2 and not any("flag" in r.detail for r in plain)
+    (rel,) = [r for r in reported.audit.records() if r.path == "relative.txt"]
+    assert rel.region is None and "not absolute" in rel.detail["flag"]
+
+
 def test_a_fetch_loop_is_reported_as_one_row_per_fetch_with_its_region_and_cell(reported):
     alice = Caller("alice", "cardio-gwas")
     path = "/data/syd/syd-cohort/syd-cohort.vcf.gz"

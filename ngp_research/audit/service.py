@@ -103,6 +103,30 @@ def resolve(path):
     return None, None
 
 
+def path_note(path: str) -> str | None:
+    """Why ``path`` is not as the kernel sends one (absolute, normalised, storable), or None.
+
+    Region and dataset come from the normalised path (see :func:`resolve`); a report shows the path
+    as it was sent, so one in another form is flagged where the region admin reads it.
+
+    >>> path_note("/data/r/d/x") is None, path_note("/project/.hidden") is None
+    (True, True)
+    >>> path_note("/data/syd/d/../../norr/e/x")
+    'the path is not in normal form (it opens /data/norr/e/x)'
+    >>> path_note("notes.txt")
+    'the path is not absolute'
+    """
+    if not path.startswith("/"):
+        return "the path is not absolute"
+    if "/." in path or "//" in path or (path.endswith("/") and path != "/"):
+        norm = os.path.normpath(path)
+        if norm.startswith("//"):
+            norm = norm[1:]
+        if norm != path:
+            return f"the path is not in normal form (it opens {norm})"
+    return None
+
+
 #: Code that reaches into the interpreter or the audit machinery: in-process auditing cannot stop a determined
 #: user (see ngp_research.kernel), so such cells are flagged where the region admin reads them.
 TAMPERING_SIGNS = ("gc.", "get_objects", "get_referrers", "ctypes", "__closure__", "cell_contents", "__code__",
@@ -202,9 +226,10 @@ def build_record(caller: Caller, raw: dict, visible: set | None, members: set | 
     path = raw.get("path")
     if path is not None and not isinstance(path, str):
         raise ValueError("path must be a string")
-    path, escaped = storable(path)
-    if escaped:
-        flags = [*flags, "the path is not valid UTF-8 (or holds NUL): escaped"]
+    note = _note(path) if path is not None else None
+    path, _ = storable(path)
+    if note:
+        flags = [*flags, note]
     region, dataset = resolve(path)
     return AuditRecord(action, caller.user, project=caller.project, region=region, dataset=dataset, path=path,
                        detail=_located(detail, flags, region, dataset, visible))
@@ -275,14 +300,13 @@ def _path_runs(caller: Caller, r: dict, visible, members) -> list[AuditRecord]:
         raise ValueError("paths must be a non-empty list of strings")
     action, detail, flags = _checked(caller, r, members)
     runs = runs_of_places(paths)
-    prepared = {}  # (place, escaped) -> (detail, its canonical text): one encoding per place
+    prepared = {}  # (place, note) -> (detail, its canonical text): one encoding per place
     user, project = caller.user, caller.project
-    for where, escaped, run in runs:
-        hit = prepared.get((where, escaped))
+    for where, note, run in runs:
+        hit = prepared.get((where, note))
         if hit is None:
-            f = [*flags, "the path is not valid UTF-8 (or holds NUL): escaped"] if escaped else flags
-            located = _located(detail, f, *where, visible)
-            hit = prepared[(where, escaped)] = (located, canonical(located).decode("utf-8"))
+            located = _located(detail, [*flags, note] if note else flags, *where, visible)
+            hit = prepared[(where, note)] = (located, canonical(located).decode("utf-8"))
         if len(run) >= GROUP_MIN:
             out.append(AuditRecord(action, user, project, where[0], where[1], None, {**hit[0], "paths": run}))
         else:
@@ -301,8 +325,9 @@ def data_run(caller: Caller, run: list, visible: set | None, members: set | None
     """One stored record for consecutive ``data.open`` records of one path, or None to store them one by one.
 
     Taken only when every record is plain: the keys ``action``, ``path`` and ``detail``, a detail
-    with no identity claim, code or reserved name, and text that is printable ASCII (so
-    :func:`storable` would change nothing and no record would be flagged on its own). The values
+    with no identity claim, code or reserved name, text that is printable ASCII (so
+    :func:`storable` would change nothing) and a path in normal form: no record would be flagged
+    on its own. The values
     that are the same scalar (same type, same value) in every record's detail are kept once; each
     access keeps the rest, in order, in ``detail["accesses"]``.
 
@@ -321,7 +346,7 @@ def data_run(caller: Caller, run: list, visible: set | None, members: set | None
             return None
         details.append(d)
     text = json.dumps([path, details])
-    if "\\u" in text:  # NUL, other control characters, non-ASCII, lone surrogates: storable() one by one
+    if "\\u" in text or path_note(path):  # NUL, other control characters, non-ASCII, lone surrogates: storable() one by one
         return None
     common = {}
     for k, v in details[0].items():
@@ -344,17 +369,29 @@ _MISSING = object()
 def _runs_path_by_path(paths: list) -> list:
     runs = []
     for path in paths:
-        path, escaped = storable(path)
+        note = _note(path)
+        path, _ = storable(path)
         where = resolve(path)
-        if runs and runs[-1][0] == where and runs[-1][1] == escaped:
+        if runs and runs[-1][0] == where and runs[-1][1] == note:
             runs[-1][2].append(path)
         else:
-            runs.append([where, escaped, [path]])
+            runs.append([where, note, [path]])
     return runs
 
 
+def _note(path: str) -> str | None:
+    """The flag a submitted path earns: not storable as it is, or not in the form the kernel sends."""
+    notes = []
+    if storable(path)[1]:
+        notes.append("the path is not valid UTF-8 (or holds NUL): escaped")
+    odd = path_note(path)
+    if odd:
+        notes.append(odd)
+    return "; ".join(notes) or None
+
+
 def runs_of_places(paths: list) -> list:
-    r"""``[[(region, dataset), escaped, [paths]], ...]``: consecutive paths of one place, made storable.
+    r"""``[[(region, dataset), note, [paths]], ...]``: consecutive paths of one place and flag, made storable.
 
     The same as :func:`storable` and :func:`resolve` path by path, but a list of plain absolute paths
     (no NUL, lone surrogate, ``/.``, ``//`` or trailing slash) is checked in a few passes over all of
@@ -362,7 +399,7 @@ def runs_of_places(paths: list) -> list:
     service little while the cell still runs.
 
     >>> runs_of_places(["/project/a", "/project/b", "/data/r/d/x", "/data/r/d/y", "/home/u/z"])
-    [[(None, None), False, ['/project/a', '/project/b']], [('r', 'd'), False, ['/data/r/d/x', '/data/r/d/y']], [(None, None), False, ['/home/u/z']]]
+    [[(None, None), None, ['/project/a', '/project/b']], [('r', 'd'), None, ['/data/r/d/x', '/data/r/d/y']], [(None, None), None, ['/home/u/z']]]
     >>> odd = ["/project/../data/r/d/x", "/data/r/d/", "rel", "/project/caf\udce9", "/p\n/data/r/d/q"]
     >>> runs_of_places(odd) == _runs_path_by_path(odd)
     True
@@ -378,14 +415,14 @@ def runs_of_places(paths: list) -> list:
     if not plain:
         return _runs_path_by_path(paths)
     if not (text.startswith("/data/") or "\n/data/" in text):
-        return [[(None, None), False, list(paths)]]
+        return [[(None, None), None, list(paths)]]
     runs, nowhere = [], (None, None)
     for path in paths:
         where = resolve(path) if path.startswith("/data/") else nowhere
         if runs and runs[-1][0] == where:
             runs[-1][2].append(path)
         else:
-            runs.append([where, False, [path]])
+            runs.append([where, None, [path]])
     return runs
 
 
