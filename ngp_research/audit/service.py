@@ -48,7 +48,7 @@ from .records import AuditRecord, canonical
 
 MAX_RECORDS_PER_REQUEST = 5000
 #: A run of this many paths or more, in one place, is stored as one record listing them (see build_records).
-GROUP_MIN = 16
+GROUP_MIN = 64
 MAX_BODY = 16 * 1024 * 1024
 _SERVER_SCOPE = re.compile(r"^access:servers!server=([^/]+)/(.+)$")
 ALLOWED_ACTIONS = {"query.execute", "file.open", "file.list", "file.link", "process.exec", "library.load", "socket.connect",
@@ -258,7 +258,7 @@ def build_records(caller: Caller, raw: list, visible: set | None, members: set |
     >>> many = [f"/data/r/d/part-{i}" for i in range(GROUP_MIN)] + ["/project/b"]
     >>> recs = build_records(Caller("alice", "p"), [{"action": "file.open", "paths": many}], None)
     >>> [(r.path, r.region, len(r.detail.get("paths", []))) for r in recs]
-    [(None, 'r', 16), ('/project/b', None, 0)]
+    [(None, 'r', 64), ('/project/b', None, 0)]
     >>> fetches = [{"action": "data.open", "path": "/data/r/d/x.vcf.gz", "detail": {"contig": "chr1", "start": s}}
     ...            for s in range(GROUP_MIN)]
     >>> (rec,) = build_records(Caller("alice", "p"), fetches, None)
