@@ -25,7 +25,12 @@ delivering everything after the cell costs.
 At the end the store is counted, so the records the run produced are shown to be there.
 
     python benchmarks/bench_kernel.py [--files 10000] [--fetches 2000] [--opens 50] [--repeats 5]
-        [--pings 200] [--out results.json]
+        [--pings 200] [--through-relays] [--out results.json]
+
+``--through-relays`` puts the two relays a workspace's kernel goes through between the audited
+kernels and the service, as separate processes: the sandbox's ``TcpToUnix`` (workspace environment)
+to a unix socket, and the hub's ``UnixToTcp`` from it to the service's port (see
+ngp_research.workspace.bridge). Without it the kernels connect to the service's port directly.
 
 Targets (from the issue): (a), (b) audited/plain <= 1.05; (c) < 2 ms added at the median.
 Numbers only; nothing here asserts on timing.
@@ -34,6 +39,7 @@ Numbers only; nothing here asserts on timing.
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -171,6 +177,26 @@ def _kernelspecs(d: Path, python: str) -> Path:
     return kernels
 
 
+def _start_relays(relays: list, port: int, sock: Path, python: str, env: dict) -> int:
+    """The hub's relay (unix socket -> service port) and the sandbox's (a TCP port -> unix socket), each in its
+    own process (appended to ``relays``); returns the port the kernels connect to."""
+    relays.append(subprocess.Popen([sys.executable, "-m", "ngp_research.workspace.bridge", "unix-to-tcp", str(sock),
+                                    f"127.0.0.1:{port}"], cwd=str(ROOT)))
+    inner = free_port()
+    relays.append(subprocess.Popen([python, "-m", "ngp_research.workspace.bridge", "tcp-to-unix", f"127.0.0.1:{inner}",
+                                    str(sock)], env=env))
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", inner), timeout=1):
+                if sock.exists():
+                    return inner
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError("the relays did not start")
+
+
 def _count(home: str, files_dir: str) -> dict:
     """Stored records by action, and the file opens under ``files_dir`` (paths of run records counted)."""
     from ngp_research.audit.store import AuditStore  # noqa: PLC0415
@@ -201,6 +227,8 @@ def main(argv=None):
     ap.add_argument("--opens", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--pings", type=int, default=200)
+    ap.add_argument("--through-relays", action="store_true",
+                    help="reach the service through the sandbox's and the hub's relays, as a workspace does")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     env_dir = os.environ.get("NGP_WORKSPACE_ENV") or default_workspace_env()
@@ -221,12 +249,15 @@ def main(argv=None):
         vcf = write_vcf(d / "bench.vcf.gz", ["s1", "s2"], records, contigs=(("chr1", span + 1000),))
         port = free_port()
         service = start_service(port, home)
+        relays = []
         try:
+            denv = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+            if args.through_relays:
+                port = _start_relays(relays, port, d / "audit.sock", python, denv)
             cfg = {"kernels": str(_kernelspecs(d, python)), "cwd": str(d), "ipython": str(d / "ipython"),
                    "url": f"http://127.0.0.1:{port}/services/audit/", "token": TOKEN, "files": str(files),
                    "vcf": str(vcf), "span": span, "fetches": args.fetches, "opens": args.opens,
                    "repeats": args.repeats, "pings": args.pings}
-            denv = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
             denv["JUPYTER_RUNTIME_DIR"] = str(d / "runtime")
             t0 = time.perf_counter()
             proc = subprocess.run([python, "-c", DRIVER, json.dumps(cfg)], env=denv, cwd=str(d),
@@ -236,13 +267,14 @@ def main(argv=None):
                 raise RuntimeError(f"the driver failed:\n{proc.stderr[-4000:]}")
             raw = json.loads(proc.stdout.strip().splitlines()[-1])
         finally:
-            service.kill()
-            service.wait()
+            for p in [*relays, service]:
+                p.kill()
+                p.wait()
         stored = _count(str(home), str(files))
 
     a, p, dfr = raw["audited"], raw["plain"], raw["deferred"]
     result = {"files": args.files, "fetches": args.fetches, "opens": args.opens, "repeats": args.repeats,
-              "pings": args.pings, "wall_s": wall, "records_stored": stored,
+              "pings": args.pings, "through_relays": args.through_relays, "wall_s": wall, "records_stored": stored,
               "expected_file_opens_in_folder": 2 * (args.repeats + 1) * args.files, "raw": raw}
     for key in ("files_cell", "files_rt", "pysam_cell", "pysam_rt"):
         result[f"{key}_ms"] = {"audited": _ms(a[key]), "plain": _ms(p[key]), "ratio": _ms(a[key]) / _ms(p[key]),
@@ -252,7 +284,9 @@ def main(argv=None):
                              "audited_p95": _p95(a["empty_rt"]), "plain_p95": _p95(p["empty_rt"]),
                              "added_p95": _p95(a["empty_rt"]) - _p95(p["empty_rt"])}
 
-    print(f"audited kernel vs plain ipykernel (medians of {args.repeats}; durable audit service in its own process):")
+    path = "through the sandbox's and the hub's relays" if args.through_relays else "connected directly"
+    print(f"audited kernel vs plain ipykernel (medians of {args.repeats}; durable audit service in its own process,"
+          f" {path}):")
     labels = {"files_cell": f"(a) {args.files:,} file opens+reads, in-cell",
               "files_rt": f"(a) {args.files:,} file opens+reads, round trip",
               "pysam_cell": f"(b) {args.fetches:,} fetches + {args.opens} opens, in-cell",
