@@ -323,6 +323,55 @@ def test_concurrent_writers_are_group_committed_and_nothing_acknowledged_is_lost
     assert store.verify().ok
 
 
+def test_fetch_runs_keep_non_ascii_names_and_signed_zeros_and_odd_records_go_one_by_one(service, store):
+    """A UTF-8 file name still groups; -0.0 and 0.0 come back as sent; a run with one record holding code
+    is stored record by record, each record looked at once (a request of 5,000 used to take seconds)."""
+    cafe = "/data/syd/syd-cohort/café.vcf.gz"
+    run = _fetches(cafe, GROUP_MIN)
+    for i, f in enumerate(run):
+        f["detail"]["qual"] = -0.0 if i % 2 else 0.0
+    assert post(service.url, run)[0] == 200
+    (rec,) = store.records()
+    assert rec.path == cafe and [json.dumps(a.detail["qual"]) for a in rec.accesses()][:2] == ["0.0", "-0.0"]
+    odd = _fetches("/data/syd/syd-cohort/x.vcf.gz", 5000, msg_id="m2")
+    odd[-1]["detail"]["code"] = "print(1)"
+    status, ack = post(service.url, odd)
+    assert status == 200 and ack["acknowledged"] == 5000 and len(store.records()) == 1 + 5000
+    assert "flag" not in store.records()[1].detail and store.verify().ok
+
+
+def test_a_payload_cannot_set_the_flag_or_lose_its_claimed_values_or_break_reports_by_msg_id(reported):
+    alice = Caller("alice", "cardio-gwas")
+    reported.audit.append_many(build_records(alice, [
+        {"action": "file.open", "path": "/data/syd/syd-cohort/a", "detail": {
+            "flag": "checked by the region admin: fine", "paths": ["/x"], "claimed_paths": ["/y"], "msg_id": "m1"}},
+        {"action": "file.open", "path": "/data/syd/syd-cohort/b", "detail": {"msg_id": ["m", 1]}}], None))
+    a, b = reported.audit.records()[-2:]
+    assert a.detail["claimed_flag"] == "checked by the region admin: fine" and "payload set detail.flag" in a.detail["flag"]
+    assert a.detail["claimed_paths"] == ["/y"] and a.detail["claimed_claimed_paths"] == ["/x"]
+    assert b.detail["msg_id"] == '["m", 1]' and "msg_id was not a string" in b.detail["flag"]
+    rows = region_report(reported.audit, reported, "admin-syd", "syd")
+    assert {r["path"] for r in rows} >= {"/data/syd/syd-cohort/a", "/data/syd/syd-cohort/b"}
+
+
+def test_only_run_records_in_the_services_form_are_read_as_many_accesses():
+    """A record whose ``accesses`` the service did not build (another action, an empty list, or an access
+    that would override what the accesses share, such as the flag) is read as itself."""
+    from ngp_research.audit.records import StoredRecord
+
+    def rec(action, detail):
+        return StoredRecord(1, "t", action, "u", "p", "r", "d", "/data/r/d/x", detail, "0", "1")
+
+    good = rec("data.open", {"flag": "f", "contig": "1", "accesses": [{"start": 1, "msg_id": "m1"}, {"start": 2, "msg_id": "m2"}]})
+    assert [a.detail for a in good.accesses()] == [{"flag": "f", "contig": "1", "start": 1, "msg_id": "m1"},
+                                                   {"flag": "f", "contig": "1", "start": 2, "msg_id": "m2"}]
+    for odd in (rec("file.open", {"accesses": [{"start": 1}]}), rec("data.open", {"accesses": []}),
+                rec("data.open", {"flag": "f", "accesses": [{"flag": None}]}),
+                rec("data.open", {"msg_id": "m", "accesses": [{"msg_id": "m2"}]}),
+                rec("data.open", {"accesses": [{"start": 1}, "text"]})):
+        assert odd.accesses() == [odd]
+
+
 def test_a_failed_commit_is_not_acknowledged_and_the_next_request_is(service, store, monkeypatch):
     """A lone request is committed on the spot (no hop through the committer's task); a failure there
     still answers 503 with nothing stored, and the service goes on."""

@@ -117,6 +117,10 @@ class AuditRecord:
         return self
 
 
+#: Keys the service never lists per access in a run record (see ngp_research.audit.service.data_run).
+_NOT_PER_ACCESS = frozenset({"flag", "paths", "accesses", "user", "actor", "project", "code"})
+
+
 @dataclass(frozen=True)
 class StoredRecord:
     """A record as it sits in the chain."""
@@ -167,7 +171,9 @@ class StoredRecord:
         [('/x', {'contig': '1', 'start': 5})]
         """
         listed = self.detail.get("accesses")
-        if self.path is not None and isinstance(listed, list) and all(isinstance(a, dict) for a in listed):
+        if self.action == "data.open" and self.path is not None and isinstance(listed, list) and listed \
+                and all(isinstance(a, dict) and not _NOT_PER_ACCESS.intersection(a) and self.detail.keys().isdisjoint(a)
+                        for a in listed):  # only the form the service builds: nothing an access could override
             shared = {k: v for k, v in self.detail.items() if k != "accesses"}
             return [self.replace(detail={**shared, **a}, detail_text="") for a in listed]
         if self.path is not None or not isinstance(self.detail.get("paths"), list):

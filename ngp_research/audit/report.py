@@ -20,6 +20,12 @@ FORMATS = ("table", "csv", "json", "html")
 COLUMNS = ("time", "user", "project", "region", "dataset", "action", "path", "detail", "code", "flag", "seq")
 
 
+def _cell(r) -> tuple:
+    """(user, project, msg_id) of a record's cell; a msg_id that is not a string names no cell."""
+    msg_id = r.detail.get("msg_id")
+    return r.actor, r.project, msg_id if isinstance(msg_id, str) else None
+
+
 def region_report(store, catalog, actor: str, region: str, since: datetime | None = None,
                   until: datetime | None = None, user: str | None = None, dataset: str | None = None) -> list[dict]:
     """The access report of ``region`` for its admin ``actor``; raises RefusedError for anyone else."""
@@ -32,20 +38,20 @@ def region_report(store, catalog, actor: str, region: str, since: datetime | Non
                if r.action in ACCESS_ACTIONS for a in r.accesses()]
     # Each access is joined to the FIRST query.execute with the same user, project and msg_id that precedes
     # it: a later record reusing a msg_id cannot change the code shown, and is flagged.
-    wanted = {(r.actor, r.project, r.detail.get("msg_id")) for r in records if r.detail.get("msg_id")}
+    wanted = {_cell(r) for r in records if _cell(r)[2]}
     queries: dict = {}
     if wanted:
         for q in store.records(action="query.execute", since=None, until=until):
-            key = (q.actor, q.project, q.detail.get("msg_id"))
+            key = _cell(q)
             if key in wanted:
                 queries.setdefault(key, []).append(q)
     for r in records:
-        candidates = [q for q in queries.get((r.actor, r.project, r.detail.get("msg_id")), []) if q.seq < r.seq]
+        candidates = [q for q in queries.get(_cell(r), []) if q.seq < r.seq]
         first = candidates[0] if candidates else None
         flags = [r.detail.get("flag")] if r.detail.get("flag") else []
         if first is not None and first.detail.get("flag"):
             flags.append("cell: " + first.detail["flag"])
-        if len(queries.get((r.actor, r.project, r.detail.get("msg_id")), [])) > 1:
+        if len(queries.get(_cell(r), [])) > 1:
             flags.append("another record reused this cell's msg_id")
         detail = {k: v for k, v in r.detail.items() if k not in ("flag",)}
         rows.append({

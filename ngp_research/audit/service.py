@@ -192,10 +192,17 @@ def _checked(caller: Caller, raw: dict, members: set | None) -> tuple[str, dict,
     flags.extend(_caller_flags(caller, members))
     if code and any(sign in code for sign in TAMPERING_SIGNS):
         flags.append("the code reaches into the interpreter or the audit machinery (possible tampering)")
-    for key in ("paths", "accesses"):  # reserved: the accesses a stored record stands for (build_records sets them)
+    for key in ("paths", "accesses", "flag"):  # the service's: the accesses a stored record stands for, its flags
         if key in detail:
-            flags.append(f"payload set detail.{key} (kept as claimed_{key})")
-            detail[f"claimed_{key}"] = detail.pop(key)
+            kept = f"claimed_{key}"
+            while kept in detail:  # never over another value the payload sent
+                kept = f"claimed_{kept}"
+            flags.append(f"payload set detail.{key} (kept as {kept})")
+            detail[kept] = detail.pop(key)
+    msg_id = detail.get("msg_id")
+    if msg_id is not None and not isinstance(msg_id, str):  # reports join an access to its cell by it
+        flags.append("detail.msg_id was not a string (kept as its JSON text)")
+        detail["msg_id"] = json.dumps(msg_id, sort_keys=True, default=repr)
     for key, real in (("user", caller.user), ("actor", caller.user), ("project", caller.project)):
         claimed = raw.get(key, detail.get(key))
         if claimed is not None and claimed != real:
@@ -283,10 +290,9 @@ def build_records(caller: Caller, raw: list, visible: set | None, members: set |
         grouped = data_run(caller, raw[i:j], visible, members) if j - i >= GROUP_MIN else None
         if grouped is not None:
             out.append(grouped)
-            i = j
-        else:
-            out.append(build_record(caller, r, visible, members))
-            i += 1
+        else:  # the whole run, one by one: each record is looked at once
+            out.extend(build_record(caller, x, visible, members) for x in raw[i:max(j, i + 1)])
+        i = max(j, i + 1)
     return out
 
 
@@ -318,18 +324,17 @@ def _path_runs(caller: Caller, r: dict, visible, members) -> list[AuditRecord]:
 _NOT_IN_DATA_RUNS = frozenset({"paths", "accesses", "claimed_paths", "claimed_accesses", "user", "actor",
                                "project", "code", "flag"})
 _RECORD_KEYS = frozenset({"action", "path", "detail"})
-_SCALARS = (str, int, float, bool, type(None))
+_SHARED_TYPES = (str, int, bool, type(None))
 
 
 def data_run(caller: Caller, run: list, visible: set | None, members: set | None = None) -> AuditRecord | None:
     """One stored record for consecutive ``data.open`` records of one path, or None to store them one by one.
 
     Taken only when every record is plain: the keys ``action``, ``path`` and ``detail``, a detail
-    with no identity claim, code or reserved name, text that is printable ASCII (so
-    :func:`storable` would change nothing) and a path in normal form: no record would be flagged
-    on its own. The values
-    that are the same scalar (same type, same value) in every record's detail are kept once; each
-    access keeps the rest, in order, in ``detail["accesses"]``.
+    with no identity claim, code, flag, reserved name or ``msg_id`` other than a string, no text
+    :func:`storable` would change, and a path in normal form: no record would be flagged on its
+    own. The values that are the same str, int, bool or None in every record's detail are kept
+    once; each access keeps the rest, in order, in ``detail["accesses"]``.
 
     >>> run = [{"action": "data.open", "path": "/data/r/d/x", "detail": {"contig": "chr1", "start": s, "msg_id": "m"}}
     ...        for s in (5, 9)]
@@ -342,15 +347,15 @@ def data_run(caller: Caller, run: list, visible: set | None, members: set | None
     details = []
     for r in run:
         d = r.get("detail")
-        if type(d) is not dict or not r.keys() <= _RECORD_KEYS or not _NOT_IN_DATA_RUNS.isdisjoint(d):
+        if type(d) is not dict or not r.keys() <= _RECORD_KEYS or not _NOT_IN_DATA_RUNS.isdisjoint(d) \
+                or not isinstance(d.get("msg_id", ""), (str, type(None))):
             return None
         details.append(d)
-    text = json.dumps([path, details])
-    if "\\u" in text or path_note(path):  # NUL, other control characters, non-ASCII, lone surrogates: storable() one by one
+    if path_note(path) or not _storable_as_is([path, details]):
         return None
     common = {}
     for k, v in details[0].items():
-        if not isinstance(v, _SCALARS):
+        if not isinstance(v, _SHARED_TYPES):  # floats stay with each access: -0.0 == 0.0
             continue
         values = [d.get(k, _MISSING) for d in details]
         if values.count(v) != len(values):  # == over the list in C; 1 == 1.0 == True, hence the types below
@@ -364,6 +369,27 @@ def data_run(caller: Caller, run: list, visible: set | None, members: set | None
 
 
 _MISSING = object()
+
+
+def _storable_as_is(value) -> bool:
+    r"""True when :func:`storable` would change nothing in ``value`` (JSON data): no NUL, no lone surrogate.
+
+    One encoding of all of it, rather than a walk over every string.
+
+    >>> _storable_as_is(["/data/r/d/café.vcf.gz", {"contig": "chr1"}]), _storable_as_is(["a\x00"])
+    (True, False)
+    >>> _storable_as_is([{"k": "caf\udce9"}]), _storable_as_is(["a literal \\u0000"])
+    (False, False)
+    """
+    text = json.dumps(value, ensure_ascii=False)
+    if "\\u0000" in text:  # NUL (escaped by JSON); a literal backslash-u0000 is sent the careful way too
+        return False
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates
+            return False
+    return True
 
 
 def _runs_path_by_path(paths: list) -> list:
