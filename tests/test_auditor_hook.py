@@ -123,6 +123,37 @@ def test_the_c_hook_records_exactly_what_the_python_hook_records(files):
     assert not any(p and p.endswith("pyvenv.cfg") for p in c["all_paths"])
 
 
+STARTED_ON_DATA = r'''
+import subprocess
+a = auditor.install(URL, "tok", linger=0.001)
+d = os.environ["D"]
+a.begin("m1", "c1")
+subprocess.run(["true", "/data/syd/syd-cohort/syd-phenopackets.json", "--out=" + d + "/o.txt"])
+subprocess.run("true < /data/norr/norr-cohort/norr-cohort.vcf.gz | true", shell=True)
+os.system("true '/project/../data/uppsala/uppsala-cohort/u.json'")
+subprocess.run(["true", "x.vcf.gz"], cwd="/")  # a relative word that does not mention data: names nothing
+os.chdir("/")
+os.spawnv(os.P_WAIT, "/bin/true", ["true", "../data/vast/vast-cohort/v.json"])  # read from the cwd
+assert a.flush(10) is None
+print(json.dumps({"records": [r for r in received if r["action"] == "process.exec"], "stats": a.stats()}))
+'''
+
+
+@pytest.mark.parametrize("hook", ["c", "python"])
+def test_a_program_started_on_a_dataset_is_recorded_under_that_dataset(files, hook):
+    """``cat /data/...`` in a subprocess opens the file where Python cannot see it: the program's start is
+    also recorded under each dataset path its arguments or shell command name, for the cell."""
+    out = run_case(STARTED_ON_DATA, hook, files)
+    named = [(r["path"], r["detail"]["named"], r["detail"]["msg_id"]) for r in out["records"] if "named" in r["detail"]]
+    assert named == [("/data/syd/syd-cohort/syd-phenopackets.json", "argument", "m1"),
+                     ("/data/norr/norr-cohort/norr-cohort.vcf.gz", "argument", "m1"),
+                     ("/data/uppsala/uppsala-cohort/u.json", "argument", "m1"),
+                     ("/data/vast/vast-cohort/v.json", "argument", "m1")]
+    programs = [r for r in out["records"] if "named" not in r["detail"] and r["detail"]["event"] != "os.fork"]
+    assert len(programs) == 5 and all(r["detail"]["msg_id"] == "m1" for r in programs)  # os.spawnv forks too
+    assert programs[0]["detail"]["argv"][1] == "/data/syd/syd-cohort/syd-phenopackets.json"
+
+
 def test_a_forked_child_delivers_each_record_before_its_open(files):
     """A child of ``os.fork`` has no sender thread and may leave with ``os._exit`` at once: each of its
     records is delivered before its access happens, on its own connection."""

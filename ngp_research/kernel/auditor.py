@@ -28,6 +28,8 @@ import json
 import operator
 import os
 import pathlib
+import posixpath
+import re
 import socket
 import sys
 import threading
@@ -202,6 +204,52 @@ def closure_guard(functions):
     return check
 
 
+_ARGUMENT_BREAKS = re.compile(r"[\s'\"=;|&<>(),:`]+")
+
+
+def named_data_paths(texts, cwd, limit: int = 64) -> list:
+    """The dataset paths a started program was given: in its arguments or shell command, or as its folder.
+
+    Each is normalised and at least ``/data/<region>/<dataset>``; relative words that mention ``data``
+    are read from ``cwd`` (a ``cwd`` in a dataset names that dataset itself). The program's own opens
+    are not seen (it is not Python), so these say what it was started on.
+
+    >>> named_data_paths(["cat", "/data/syd/ds/a.json", "--out=/project/x"], "/project")
+    ['/data/syd/ds/a.json']
+    >>> named_data_paths(["sh", "-c", "zcat '/data/syd/ds/v.vcf.gz' | head > o.txt"], "/data/norr/nd")
+    ['/data/norr/nd', '/data/syd/ds/v.vcf.gz']
+    >>> named_data_paths(["ls", "/project/../data/syd/ds", "/data/syd", "../data/up/u/f", "-l"], "/project")
+    ['/data/syd/ds', '/data/up/u/f']
+    """
+    found = []
+
+    def add(p):
+        if "/." in p or "//" in p or p.endswith("/"):
+            p = posixpath.normpath(p)
+            if p[:2] == "//":
+                p = p[1:]
+        parts = p.split("/", 4)
+        if p.startswith("/data/") and len(parts) >= 4 and parts[2] and parts[3] and p not in found:
+            found.append(p)
+
+    absolute = isinstance(cwd, str) and cwd.startswith("/")
+    if absolute:
+        add(cwd)  # a folder in a dataset: the dataset is named, whatever the relative words are
+    for text in texts:
+        if len(found) >= limit:
+            break
+        if "data" not in text:
+            continue
+        for word in _ARGUMENT_BREAKS.split(text):
+            if "data" not in word:
+                continue
+            if word.startswith("/"):
+                add(word)
+            elif absolute:
+                add(cwd + "/" + word)
+    return found[:limit]
+
+
 def _default_ignored() -> tuple:
     """Prefixes of the kernel's own opens (its environment, the stdlib): not recorded.
 
@@ -328,6 +376,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
     monotonic, _get_ident = time.monotonic, threading.get_ident
     dumps, loads = json.dumps, json.loads
     encode = encode_items  # held here: a cell that rebinds the module's name changes nothing
+    named_in = named_data_paths
     c_queue = bool(_hook is not None and add_hook and sender_c and parsed.scheme == "http" and parsed.hostname
                    and token)  # records go to the C queue (see _hook.start_sender); decided once
     c_put = _hook.put if c_queue else None
@@ -650,6 +699,14 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
         argv = list(argv) if argv.__class__ in (list, tuple) else [argv]
         return [_text(a) for a in argv]
 
+    def _record_named(event, program, texts, cwd):
+        """A process.exec record under each dataset path the program was started on (see named_data_paths),
+        so that the region's report shows it: what the program opens is not seen."""
+        if cwd is None:
+            cwd = getcwd()
+        for p in named_in(texts, cwd):
+            record("process.exec", p, {"event": event, "program": program, "named": "folder" if p == cwd else "argument"})
+
     def _handle(event, args, action):
         """Shape and buffer the record of one event. Runs no user code (see :func:`_text`)."""
         if event == "cpython.PyInterpreterState_New":
@@ -686,15 +743,21 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             if event == "subprocess.Popen":
                 executable, argv, cwd = args[0], _argv(args[1]), args[2]
                 path = _text(executable) if executable is not None else (argv[0] if argv else "")
-                record(action, path, {"event": event, "argv": argv, "cwd": None if cwd is None else _text(cwd)})
+                cwd = None if cwd is None else _text(cwd)
+                record(action, path, {"event": event, "argv": argv, "cwd": cwd})
+                _record_named(event, path, argv, cwd)
             elif event == "os.system":
-                record(action, None, {"event": event, "command": _text(args[0])})
+                command = _text(args[0])
+                record(action, None, {"event": event, "command": command})
+                _record_named(event, None, [command], None)
             elif event == "os.fork":
                 record(action, None, {"event": event})
             else:  # os.exec / os.posix_spawn: (path, argv, env); os.spawn: (mode, path, argv, env)
                 a = args[1:] if event == "os.spawn" else args
                 path = _path(a[0]) if a else None
-                record(action, path, {"event": event, "argv": _argv(a[1]) if len(a) > 1 else []})
+                argv = _argv(a[1]) if len(a) > 1 else []
+                record(action, path, {"event": event, "argv": argv})
+                _record_named(event, path, argv, None)
         elif action == "library.load":
             name = args[0]
             path = None if name is None else _text(name)
@@ -899,7 +962,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
         state["closed"] = True
 
     auditor = Auditor(write_ahead, flush, begin, end, blocked, tamper, record, stats, watch, close)
-    guard = closure_guard([hook, _handle, _argv, _encodable, close, encode_items, _materialize, _body, _record_text, _encode_body, _pending, _drain, record, _path, _ignored, _post, _exchange, _deliver, _connection, write_ahead,
+    guard = closure_guard([hook, _handle, _record_named, _argv, _encodable, close, encode_items, _materialize, _body, _record_text, _encode_body, _pending, _drain, record, _path, _ignored, _post, _exchange, _deliver, _connection, write_ahead,
                            flush, blocked, begin, end, tamper, watch, stats, _run_checks, sender])
     checks.append(lambda: guard(restore=True))
     os.register_at_fork(after_in_child=_in_child)
