@@ -124,34 +124,57 @@ def test_the_c_hook_records_exactly_what_the_python_hook_records(files):
 
 
 STARTED_ON_DATA = r'''
-import subprocess
-a = auditor.install(URL, "tok", linger=0.001)
+import subprocess, tempfile
+datasets = {"syd": ["syd-cohort", "syd-rna"], "norr": ["norr-cohort"], "uppsala": ["uppsala-cohort"],
+            "vast": ["vast-cohort"]}
+a = auditor.install(URL, "tok", linger=0.001, datasets=datasets)
 d = os.environ["D"]
 a.begin("m1", "c1")
 subprocess.run(["true", "/data/syd/syd-cohort/syd-phenopackets.json", "--out=" + d + "/o.txt"])
 subprocess.run("true < /data/norr/norr-cohort/norr-cohort.vcf.gz | true", shell=True)
 os.system("true '/project/../data/uppsala/uppsala-cohort/u.json'")
 subprocess.run(["true", "x.vcf.gz"], cwd="/")  # a relative word that does not mention data: names nothing
+subprocess.run(["true", "-i/data/vast/vast-cohort/v.json"] + [f"/data/made/up{i}" for i in range(300)])
+subprocess.run(["ls", "/data/syd/syd-*"])  # a glob: each mounted dataset it matches
+gone = tempfile.mkdtemp()
+os.chdir(gone)
+os.rmdir(gone)  # a removed working folder: absolute paths still count
+os.system("true /data/norr/norr-cohort/again.vcf.gz")
 os.chdir("/")
-os.spawnv(os.P_WAIT, "/bin/true", ["true", "../data/vast/vast-cohort/v.json"])  # read from the cwd
+a.flush(10)
+os.spawnv(os.P_WAIT, "/bin/true", ["true", "../data/uppsala/uppsala-cohort/w.json"])  # read from the cwd
+class Sneaky:
+    def __fspath__(self):
+        return "/data/syd/syd-cohort/f"
+try:
+    subprocess.run(["cat", Sneaky()])
+    refused = False
+except auditor.AuditUnavailable:
+    refused = True
 assert a.flush(10) is None
-print(json.dumps({"records": [r for r in received if r["action"] == "process.exec"], "stats": a.stats()}))
+print(json.dumps({"records": [r for r in received if r["action"] == "process.exec"], "stats": a.stats(),
+                  "refused": refused}))
 '''
 
 
 @pytest.mark.parametrize("hook", ["c", "python"])
 def test_a_program_started_on_a_dataset_is_recorded_under_that_dataset(files, hook):
     """``cat /data/...`` in a subprocess opens the file where Python cannot see it: the program's start is
-    also recorded under each dataset path its arguments or shell command name, for the cell."""
+    also recorded under each dataset its arguments or shell command name, for the cell."""
     out = run_case(STARTED_ON_DATA, hook, files)
-    named = [(r["path"], r["detail"]["named"], r["detail"]["msg_id"]) for r in out["records"] if "named" in r["detail"]]
-    assert named == [("/data/syd/syd-cohort/syd-phenopackets.json", "argument", "m1"),
-                     ("/data/norr/norr-cohort/norr-cohort.vcf.gz", "argument", "m1"),
-                     ("/data/uppsala/uppsala-cohort/u.json", "argument", "m1"),
-                     ("/data/vast/vast-cohort/v.json", "argument", "m1")]
+    named = sorted((r["path"], r["detail"]["named"], r["detail"]["msg_id"]) for r in out["records"]
+                   if "named" in r["detail"])
+    assert named == sorted([("/data/syd/syd-cohort/syd-phenopackets.json", "argument", "m1"),
+                            ("/data/norr/norr-cohort/norr-cohort.vcf.gz", "argument", "m1"),
+                            ("/data/uppsala/uppsala-cohort/u.json", "argument", "m1"),
+                            ("/data/vast/vast-cohort/v.json", "argument", "m1"),
+                            ("/data/syd/syd-cohort", "argument", "m1"), ("/data/syd/syd-rna", "argument", "m1"),
+                            ("/data/norr/norr-cohort/again.vcf.gz", "argument", "m1"),
+                            ("/data/uppsala/uppsala-cohort/w.json", "argument", "m1")])
     programs = [r for r in out["records"] if "named" not in r["detail"] and r["detail"]["event"] != "os.fork"]
-    assert len(programs) == 5 and all(r["detail"]["msg_id"] == "m1" for r in programs)  # os.spawnv forks too
+    assert len(programs) == 8 and all(r["detail"]["msg_id"] == "m1" for r in programs)  # os.spawnv forks too
     assert programs[0]["detail"]["argv"][1] == "/data/syd/syd-cohort/syd-phenopackets.json"
+    assert out["refused"] and out["stats"]["errors"] == 0  # a path-like that could name another path: refused
 
 
 def test_a_forked_child_delivers_each_record_before_its_open(files):

@@ -30,6 +30,7 @@ import os
 import pathlib
 import posixpath
 import re
+from fnmatch import fnmatchcase
 import socket
 import sys
 import threading
@@ -204,50 +205,112 @@ def closure_guard(functions):
     return check
 
 
-_ARGUMENT_BREAKS = re.compile(r"[\s'\"=;|&<>(),:`]+")
+#: Where a shell command splits into words (and ``=``, ``:``, ``,`` inside an option's value).
+SHELL_BREAKS = re.compile(r"[\s'\"=;|&<>(),:`]+")
+_GLOB = re.compile(r"[*?\[\]{}$]")
 
 
-def named_data_paths(texts, cwd, limit: int = 64) -> list:
-    """The dataset paths a started program was given: in its arguments or shell command, or as its folder.
+def workspace_datasets(root: str = "/data") -> dict:
+    """``{region: frozenset(dataset names)}`` as mounted under ``root`` (empty outside a workspace).
 
-    Each is normalised and at least ``/data/<region>/<dataset>``; relative words that mention ``data``
-    are read from ``cwd`` (a ``cwd`` in a dataset names that dataset itself). The program's own opens
-    are not seen (it is not Python), so these say what it was started on.
-
-    >>> named_data_paths(["cat", "/data/syd/ds/a.json", "--out=/project/x"], "/project")
-    ['/data/syd/ds/a.json']
-    >>> named_data_paths(["sh", "-c", "zcat '/data/syd/ds/v.vcf.gz' | head > o.txt"], "/data/norr/nd")
-    ['/data/norr/nd', '/data/syd/ds/v.vcf.gz']
-    >>> named_data_paths(["ls", "/project/../data/syd/ds", "/data/syd", "../data/up/u/f", "-l"], "/project")
-    ['/data/syd/ds', '/data/up/u/f']
+    Read once, when the kernel starts: a workspace's mounts do not change while it runs.
     """
-    found = []
+    out = {}
+    try:
+        regions = os.listdir(root)
+    except OSError:
+        return out
+    for region in regions:
+        try:
+            out[region] = frozenset(os.listdir(os.path.join(root, region)))
+        except OSError:
+            pass
+    return out
 
-    def add(p):
-        if "/." in p or "//" in p or p.endswith("/"):
-            p = posixpath.normpath(p)
-            if p[:2] == "//":
-                p = p[1:]
-        parts = p.split("/", 4)
-        if p.startswith("/data/") and len(parts) >= 4 and parts[2] and parts[3] and p not in found:
-            found.append(p)
+
+def named_data_paths(argv, shell, cwd, datasets, limit=256, tools=None) -> list:
+    """The datasets a started program was given: ``[(path, "argument" | "folder")]``, each dataset once.
+
+    The program's own opens are not seen (it is not Python), so this says what it was started on:
+    each word of ``argv``, and of each ``shell`` command string split as a shell would, that is a
+    path into ``/data`` (``-i/data/...`` and ``--in=/data/...`` too; relative words read from
+    ``cwd``), and ``cwd`` itself when it is inside a dataset. ``/data``, a region's folder, or a
+    glob stand for every dataset of ``datasets`` (``{region: names}``, what the workspace mounts)
+    they match. When ``datasets`` is not empty only its datasets count, so made-up names cannot
+    crowd the real ones past ``limit``. ``tools`` is ``(split, normpath, fnmatchcase, glob_search)``;
+    the kernel passes the ones it holds, so nothing here is looked up in the module when it runs.
+
+    >>> ds = {"syd": frozenset({"ds", "other"}), "norr": frozenset({"nd"})}
+    >>> def named(argv, shell=(), cwd="/project"):
+    ...     return named_data_paths(argv, shell, cwd, ds)
+    >>> named(["cat", "/data/syd/ds/a.json", "--out=/project/x", "-i/data/norr/nd/v.vcf"])
+    [('/data/syd/ds/a.json', 'argument'), ('/data/norr/nd/v.vcf', 'argument')]
+    >>> named(["sh", "-c", "cd /data/syd && zcat ds/f.gz | head"], ["cd /data/syd && zcat ds/f.gz | head"])
+    [('/data/syd/ds', 'argument'), ('/data/syd/other', 'argument')]
+    >>> named(["cat", "f"], cwd="/data/norr/nd"), named(["cat", "made-up/f", "ds/f"], cwd="/data/syd")
+    ([('/data/norr/nd', 'folder')], [('/data/syd/ds/f', 'argument')])
+    >>> named(["cat", "/data/*/nd/x"]), named(["ls", "/project/../data/syd/o*"])
+    ([('/data/norr/nd', 'argument')], [('/data/syd/other', 'argument')])
+    >>> named(["true"] + [f"/data/zz/z{i}" for i in range(300)] + ["/data/syd/ds/f"])  # made-up names do not count
+    [('/data/syd/ds/f', 'argument')]
+    """
+    split, normpath, match, is_glob = tools or (SHELL_BREAKS.split, posixpath.normpath, fnmatchcase, _GLOB.search)
+    found = {}
+
+    def put(region, dataset, path, how):
+        if (region, dataset) not in found and len(found) < limit and (not datasets or dataset in datasets.get(region, ())):
+            found[(region, dataset)] = (path, how)
+
+    def add(path, how="argument"):
+        if "/." in path or "//" in path or path.endswith("/"):
+            path = normpath(path)
+            if path[:2] == "//":
+                path = path[1:]
+        if path != "/data" and not path.startswith("/data/"):
+            return
+        parts = path.split("/", 4)
+        region = parts[2] if len(parts) > 2 else ""
+        dataset = parts[3] if len(parts) > 3 else ""
+        if region and dataset and not is_glob(region) and not is_glob(dataset):
+            put(region, dataset, path, how)
+            return
+        if how == "folder":
+            return  # working in /data or a region's folder: its relative words say which datasets
+        for r in sorted(datasets):  # /data, a region's folder, or a glob: each mounted dataset it matches
+            if not region or match(r, region):
+                for name in sorted(datasets[r]):
+                    if not dataset or match(name, dataset):
+                        put(r, name, f"/data/{r}/{name}", how)
 
     absolute = isinstance(cwd, str) and cwd.startswith("/")
+    in_data = False
     if absolute:
-        add(cwd)  # a folder in a dataset: the dataset is named, whatever the relative words are
-    for text in texts:
-        if len(found) >= limit:
-            break
-        if "data" not in text:
-            continue
-        for word in _ARGUMENT_BREAKS.split(text):
-            if "data" not in word:
-                continue
-            if word.startswith("/"):
-                add(word)
-            elif absolute:
-                add(cwd + "/" + word)
-    return found[:limit]
+        cwd = normpath(cwd)
+        in_data = cwd == "/data" or cwd.startswith("/data/")
+        if in_data:
+            add(cwd, "folder")
+
+    def word(w):
+        if not w or len(found) >= limit or " " in w or "\t" in w or "\n" in w:
+            return  # a shell command is looked at word by word (``shell``)
+        if "=" in w:
+            w = w[w.index("=") + 1:]  # --in=/data/..., KEY=value
+        elif w[0] == "-":
+            w = w[w.find("/"):] if "/" in w else ""  # -i/data/...: a value glued to its option
+        if not w:
+            return
+        if w[0] == "/":
+            if "data" in w:
+                add(w)
+        elif absolute and (in_data or "data" in w):
+            add(cwd + "/" + w)
+
+    for w in argv:
+        word(w)
+    for text in shell:
+        for w in split(text):
+            word(w)
+    return list(found.values())
 
 
 def _default_ignored() -> tuple:
@@ -330,8 +393,13 @@ def _service_address(parsed) -> tuple[str, str]:
 
 def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch: int = 500,
             linger: float = 0.005, timeout: float = 5.0, ignored: tuple | None = None,
-            add_hook: bool = True, max_post: int = 2000, sender_c: bool = True) -> Auditor:
+            add_hook: bool = True, max_post: int = 2000, sender_c: bool = True,
+            datasets: dict | None = None) -> Auditor:
     """Add the audit hook and start the sender thread; returns the :class:`Auditor` (call once).
+
+    ``datasets`` (``{region: dataset names}``) is what the workspace mounts under ``/data``, read
+    when this is called unless given; a started program is recorded under the datasets it names
+    (see :func:`named_data_paths`).
 
     The hook is the C one from ``_hook`` when the package was built with it (``setup.py``): plain
     opens of absolute paths are buffered without entering Python, and every other recorded event is
@@ -377,6 +445,8 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
     dumps, loads = json.dumps, json.loads
     encode = encode_items  # held here: a cell that rebinds the module's name changes nothing
     named_in = named_data_paths
+    tools = (SHELL_BREAKS.split, posixpath.normpath, fnmatchcase, _GLOB.search)
+    datasets = workspace_datasets() if datasets is None else dict(datasets)  # before the hook: no records
     c_queue = bool(_hook is not None and add_hook and sender_c and parsed.scheme == "http" and parsed.hostname
                    and token)  # records go to the C queue (see _hook.start_sender); decided once
     c_put = _hook.put if c_queue else None
@@ -697,15 +767,30 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
 
     def _argv(argv):
         argv = list(argv) if argv.__class__ in (list, tuple) else [argv]
-        return [_text(a) for a in argv]
+        return [_arg(a) for a in argv]
 
-    def _record_named(event, program, texts, cwd):
-        """A process.exec record under each dataset path the program was started on (see named_data_paths),
-        so that the region's report shows it: what the program opens is not seen."""
+    def _record_named(event, program, argv, cwd, shell=None):
+        """A process.exec record under each dataset the program was started on (see named_data_paths), so
+        that the region's report shows it: what the program opens is not seen."""
         if cwd is None:
-            cwd = getcwd()
-        for p in named_in(texts, cwd):
-            record("process.exec", p, {"event": event, "program": program, "named": "folder" if p == cwd else "argument"})
+            try:
+                cwd = getcwd()
+            except OSError:  # the working folder was removed: absolute paths still count
+                cwd = None
+        if shell is None:  # sh -c "...": an argument with spaces is a command line
+            shell = [a for a in argv if " " in a or "\t" in a or "\n" in a]
+        for p, how in named_in(argv, shell, cwd, datasets, 256, tools):
+            record("process.exec", p, {"event": event, "program": program, "named": how})
+
+    def _arg(a):
+        """A program's argument (or folder) as text; a path-like of another kind is refused: its
+        ``__fspath__`` could name one path here and give the program another."""
+        if a.__class__ in _PURE_PATHS or isinstance(a, (str, bytes, bytearray)) or a is None:
+            return _text(a)
+        if any("__fspath__" in vars(k) for k in type(a).__mro__):
+            raise AuditUnavailable("the audit cannot record this program's argument: pass str, bytes or "
+                                   f"pathlib paths (not a {object.__repr__(a)})")
+        return _text(a)
 
     def _handle(event, args, action):
         """Shape and buffer the record of one event. Runs no user code (see :func:`_text`)."""
@@ -742,14 +827,14 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
         elif action == "process.exec":
             if event == "subprocess.Popen":
                 executable, argv, cwd = args[0], _argv(args[1]), args[2]
-                path = _text(executable) if executable is not None else (argv[0] if argv else "")
-                cwd = None if cwd is None else _text(cwd)
+                path = _arg(executable) if executable is not None else (argv[0] if argv else "")
+                cwd = None if cwd is None else _arg(cwd)
                 record(action, path, {"event": event, "argv": argv, "cwd": cwd})
                 _record_named(event, path, argv, cwd)
             elif event == "os.system":
-                command = _text(args[0])
+                command = _arg(args[0])
                 record(action, None, {"event": event, "command": command})
-                _record_named(event, None, [command], None)
+                _record_named(event, None, [], None, shell=[command])
             elif event == "os.fork":
                 record(action, None, {"event": event})
             else:  # os.exec / os.posix_spawn: (path, argv, env); os.spawn: (mode, path, argv, env)
@@ -962,7 +1047,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
         state["closed"] = True
 
     auditor = Auditor(write_ahead, flush, begin, end, blocked, tamper, record, stats, watch, close)
-    guard = closure_guard([hook, _handle, _record_named, _argv, _encodable, close, encode_items, _materialize, _body, _record_text, _encode_body, _pending, _drain, record, _path, _ignored, _post, _exchange, _deliver, _connection, write_ahead,
+    guard = closure_guard([hook, _handle, _record_named, _arg, named_data_paths, _argv, _encodable, close, encode_items, _materialize, _body, _record_text, _encode_body, _pending, _drain, record, _path, _ignored, _post, _exchange, _deliver, _connection, write_ahead,
                            flush, blocked, begin, end, tamper, watch, stats, _run_checks, sender])
     checks.append(lambda: guard(restore=True))
     os.register_at_fork(after_in_child=_in_child)
