@@ -301,3 +301,25 @@ def test_a_long_read_does_not_hold_up_appends(tmp_path):
     rest = list(rows)
     assert done and done[0].seq == 11, "the append waited for the reader"
     assert len(rest) >= 9 and store.verify().ok
+
+
+def test_a_checkpoint_logged_by_a_transaction_that_failed_is_voided_not_a_false_alarm(store, monkeypatch):
+    """The checkpoint log line is written before the commit; when the transaction then fails, the line is
+    voided, so verify does not read a checkpoint that was never stored as one removed from the database."""
+    real = store._sign_head
+
+    def sign_then_fail(*args):
+        real(*args)
+        raise RuntimeError("the commit failed")
+
+    monkeypatch.setattr(store, "_sign_head", sign_then_fail)
+    with pytest.raises(RuntimeError):
+        fill(store)  # the first append signs (and logs) a checkpoint, then fails
+    monkeypatch.undo()
+    assert store.records() == [] and store.checkpoints() == []
+    fill(store)
+    assert store.verify().ok
+    lines = store.checkpoint_log.read_text().splitlines()
+    assert sum('"void"' in line for line in lines) == 1
+    store.checkpoint_log.write_text("".join(line + "\n" for line in lines if '"void"' not in line))
+    assert "missing from the database" in problems(store)  # without the void line: the old false alarm

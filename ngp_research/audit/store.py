@@ -202,8 +202,14 @@ class AuditStore:
     _LAST_CHECKPOINT_SQL = f"SELECT COALESCE(MAX(seq), 0) FROM {checkpoints_table.name}"
 
     @contextmanager
-    def _transaction(self):
-        """A DB-API cursor in a write transaction that holds the chain's lock."""
+    def _transaction(self, logged: list | None = None):
+        """A DB-API cursor in a write transaction that holds the chain's lock.
+
+        ``logged`` collects the checkpoints :meth:`_sign_head` wrote to the checkpoint log in this
+        transaction: the log line is fsynced before the commit (so a crash can never leave a stored
+        checkpoint the log lacks), and if the transaction then fails, each is voided in the log, so
+        ``verify`` does not take a checkpoint that was never stored for a removed one.
+        """
         raw = self.engine.raw_connection()
         cur = None
         try:
@@ -219,7 +225,11 @@ class AuditStore:
                 yield cur
                 raw.commit()
             except BaseException:
-                raw.rollback()
+                try:
+                    raw.rollback()
+                finally:
+                    for cp in logged or ():
+                        self._void_logged(cp)
                 raise
         finally:
             if cur is not None:
@@ -249,7 +259,8 @@ class AuditStore:
                 raise TypeError(f"records: expected AuditRecord, got {type(r).__name__}")
         now = utc_now()
         now_text = format_time(now)
-        with self._transaction() as cur:
+        logged = []
+        with self._transaction(logged) as cur:
             seq, prev = self._head(cur)
             sealed = []
             for r in records:
@@ -269,10 +280,10 @@ class AuditStore:
             # The first append anchors the chain with a checkpoint, so a chain with records
             # and no checkpoint at all can only mean checkpoints were removed.
             if last_checkpoint == 0 or seq - last_checkpoint >= self.checkpoint_interval:
-                self._sign_head(cur, seq, prev)
+                self._sign_head(cur, seq, prev, logged)
         return sealed
 
-    def _sign_head(self, cur, seq: int, head_hash: str) -> Checkpoint:
+    def _sign_head(self, cur, seq: int, head_hash: str, logged: list) -> Checkpoint:
         if self.signer is None:
             raise AuditIntegrityError("the audit signing key is missing; refusing to sign")
         signed_at = format_time(utc_now())
@@ -286,15 +297,29 @@ class AuditStore:
             os.fsync(fd)
         finally:
             os.close(fd)
+        logged.append(cp)
         return cp
+
+    def _void_logged(self, cp: Checkpoint) -> None:
+        """Mark a logged checkpoint whose transaction failed as never stored (best effort)."""
+        try:
+            fd = os.open(self.checkpoint_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, canonical({"void": cp.seq, "head_hash": cp.head_hash, "signature": cp.signature}) + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # the log's checkpoint then reads as removed from the database: a false alarm, never a miss
 
     def checkpoint(self) -> Checkpoint | None:
         """Sign the current head now. Returns None when the head is already signed."""
-        with self._transaction() as cur:
+        logged = []
+        with self._transaction(logged) as cur:
             seq, head = self._head(cur)
             if seq == 0 or self._last_checkpoint_seq(cur) >= seq:
                 return None
-            return self._sign_head(cur, seq, head)
+            return self._sign_head(cur, seq, head, logged)
 
     def close(self) -> None:
         """Sign any unsigned records and release the database."""
@@ -363,7 +388,7 @@ class AuditStore:
             return [Checkpoint(r.seq, r.head_hash, r.signed_at, r.key_id, r.signature) for r in rows]
 
     def _logged_checkpoints(self) -> tuple[list[Checkpoint], list[str]]:
-        found, problems = [], []
+        found, problems, voided = [], [], set()
         if not self.checkpoint_log.exists():
             return found, problems
         for n, line in enumerate(self.checkpoint_log.read_text().splitlines(), 1):
@@ -371,13 +396,18 @@ class AuditStore:
                 continue
             try:
                 d = json.loads(line)
+                if isinstance(d, dict) and "void" in d:  # its transaction failed (see _transaction)
+                    if not isinstance(d["void"], int) or not all(isinstance(d.get(k), str) for k in ("head_hash", "signature")):
+                        raise TypeError
+                    voided.add((d["void"], d["head_hash"], d["signature"]))
+                    continue
                 if not isinstance(d.get("seq"), int) or not all(
                         isinstance(d.get(k), str) for k in ("head_hash", "signed_at", "key_id", "signature")):
                     raise TypeError
                 found.append(Checkpoint(d["seq"], d["head_hash"], d["signed_at"], d["key_id"], d["signature"]))
             except (ValueError, KeyError, TypeError, OverflowError, AttributeError, RecursionError):
                 problems.append(f"checkpoint log line {n} is malformed")
-        return found, problems
+        return [c for c in found if (c.seq, c.head_hash, c.signature) not in voided], problems
 
     def _iter_rows(self):
         with self.engine.connect() as conn:
