@@ -170,7 +170,8 @@ def test_a_program_started_on_a_dataset_is_recorded_under_that_dataset(files, ho
                             ("/data/vast/vast-cohort/v.json", "argument", "m1"),
                             ("/data/syd/syd-cohort", "argument", "m1"), ("/data/syd/syd-rna", "argument", "m1"),
                             ("/data/norr/norr-cohort/again.vcf.gz", "argument", "m1"),
-                            ("/data/uppsala/uppsala-cohort/w.json", "argument", "m1")])
+                            ("/data/uppsala/uppsala-cohort/w.json", "argument", "m1")]
+                           + [(f"/data/made/up{i}", "argument", "m1") for i in range(16)])  # a few attempts kept
     programs = [r for r in out["records"] if "named" not in r["detail"] and r["detail"]["event"] != "os.fork"]
     assert len(programs) == 8 and all(r["detail"]["msg_id"] == "m1" for r in programs)  # os.spawnv forks too
     assert programs[0]["detail"]["argv"][1] == "/data/syd/syd-cohort/syd-phenopackets.json"

@@ -208,6 +208,8 @@ def closure_guard(functions):
 #: Where a shell command splits into words (and ``=``, ``:``, ``,`` inside an option's value).
 SHELL_BREAKS = re.compile(r"[\s'\"=;|&<>(),:`]+")
 _GLOB = re.compile(r"[*?\[\]{}$]")
+#: Datasets a started program names that the workspace does not mount, recorded at most (see named_data_paths).
+UNMOUNTED_NAMED = 16
 
 
 def workspace_datasets(root: str = "/data") -> dict:
@@ -236,8 +238,9 @@ def named_data_paths(argv, shell, cwd, datasets, limit=256, tools=None) -> list:
     path into ``/data`` (``-i/data/...`` and ``--in=/data/...`` too; relative words read from
     ``cwd``), and ``cwd`` itself when it is inside a dataset. ``/data``, a region's folder, or a
     glob stand for every dataset of ``datasets`` (``{region: names}``, what the workspace mounts)
-    they match. When ``datasets`` is not empty only its datasets count, so made-up names cannot
-    crowd the real ones past ``limit``. ``tools`` is ``(split, normpath, fnmatchcase, glob_search)``;
+    they match. When ``datasets`` is not empty, names it lacks (an attempt on data the workspace
+    does not show) are kept only up to ``UNMOUNTED_NAMED``, so they cannot crowd out the mounted
+    ones, which are kept up to ``limit``. ``tools`` is ``(split, normpath, fnmatchcase, glob_search)``;
     the kernel passes the ones it holds, so nothing here is looked up in the module when it runs.
 
     >>> ds = {"syd": frozenset({"ds", "other"}), "norr": frozenset({"nd"})}
@@ -251,17 +254,26 @@ def named_data_paths(argv, shell, cwd, datasets, limit=256, tools=None) -> list:
     ([('/data/norr/nd', 'folder')], [('/data/syd/ds/f', 'argument')])
     >>> named(["cat", "/data/*/nd/x"]), named(["ls", "/project/../data/syd/o*"])
     ([('/data/norr/nd', 'argument')], [('/data/syd/other', 'argument')])
-    >>> named(["true"] + [f"/data/zz/z{i}" for i in range(300)] + ["/data/syd/ds/f"])  # made-up names do not count
-    [('/data/syd/ds/f', 'argument')]
+    >>> got = named(["true"] + [f"/data/zz/z{i}" for i in range(300)] + ["/data/syd/ds/f"])
+    >>> len(got), got[0], got[-1]  # made-up names: a few kept, and they do not crowd out the real one
+    (17, ('/data/zz/z0', 'argument'), ('/data/syd/ds/f', 'argument'))
     """
     split, normpath, match, is_glob = tools or (SHELL_BREAKS.split, posixpath.normpath, fnmatchcase, _GLOB.search)
     found = {}
+    unmounted = [0]
 
-    def put(region, dataset, path, how):
-        if (region, dataset) not in found and len(found) < limit and (not datasets or dataset in datasets.get(region, ())):
-            found[(region, dataset)] = (path, how)
+    def put(region, dataset, path, how, guess):
+        if (region, dataset) in found:
+            return
+        if datasets and dataset not in datasets.get(region, ()):  # an attempt on data the workspace lacks:
+            if guess or unmounted[0] >= UNMOUNTED_NAMED:  # kept, but only a few, so they cannot crowd out the rest
+                return
+            unmounted[0] += 1
+        elif len(found) >= limit:
+            return
+        found[(region, dataset)] = (path, how)
 
-    def add(path, how="argument"):
+    def add(path, how="argument", guess=False):
         if "/." in path or "//" in path or path.endswith("/"):
             path = normpath(path)
             if path[:2] == "//":
@@ -272,7 +284,7 @@ def named_data_paths(argv, shell, cwd, datasets, limit=256, tools=None) -> list:
         region = parts[2] if len(parts) > 2 else ""
         dataset = parts[3] if len(parts) > 3 else ""
         if region and dataset and not is_glob(region) and not is_glob(dataset):
-            put(region, dataset, path, how)
+            put(region, dataset, path, how, guess)
             return
         if how == "folder":
             return  # working in /data or a region's folder: its relative words say which datasets
@@ -280,7 +292,7 @@ def named_data_paths(argv, shell, cwd, datasets, limit=256, tools=None) -> list:
             if not region or match(r, region):
                 for name in sorted(datasets[r]):
                     if not dataset or match(name, dataset):
-                        put(r, name, f"/data/{r}/{name}", how)
+                        put(r, name, f"/data/{r}/{name}", how, guess)
 
     absolute = isinstance(cwd, str) and cwd.startswith("/")
     in_data = False
@@ -291,7 +303,7 @@ def named_data_paths(argv, shell, cwd, datasets, limit=256, tools=None) -> list:
             add(cwd, "folder")
 
     def word(w):
-        if not w or len(found) >= limit or " " in w or "\t" in w or "\n" in w:
+        if not w or " " in w or "\t" in w or "\n" in w:
             return  # a shell command is looked at word by word (``shell``)
         if "=" in w:
             w = w[w.index("=") + 1:]  # --in=/data/..., KEY=value
@@ -303,7 +315,7 @@ def named_data_paths(argv, shell, cwd, datasets, limit=256, tools=None) -> list:
             if "data" in w:
                 add(w)
         elif absolute and (in_data or "data" in w):
-            add(cwd + "/" + w)
+            add(cwd + "/" + w, guess=in_data)  # any word, read from a folder in /data: only what is there
 
     for w in argv:
         word(w)
