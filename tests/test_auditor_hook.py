@@ -143,6 +143,11 @@ os.system("true /data/norr/norr-cohort/again.vcf.gz")
 os.chdir("/")
 a.flush(10)
 os.spawnv(os.P_WAIT, "/bin/true", ["true", "../data/uppsala/uppsala-cohort/w.json"])  # read from the cwd
+a.flush(10)
+subprocess.run(["true"], env={"IN": "/data/norr/norr-cohort/e.vcf"})  # cat $IN: its environment counts
+os.environ["VCF"] = "/data/syd/syd-rna/r.vcf"
+os.system("true $VCF")  # the kernel's own environment, inherited
+del os.environ["VCF"]
 class Sneaky:
     def __fspath__(self):
         return "/data/syd/syd-cohort/f"
@@ -171,9 +176,11 @@ def test_a_program_started_on_a_dataset_is_recorded_under_that_dataset(files, ho
                             ("/data/syd/syd-cohort", "argument", "m1"), ("/data/syd/syd-rna", "argument", "m1"),
                             ("/data/norr/norr-cohort/again.vcf.gz", "argument", "m1"),
                             ("/data/uppsala/uppsala-cohort/w.json", "argument", "m1")]
-                           + [(f"/data/made/up{i}", "argument", "m1") for i in range(16)])  # a few attempts kept
+                           + [(f"/data/made/up{i}", "argument", "m1") for i in range(16)]  # a few attempts kept
+                           + [("/data/norr/norr-cohort/e.vcf", "argument", "m1"),
+                              ("/data/syd/syd-rna/r.vcf", "argument", "m1")])
     programs = [r for r in out["records"] if "named" not in r["detail"] and r["detail"]["event"] != "os.fork"]
-    assert len(programs) == 8 and all(r["detail"]["msg_id"] == "m1" for r in programs)  # os.spawnv forks too
+    assert len(programs) == 10 and all(r["detail"]["msg_id"] == "m1" for r in programs)  # os.spawnv forks too
     assert programs[0]["detail"]["argv"][1] == "/data/syd/syd-cohort/syd-phenopackets.json"
     assert out["refused"] and out["stats"]["errors"] == 0  # a path-like that could name another path: refused
 

@@ -11,8 +11,8 @@ Launched as ``python -P -s -m ngp_research.kernel -f {connection_file}`` (the on
   to, so a region sees a link into its data even though later opens through it name the link),
   ``shutil`` copies, ``subprocess.Popen``, ``os.system``,
   ``os.exec*``/``os.posix_spawn`` (a started program is also recorded under each dataset its
-  arguments, shell command or working folder name literally, globs and region folders expanded
-  against the mounted datasets: ``cat /data/...`` reaches the region's report),
+  arguments, shell command, environment or working folder name literally, globs and region
+  folders expanded against the mounted datasets: ``cat /data/...`` reaches the region's report),
   ``ctypes.dlopen`` and ``socket.connect`` into records; a bounded
   buffer (10,000) delivers them in batches, acknowledged by the service, retried with backoff;
   nothing leaves the buffer unacknowledged. With the C extension the buffer is a C queue of

@@ -457,6 +457,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
     dumps, loads = json.dumps, json.loads
     encode = encode_items  # held here: a cell that rebinds the module's name changes nothing
     named_in = named_data_paths
+    environ = os.environ
     tools = (SHELL_BREAKS.split, posixpath.normpath, fnmatchcase, _GLOB.search)
     datasets = workspace_datasets() if datasets is None else dict(datasets)  # before the hook: no records
     c_queue = bool(_hook is not None and add_hook and sender_c and parsed.scheme == "http" and parsed.hostname
@@ -781,17 +782,21 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
         argv = list(argv) if argv.__class__ in (list, tuple) else [argv]
         return [_arg(a) for a in argv]
 
-    def _record_named(event, program, argv, cwd, shell=None):
+    def _record_named(event, program, argv, cwd, env, shell=()):
         """A process.exec record under each dataset the program was started on (see named_data_paths), so
-        that the region's report shows it: what the program opens is not seen."""
+        that the region's report shows it: what the program opens is not seen. The values of its
+        environment count as arguments (``cat $VCF``); ``env`` None is the kernel's own."""
         if cwd is None:
             try:
                 cwd = getcwd()
             except OSError:  # the working folder was removed: absolute paths still count
                 cwd = None
-        if shell is None:  # sh -c "...": an argument with spaces is a command line
-            shell = [a for a in argv if " " in a or "\t" in a or "\n" in a]
-        for p, how in named_in(argv, shell, cwd, datasets, 256, tools):
+        source = environ if env is None else env if env.__class__ is dict else {}
+        values = [_text(v) for v in source.values() if v.__class__ in (str, bytes) and ("data" in v if v.__class__ is str
+                                                                                       else b"data" in v)]
+        words = [*argv, *values]
+        shell = [*shell, *(w for w in words if " " in w or "\t" in w or "\n" in w)]  # sh -c "...": a command line
+        for p, how in named_in(words, shell, cwd, datasets, 256, tools):
             record("process.exec", p, {"event": event, "program": program, "named": how})
 
     def _arg(a):
@@ -842,11 +847,11 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
                 path = _arg(executable) if executable is not None else (argv[0] if argv else "")
                 cwd = None if cwd is None else _arg(cwd)
                 record(action, path, {"event": event, "argv": argv, "cwd": cwd})
-                _record_named(event, path, argv, cwd)
+                _record_named(event, path, argv, cwd, args[3] if len(args) > 3 else None)
             elif event == "os.system":
                 command = _arg(args[0])
                 record(action, None, {"event": event, "command": command})
-                _record_named(event, None, [], None, shell=[command])
+                _record_named(event, None, [], None, None, shell=[command])
             elif event == "os.fork":
                 record(action, None, {"event": event})
             else:  # os.exec / os.posix_spawn: (path, argv, env); os.spawn: (mode, path, argv, env)
@@ -854,7 +859,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
                 path = _path(a[0]) if a else None
                 argv = _argv(a[1]) if len(a) > 1 else []
                 record(action, path, {"event": event, "argv": argv})
-                _record_named(event, path, argv, None)
+                _record_named(event, path, argv, None, a[2] if len(a) > 2 else None)
         elif action == "library.load":
             name = args[0]
             path = None if name is None else _text(name)
