@@ -117,8 +117,9 @@ class AuditRecord:
         return self
 
 
-#: Keys the service never lists per access in a run record (see ngp_research.audit.service.data_run).
-_NOT_PER_ACCESS = frozenset({"flag", "paths", "accesses", "user", "actor", "project", "code"})
+#: Detail keys never listed per access in a run record: a run whose records hold one is stored record by
+#: record (ngp_research.audit.service.data_run), and a record listing one is read as itself (accesses).
+NOT_PER_ACCESS = frozenset({"flag", "paths", "accesses", "user", "actor", "project", "code"})
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ class StoredRecord:
         """
         listed = self.detail.get("accesses")
         if self.action == "data.open" and self.path is not None and isinstance(listed, list) and listed \
-                and all(isinstance(a, dict) and not _NOT_PER_ACCESS.intersection(a) and self.detail.keys().isdisjoint(a)
+                and all(isinstance(a, dict) and NOT_PER_ACCESS.isdisjoint(a) and self.detail.keys().isdisjoint(a)
                         for a in listed):  # only the form the service builds: nothing an access could override
             shared = {k: v for k, v in self.detail.items() if k != "accesses"}
             return [self.replace(detail={**shared, **a}, detail_text="") for a in listed]

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 from tornado import web
 
-from .records import AuditRecord, canonical
+from .records import NOT_PER_ACCESS, AuditRecord, canonical
 
 MAX_RECORDS_PER_REQUEST = 5000
 #: A run of this many paths or more, in one place, is stored as one record listing them (see build_records).
@@ -92,9 +92,7 @@ def resolve(path):
     if not isinstance(path, str):
         return None, None
     if "/." in path or "//" in path or path.endswith("/") or not path.startswith("/"):
-        path = os.path.normpath(path)
-        if path.startswith("//"):  # normpath keeps two leading slashes (POSIX); Linux opens /data/... there
-            path = path[1:]
+        path = _opened(path)
     if not path.startswith("/data/"):
         return None, None
     parts = path.split("/", 4)
@@ -119,12 +117,17 @@ def path_note(path: str) -> str | None:
     if not path.startswith("/"):
         return "the path is not absolute"
     if "/." in path or "//" in path or (path.endswith("/") and path != "/"):
-        norm = os.path.normpath(path)
-        if norm.startswith("//"):
-            norm = norm[1:]
+        norm = _opened(path)
         if norm != path:
             return f"the path is not in normal form (it opens {norm})"
     return None
+
+
+def _opened(path: str) -> str:
+    """The path Linux opens for ``path``: normalised, and ``//`` as ``/`` (normpath keeps two leading
+    slashes, as POSIX allows)."""
+    path = os.path.normpath(path)
+    return path[1:] if path.startswith("//") else path
 
 
 #: Code that reaches into the interpreter or the audit machinery: in-process auditing cannot stop a determined
@@ -233,8 +236,7 @@ def build_record(caller: Caller, raw: dict, visible: set | None, members: set | 
     path = raw.get("path")
     if path is not None and not isinstance(path, str):
         raise ValueError("path must be a string")
-    note = _note(path) if path is not None else None
-    path, _ = storable(path)
+    path, note = _stored_path(path) if path is not None else (None, None)
     if note:
         flags = [*flags, note]
     region, dataset = resolve(path)
@@ -320,9 +322,6 @@ def _path_runs(caller: Caller, r: dict, visible, members) -> list[AuditRecord]:
     return out
 
 
-#: Detail keys that send a run of data.open records the record-by-record way (claims, code, reserved names).
-_NOT_IN_DATA_RUNS = frozenset({"paths", "accesses", "claimed_paths", "claimed_accesses", "user", "actor",
-                               "project", "code", "flag"})
 _RECORD_KEYS = frozenset({"action", "path", "detail"})
 _SHARED_TYPES = (str, int, bool, type(None))
 
@@ -347,7 +346,7 @@ def data_run(caller: Caller, run: list, visible: set | None, members: set | None
     details = []
     for r in run:
         d = r.get("detail")
-        if type(d) is not dict or not r.keys() <= _RECORD_KEYS or not _NOT_IN_DATA_RUNS.isdisjoint(d) \
+        if type(d) is not dict or not r.keys() <= _RECORD_KEYS or not NOT_PER_ACCESS.isdisjoint(d) \
                 or not isinstance(d.get("msg_id", ""), (str, type(None))):
             return None
         details.append(d)
@@ -395,8 +394,7 @@ def _storable_as_is(value) -> bool:
 def _runs_path_by_path(paths: list) -> list:
     runs = []
     for path in paths:
-        note = _note(path)
-        path, _ = storable(path)
+        path, note = _stored_path(path)
         where = resolve(path)
         if runs and runs[-1][0] == where and runs[-1][1] == note:
             runs[-1][2].append(path)
@@ -405,15 +403,15 @@ def _runs_path_by_path(paths: list) -> list:
     return runs
 
 
-def _note(path: str) -> str | None:
-    """The flag a submitted path earns: not storable as it is, or not in the form the kernel sends."""
-    notes = []
-    if storable(path)[1]:
-        notes.append("the path is not valid UTF-8 (or holds NUL): escaped")
+def _stored_path(path: str) -> tuple[str, str | None]:
+    """A submitted path as stored (see :func:`storable`), and the flag it earns, if any: not storable as
+    it is, or not in the form the kernel sends."""
+    stored, escaped = storable(path)
+    notes = ["the path is not valid UTF-8 (or holds NUL): escaped"] if escaped else []
     odd = path_note(path)
     if odd:
         notes.append(odd)
-    return "; ".join(notes) or None
+    return stored, "; ".join(notes) or None
 
 
 def runs_of_places(paths: list) -> list:

@@ -290,25 +290,24 @@ class AuditStore:
         statement = canonical({"seq": seq, "head_hash": head_hash, "signed_at": signed_at})
         cp = Checkpoint(seq, head_hash, signed_at, self.signer.key_id, self.signer.sign(statement))
         cur.execute(self._checkpoint_sql, (cp.seq, cp.head_hash, cp.signed_at, cp.key_id, cp.signature))
+        self._log(cp.to_json())
+        logged.append(cp)
+        return cp
+
+    def _log(self, entry: dict) -> None:
+        """Append ``entry`` to the checkpoint log, durably (fsync)."""
         self.checkpoint_log.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.checkpoint_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            os.write(fd, canonical(cp.to_json()) + b"\n")
+            os.write(fd, canonical(entry) + b"\n")
             os.fsync(fd)
         finally:
             os.close(fd)
-        logged.append(cp)
-        return cp
 
     def _void_logged(self, cp: Checkpoint) -> None:
         """Mark a logged checkpoint whose transaction failed as never stored (best effort)."""
         try:
-            fd = os.open(self.checkpoint_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(fd, canonical({"void": cp.seq, "head_hash": cp.head_hash, "signature": cp.signature}) + b"\n")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            self._log({"void": cp.seq, "head_hash": cp.head_hash, "signature": cp.signature})
         except OSError:
             pass  # the log's checkpoint then reads as removed from the database: a false alarm, never a miss
 

@@ -230,12 +230,12 @@ def workspace_datasets(root: str = "/data") -> dict:
     return out
 
 
-def named_data_paths(argv, shell, cwd, datasets, limit=256, tools=None) -> list:
+def named_data_paths(words, cwd, datasets, limit=256, tools=None) -> list:
     """The datasets a started program was given: ``[(path, "argument" | "folder")]``, each dataset once.
 
     The program's own opens are not seen (it is not Python), so this says what it was started on:
-    each word of ``argv``, and of each ``shell`` command string split as a shell would, that is a
-    path into ``/data`` (``-i/data/...`` and ``--in=/data/...`` too; relative words read from
+    each of ``words`` (its arguments, environment values, shell command), a word with white space
+    split as a shell would split a command line, that is a path into ``/data`` (``-i/data/...`` and ``--in=/data/...`` too; relative words read from
     ``cwd``), and ``cwd`` itself when it is inside a dataset. ``/data``, a region's folder, or a
     glob stand for every dataset of ``datasets`` (``{region: names}``, what the workspace mounts)
     they match. When ``datasets`` is not empty, names it lacks (an attempt on data the workspace
@@ -244,11 +244,11 @@ def named_data_paths(argv, shell, cwd, datasets, limit=256, tools=None) -> list:
     the kernel passes the ones it holds, so nothing here is looked up in the module when it runs.
 
     >>> ds = {"syd": frozenset({"ds", "other"}), "norr": frozenset({"nd"})}
-    >>> def named(argv, shell=(), cwd="/project"):
-    ...     return named_data_paths(argv, shell, cwd, ds)
+    >>> def named(words, cwd="/project"):
+    ...     return named_data_paths(words, cwd, ds)
     >>> named(["cat", "/data/syd/ds/a.json", "--out=/project/x", "-i/data/norr/nd/v.vcf"])
     [('/data/syd/ds/a.json', 'argument'), ('/data/norr/nd/v.vcf', 'argument')]
-    >>> named(["sh", "-c", "cd /data/syd && zcat ds/f.gz | head"], ["cd /data/syd && zcat ds/f.gz | head"])
+    >>> named(["sh", "-c", "cd /data/syd && zcat ds/f.gz | head"])
     [('/data/syd/ds', 'argument'), ('/data/syd/other', 'argument')]
     >>> named(["cat", "f"], cwd="/data/norr/nd"), named(["cat", "made-up/f", "ds/f"], cwd="/data/syd")
     ([('/data/norr/nd', 'folder')], [('/data/syd/ds/f', 'argument')])
@@ -303,8 +303,12 @@ def named_data_paths(argv, shell, cwd, datasets, limit=256, tools=None) -> list:
             add(cwd, "folder")
 
     def word(w):
-        if not w or " " in w or "\t" in w or "\n" in w:
-            return  # a shell command is looked at word by word (``shell``)
+        if not w:
+            return
+        if " " in w or "\t" in w or "\n" in w:  # sh -c "...": a command line, word by word
+            for part in split(w):
+                word(part)
+            return
         if "=" in w:
             w = w[w.index("=") + 1:]  # --in=/data/..., KEY=value
         elif w[0] == "-":
@@ -317,11 +321,8 @@ def named_data_paths(argv, shell, cwd, datasets, limit=256, tools=None) -> list:
         elif absolute and (in_data or "data" in w):
             add(cwd + "/" + w, guess=in_data)  # any word, read from a folder in /data: only what is there
 
-    for w in argv:
+    for w in words:
         word(w)
-    for text in shell:
-        for w in split(text):
-            word(w)
     return list(found.values())
 
 
@@ -782,7 +783,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
         argv = list(argv) if argv.__class__ in (list, tuple) else [argv]
         return [_arg(a) for a in argv]
 
-    def _record_named(event, program, argv, cwd, env, shell=()):
+    def _record_named(event, program, words, cwd, env):
         """A process.exec record under each dataset the program was started on (see named_data_paths), so
         that the region's report shows it: what the program opens is not seen. The values of its
         environment count as arguments (``cat $VCF``); ``env`` None is the kernel's own."""
@@ -791,12 +792,12 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
                 cwd = getcwd()
             except OSError:  # the working folder was removed: absolute paths still count
                 cwd = None
-        source = environ if env is None else env if env.__class__ is dict else {}
-        values = [_text(v) for v in source.values() if v.__class__ in (str, bytes) and ("data" in v if v.__class__ is str
-                                                                                       else b"data" in v)]
-        words = [*argv, *values]
-        shell = [*shell, *(w for w in words if " " in w or "\t" in w or "\n" in w)]  # sh -c "...": a command line
-        for p, how in named_in(words, shell, cwd, datasets, 256, tools):
+        if env is None or env is environ:
+            env = environ
+        elif env.__class__ is not dict:
+            env = {}  # a mapping of another kind: reading it could run its code
+        values = [_text(v) for v in env.values() if v.__class__ in (str, bytes)]
+        for p, how in named_in([*words, *(v for v in values if "data" in v)], cwd, datasets, 256, tools):
             record("process.exec", p, {"event": event, "program": program, "named": how})
 
     def _arg(a):
@@ -851,7 +852,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             elif event == "os.system":
                 command = _arg(args[0])
                 record(action, None, {"event": event, "command": command})
-                _record_named(event, None, [], None, None, shell=[command])
+                _record_named(event, None, [command], None, None)
             elif event == "os.fork":
                 record(action, None, {"event": event})
             else:  # os.exec / os.posix_spawn: (path, argv, env); os.spawn: (mode, path, argv, env)
