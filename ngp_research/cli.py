@@ -46,6 +46,16 @@ def _datetime(text: str) -> datetime:
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (a whole number, 0 or more)")
+    return n
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         self.print_usage(sys.stderr)
@@ -196,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--action")
     c.add_argument("--since", type=_datetime)
     c.add_argument("--until", type=_datetime)
-    c.add_argument("--limit", type=int)
+    c.add_argument("--limit", type=_count, help="show at most this many entries, oldest first")
     return parser
 
 
@@ -322,9 +332,13 @@ def run(args) -> int:
         recs = store.records(region=args.region, actor=args.user, project=args.project, dataset=args.dataset,
                              action=args.action, since=args.since, until=args.until, limit=args.limit)
         store.engine.dispose()
-        rows = [[a.seq, a.time, a.actor, a.action, a.project, a.region, a.dataset, a.path or ""]
-                for r in recs for a in r.accesses()]  # a record listing a run of paths: one line per path
-        _emit(args, [r.to_json() for r in recs],
+        # A record the service stored for a run of accesses (paths, or fetches of one file) is one
+        # entry per access, in the table and in --json alike, each with the stored record's seq and
+        # hash; --limit counts entries. Each stored record gives at least one, so the query's limit
+        # fetches enough.
+        views = [a for r in recs for a in r.accesses()][:args.limit]
+        rows = [[a.seq, a.time, a.actor, a.action, a.project, a.region, a.dataset, a.path or ""] for a in views]
+        _emit(args, [a.to_json() for a in views],
               _table(rows, ["seq", "time", "actor", "action", "project", "region", "dataset", "path"]))
         return EXIT_OK
 

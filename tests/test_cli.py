@@ -106,6 +106,40 @@ def test_audit_log_and_verify(demo):
     assert ngp_json(home, "audit", "log", "--user", "lars", "--since", "2100-01-01") == []
 
 
+def test_audit_log_shows_one_entry_per_access_of_a_run_record(home):
+    """The service stores a long run of a cell's opens (or fetches) as one record; the log lists each access."""
+    from ngp_research.audit.records import AuditRecord
+    from ngp_research.audit.store import AuditStore
+    from ngp_research.platform import Platform
+
+    ngp(home, "audit", "verify", check=0)  # the platform (and its key) exists
+    store = AuditStore.for_platform(Platform(home=str(home)), create_key=False)
+    ids = {"msg_id": "m1", "cell_id": None}
+    store.append_many([
+        AuditRecord("file.open", "alice", "p1", "syd", "syd-ds", None,
+                    {"paths": [f"/data/syd/syd-ds/f{i}" for i in range(3)], "mode": "r", **ids}),
+        AuditRecord("data.open", "alice", "p1", "syd", "syd-ds", "/data/syd/syd-ds/c.vcf.gz",
+                    {"api": "pysam.VariantFile.fetch", **ids, "accesses": [{"start": 1}, {"start": 9}]}),
+        AuditRecord("file.open", "alice", "p1", None, None, None, {"paths": [], **ids}),  # odd, yet it shows
+    ])
+    store.engine.dispose()
+    entries = ngp_json(home, "audit", "log", "--user", "alice")
+    assert [(e["path"], e["detail"].get("start")) for e in entries] == [
+        ("/data/syd/syd-ds/f0", None), ("/data/syd/syd-ds/f1", None), ("/data/syd/syd-ds/f2", None),
+        ("/data/syd/syd-ds/c.vcf.gz", 1), ("/data/syd/syd-ds/c.vcf.gz", 9), (None, None)]
+    assert len({e["seq"] for e in entries}) == 3 and all(e["hash"] for e in entries)
+    assert all("paths" not in e["detail"] and "accesses" not in e["detail"] for e in entries[:5])
+    assert entries[0]["detail"] == {"mode": "r", **ids}
+    assert [e["path"] for e in ngp_json(home, "audit", "log", "--user", "alice", "--limit", "2")] == [
+        "/data/syd/syd-ds/f0", "/data/syd/syd-ds/f1"]
+    assert ngp_json(home, "audit", "log", "--user", "alice", "--limit", "0") == []
+    table = ngp(home, "audit", "log", "--user", "alice", check=0).stdout
+    assert table.count("/data/syd/syd-ds/c.vcf.gz") == 2 and table.count("/data/syd/syd-ds/f") == 3
+    p = ngp(home, "audit", "log", "--limit", "-1")
+    assert p.returncode == 2 and "'-1' is not a count" in p.stderr
+    assert "audit chain OK" in ngp(home, "audit", "verify", check=0).stdout
+
+
 @pytest.fixture
 def home(tmp_path):
     h = tmp_path / "ngp"

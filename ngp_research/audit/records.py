@@ -177,8 +177,8 @@ class StoredRecord:
                         for a in listed):  # only the form the service builds: nothing an access could override
             shared = {k: v for k, v in self.detail.items() if k != "accesses"}
             return [self.replace(detail={**shared, **a}, detail_text="") for a in listed]
-        if self.path is not None or not isinstance(self.detail.get("paths"), list):
-            return [self]
+        if self.path is not None or not isinstance(self.detail.get("paths"), list) or not self.detail["paths"]:
+            return [self]  # never none: a record always shows
         detail = {k: v for k, v in self.detail.items() if k != "paths"}
         return [self.replace(path=p, detail=detail, detail_text="") for p in self.detail["paths"]]
 
