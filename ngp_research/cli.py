@@ -9,8 +9,9 @@ import argparse
 import json
 import os
 import sys
-from datetime import date, datetime, timezone
+from datetime import date, datetime
 
+from .audit.report import EARLIEST, LATEST, parse_time  # the report page reads times the same way
 from .errors import AuditIntegrityError, NGPError
 
 EXIT_OK = 0
@@ -20,10 +21,6 @@ EXIT_AUDIT_FAILED = 3
 
 class UsageError(NGPError):
     pass
-
-
-EARLIEST = date(1900, 1, 1)
-LATEST = date(9000, 12, 31)
 
 
 def _date(text: str) -> date:
@@ -38,12 +35,9 @@ def _date(text: str) -> date:
 
 def _datetime(text: str) -> datetime:
     try:
-        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a date or time (ISO 8601)") from None
-    if not EARLIEST <= t.date() <= LATEST:
-        raise argparse.ArgumentTypeError(f"{text!r} is out of range ({EARLIEST} to {LATEST})")
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+        return parse_time(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _count(text: str) -> int:

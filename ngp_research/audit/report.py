@@ -11,13 +11,46 @@ import csv
 import html
 import io
 import json
-from datetime import datetime
+from datetime import date, datetime, timezone
 
 from .records import AuditRecord
 
 ACCESS_ACTIONS = ("file.open", "file.list", "file.link", "data.open", "server.file", "process.exec")
 FORMATS = ("table", "csv", "json", "html")
 COLUMNS = ("time", "user", "project", "region", "dataset", "action", "path", "detail", "code", "flag", "seq")
+EARLIEST, LATEST = date(1900, 1, 1), date(9000, 12, 31)  # what --since and --until accept
+
+
+def parse_time(text: str) -> datetime:
+    """``text`` as an aware datetime (ISO 8601; UTC when it names no zone); ValueError saying why not.
+
+    >>> parse_time("2026-11-29"), parse_time("2026-11-29T10:00:00+01:00").utcoffset().seconds
+    (datetime.datetime(2026, 11, 29, 0, 0, tzinfo=datetime.timezone.utc), 3600)
+    >>> parse_time("yesterday")
+    Traceback (most recent call last):
+    ...
+    ValueError: 'yesterday' is not a date or time (ISO 8601)
+    """
+    try:
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a date or time (ISO 8601)") from None
+    if not EARLIEST <= t.date() <= LATEST:
+        raise ValueError(f"{text!r} is out of range ({EARLIEST} to {LATEST})")
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def csv_cell(value):
+    """A CSV cell that a spreadsheet shows as text: one starting with ``=``, ``+``, ``-``, ``@``, a tab or a
+    carriage return (a formula to Excel or LibreOffice) gets a leading ``'``. A cell's code is the
+    member's own text, and region admins open these reports in spreadsheets.
+
+    >>> csv_cell("=1+1"), csv_cell("-1; open(f)"), csv_cell("open(f)"), csv_cell(7)
+    ("'=1+1", "'-1; open(f)", 'open(f)', 7)
+    """
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
 
 
 def _cell(r) -> tuple:
@@ -85,7 +118,7 @@ def render(rows: list[dict], fmt: str, region: str) -> str:
         w = csv.DictWriter(out, fieldnames=COLUMNS)
         w.writeheader()
         for r in rows:
-            w.writerow({**r, "detail": json.dumps(r["detail"], sort_keys=True)})
+            w.writerow({k: csv_cell(v) for k, v in {**r, "detail": json.dumps(r["detail"], sort_keys=True)}.items()})
         return out.getvalue()
     if fmt == "table":
         head = ["time", "user", "project", "dataset", "action", "path", "code"]
@@ -127,10 +160,17 @@ def report_handlers(prefix: str, ctx):
             if region is None:
                 raise web.HTTPError(403, f"{user} is not a region admin; the audit report is for region admins")
             fmt = self.get_argument("format", "html")
+            when = {}
+            for name in ("since", "until"):
+                text = self.get_argument(name, None)
+                try:
+                    when[name] = parse_time(text) if text else None
+                except ValueError as e:
+                    raise web.HTTPError(400, f"{name}: {e}") from None
             try:
                 rows = region_report(ctx.store, ctx.catalog, user, region,
                                      user=self.get_argument("user", None),
-                                     dataset=self.get_argument("dataset", None))
+                                     dataset=self.get_argument("dataset", None), **when)
                 text = render(rows, fmt if fmt in ("html", "json", "csv") else "html", region)
             except NGPError as e:
                 raise web.HTTPError(403, str(e)) from None
