@@ -5,8 +5,9 @@ previous one. At the first append, every ``checkpoint_interval`` records, on
 demand, and when the store is closed, the head of the chain (sequence number
 and hash) is signed
 with the platform's Ed25519 key. Checkpoints are kept in the database and,
-as a second copy, appended to a log file beside the keys, so removing the
-tail of the chain together with its checkpoint rows is still caught.
+as a second copy, appended to a log file beside the keys once committed, so
+removing the tail of the chain together with its checkpoint rows is still
+caught, and a writer killed at any moment never leaves a false alarm.
 
 :meth:`AuditStore.verify` finds an edited, removed, reordered, inserted or
 truncated record. What it cannot see: records appended after the last
@@ -15,7 +16,9 @@ where that matters, and copy the checkpoint log off the machine.
 """
 
 import json
+import logging
 import os
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -38,6 +41,8 @@ from ..catalog.database import make_engine
 from ..errors import AuditIntegrityError
 from .records import GENESIS, AuditRecord, StoredRecord, canonical, content_hash, format_time, seal, utc_now
 from .signing import CheckpointSigner
+
+log = logging.getLogger(__name__)
 
 metadata = MetaData()
 
@@ -180,6 +185,8 @@ class AuditStore:
         self.trusted_key_id = trusted_key_id or None
         self.checkpoint_interval = checkpoint_interval
         self.checkpoint_log = Path(checkpoint_log) if checkpoint_log else Path(keys_dir).parent / "audit-checkpoints.jsonl"
+        self._unlogged = []  # committed checkpoints the log could not take yet (see _log_checkpoint)
+        self._log_lock = threading.Lock()  # threads sharing this store log one at a time
 
     @classmethod
     def for_platform(cls, platform, create_key: bool = True) -> "AuditStore":
@@ -202,13 +209,16 @@ class AuditStore:
     _LAST_CHECKPOINT_SQL = f"SELECT COALESCE(MAX(seq), 0) FROM {checkpoints_table.name}"
 
     @contextmanager
-    def _transaction(self, logged: list | None = None):
+    def _transaction(self, signed: list | None = None):
         """A DB-API cursor in a write transaction that holds the chain's lock.
 
-        ``logged`` collects the checkpoints :meth:`_sign_head` wrote to the checkpoint log in this
-        transaction: the log line is fsynced before the commit (so a crash can never leave a stored
-        checkpoint the log lacks), and if the transaction then fails, each is voided in the log, so
-        ``verify`` does not take a checkpoint that was never stored for a removed one.
+        ``signed`` collects the checkpoints :meth:`_sign_head` stored in this transaction; they are
+        appended to the checkpoint log once the commit succeeded, never before. So every line of the
+        log is a checkpoint the database holds (one it lacks was removed), and a transaction that
+        fails, or a writer killed before its commit, leaves nothing in the log. A writer stopped
+        between the commit and the log line leaves the newest checkpoint unlogged: ``verify``
+        allows that one (once the log holds an earlier one), and the writer that signs the next checkpoint logs it first
+        (:meth:`_log_unlogged`).
         """
         raw = self.engine.raw_connection()
         cur = None
@@ -225,12 +235,10 @@ class AuditStore:
                 yield cur
                 raw.commit()
             except BaseException:
-                try:
-                    raw.rollback()
-                finally:
-                    for cp in logged or ():
-                        self._void_logged(cp)
+                raw.rollback()
                 raise
+            for cp in signed or ():
+                self._log_checkpoint(cp)
         finally:
             if cur is not None:
                 cur.close()
@@ -259,8 +267,8 @@ class AuditStore:
                 raise TypeError(f"records: expected AuditRecord, got {type(r).__name__}")
         now = utc_now()
         now_text = format_time(now)
-        logged = []
-        with self._transaction(logged) as cur:
+        signed = []
+        with self._transaction(signed) as cur:
             seq, prev = self._head(cur)
             sealed = []
             for r in records:
@@ -280,19 +288,68 @@ class AuditStore:
             # The first append anchors the chain with a checkpoint, so a chain with records
             # and no checkpoint at all can only mean checkpoints were removed.
             if last_checkpoint == 0 or seq - last_checkpoint >= self.checkpoint_interval:
-                self._sign_head(cur, seq, prev, logged)
+                self._sign_head(cur, seq, prev, signed)
         return sealed
 
-    def _sign_head(self, cur, seq: int, head_hash: str, logged: list) -> Checkpoint:
+    def _sign_head(self, cur, seq: int, head_hash: str, signed: list) -> Checkpoint:
         if self.signer is None:
             raise AuditIntegrityError("the audit signing key is missing; refusing to sign")
+        self._log_unlogged(cur)
         signed_at = format_time(utc_now())
         statement = canonical({"seq": seq, "head_hash": head_hash, "signed_at": signed_at})
         cp = Checkpoint(seq, head_hash, signed_at, self.signer.key_id, self.signer.sign(statement))
         cur.execute(self._checkpoint_sql, (cp.seq, cp.head_hash, cp.signed_at, cp.key_id, cp.signature))
-        self._log(cp.to_json())
-        logged.append(cp)
+        signed.append(cp)  # logged after the commit (see _transaction)
         return cp
+
+    def _log_checkpoint(self, cp: Checkpoint) -> None:
+        """Log a committed checkpoint (and any this store could not log before). A failure to write
+        the log does not undo the commit: the records are stored and acknowledged; the checkpoint is
+        tried again at the next one, and ``verify`` reports it missing from the log until then."""
+        with self._log_lock:
+            self._unlogged.append(cp)
+            try:
+                while self._unlogged:
+                    self._log(self._unlogged[0].to_json())
+                    del self._unlogged[0]
+            except OSError as e:
+                log.error("audit: could not write the checkpoint log %s (%s); %d checkpoint(s) wait for it",
+                          self.checkpoint_log, e, len(self._unlogged))
+
+    def _log_unlogged(self, cur) -> None:
+        """Before a new checkpoint is signed: log the newest stored one if the writer that committed it
+        was stopped before logging it (it is validly signed and newer than every logged one)."""
+        cur.execute(f"SELECT seq, head_hash, signed_at, key_id, signature FROM {checkpoints_table.name} "
+                    "ORDER BY seq DESC, id DESC LIMIT 1")
+        row = cur.fetchone()
+        if row is None or self.signer is None:
+            return
+        newest = Checkpoint(*row)
+        if newest.seq > self._newest_logged_seq() and newest.key_id == self.signer.key_id \
+                and self.signer.verify(newest.statement(), newest.signature):
+            self._log_checkpoint(newest)
+
+    def _newest_logged_seq(self, tail: int = 1 << 16) -> int:
+        """The highest ``seq`` among the checkpoint log's last lines (lines are appended in order, but for
+        writers in a race): what :meth:`_log_unlogged` compares with, without reading a long log whole."""
+        try:
+            with open(self.checkpoint_log, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(max(0, size - tail))
+                lines = f.read().split(b"\n")
+        except FileNotFoundError:
+            return 0
+        if size > tail:
+            lines = lines[1:]  # the first is cut
+        newest = 0
+        for line in lines:
+            try:
+                seq = json.loads(line)["seq"]
+            except (ValueError, TypeError, KeyError):
+                continue
+            if isinstance(seq, int):
+                newest = max(newest, seq)
+        return newest
 
     def _log(self, entry: dict) -> None:
         """Append ``entry`` to the checkpoint log, durably (fsync)."""
@@ -304,21 +361,14 @@ class AuditStore:
         finally:
             os.close(fd)
 
-    def _void_logged(self, cp: Checkpoint) -> None:
-        """Mark a logged checkpoint whose transaction failed as never stored (best effort)."""
-        try:
-            self._log({"void": cp.seq, "head_hash": cp.head_hash, "signature": cp.signature})
-        except OSError:
-            pass  # the log's checkpoint then reads as removed from the database: a false alarm, never a miss
-
     def checkpoint(self) -> Checkpoint | None:
         """Sign the current head now. Returns None when the head is already signed."""
-        logged = []
-        with self._transaction(logged) as cur:
+        signed = []
+        with self._transaction(signed) as cur:
             seq, head = self._head(cur)
             if seq == 0 or self._last_checkpoint_seq(cur) >= seq:
                 return None
-            return self._sign_head(cur, seq, head, logged)
+            return self._sign_head(cur, seq, head, signed)
 
     def close(self) -> None:
         """Sign any unsigned records and release the database."""
@@ -387,7 +437,7 @@ class AuditStore:
             return [Checkpoint(r.seq, r.head_hash, r.signed_at, r.key_id, r.signature) for r in rows]
 
     def _logged_checkpoints(self) -> tuple[list[Checkpoint], list[str]]:
-        found, problems, voided = [], [], set()
+        found, problems = [], []
         if not self.checkpoint_log.exists():
             return found, problems
         for n, line in enumerate(self.checkpoint_log.read_text().splitlines(), 1):
@@ -395,18 +445,13 @@ class AuditStore:
                 continue
             try:
                 d = json.loads(line)
-                if isinstance(d, dict) and "void" in d:  # its transaction failed (see _transaction)
-                    if not isinstance(d["void"], int) or not all(isinstance(d.get(k), str) for k in ("head_hash", "signature")):
-                        raise TypeError
-                    voided.add((d["void"], d["head_hash"], d["signature"]))
-                    continue
                 if not isinstance(d.get("seq"), int) or not all(
                         isinstance(d.get(k), str) for k in ("head_hash", "signed_at", "key_id", "signature")):
                     raise TypeError
                 found.append(Checkpoint(d["seq"], d["head_hash"], d["signed_at"], d["key_id"], d["signature"]))
             except (ValueError, KeyError, TypeError, OverflowError, AttributeError, RecursionError):
                 problems.append(f"checkpoint log line {n} is malformed")
-        return [c for c in found if (c.seq, c.head_hash, c.signature) not in voided], problems
+        return found, problems
 
     def _iter_rows(self):
         with self.engine.connect() as conn:
@@ -488,8 +533,12 @@ class AuditStore:
                     f"({self.trusted_key_id}): the key was replaced")
         report.key_id = self.signer.key_id if self.signer else None
         logged = {(c.seq, c.head_hash, c.signature) for c in log_cps}
+        newest_logged = max((c.seq for c in log_cps), default=0)
+        newest = max(db_cps, key=lambda c: c.seq, default=None)
         for c in db_cps:
             if (c.seq, c.head_hash, c.signature) not in logged:
+                if c is newest and 0 < newest_logged < c.seq:
+                    continue  # committed, its log line not yet written (see _transaction); an empty log is not allowed
                 problem(f"checkpoint at record {c.seq} is missing from the checkpoint log (log truncated or edited)")
         for c in all_cps:
             if self.signer is None:

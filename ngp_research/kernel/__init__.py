@@ -84,5 +84,10 @@ recorded as ``query.execute`` with their ``msg_type`` before they run, and refus
 when that record is not acknowledged. Other known gaps: opens done by threads started from a cell are
 attributed to the latest execution; ``isinstance`` against the original pysam classes works
 both ways, but pysam objects created inside pysam's C code (not through the wrapped constructors)
-record no ``data.open``.
+record no ``data.open``. Two ways of naming a dataset's file by another path leave the open
+recorded under that other path, outside the region's report: a link made by a started program
+(``ln -s /data/syd/ds /project/l``; the ``ln`` itself is reported, as is any ``os.symlink``), and
+``os.open(name, flags, dir_fd=fd)`` (Python's ``open`` event does not carry ``dir_fd``, so the
+name is read as relative to the working folder; opening the dataset's folder for ``fd`` is
+reported). The cell's code, recorded before it ran, shows either.
 """
