@@ -4,6 +4,7 @@ The attacker has write access to the audit database (SQL) but not to the
 signing key. Runs on SQLite and PostgreSQL.
 """
 
+import threading
 from datetime import datetime, timezone
 
 import pytest
@@ -322,28 +323,118 @@ def test_a_transaction_that_fails_after_signing_leaves_nothing_in_the_log(store,
     assert store.verify().ok
 
 
-def test_a_writer_killed_between_commit_and_log_line_is_no_false_alarm(store, monkeypatch):
-    """SIGKILL of the service can land after a checkpoint's commit and before its log line. The newest
-    checkpoint may lack its line (verify allows that one); the writer of the next checkpoint logs it."""
-    store.checkpoint_interval = 10
-    fill(store, 10)  # a checkpoint at 10
+def _kill_before_logging(store, monkeypatch, n):
+    """Append ``n`` records with the process 'killed' (SystemExit: nothing after it runs) once the
+    checkpoint they bring is committed, before its log line; the seqs of those checkpoints."""
     killed = []
 
     def killed_before_logging(cp):
         killed.append(cp.seq)
-        raise SystemExit("killed")  # what the process sees of a SIGKILL: nothing after this runs
+        raise SystemExit("killed")
 
     monkeypatch.setattr(store, "_log_checkpoint", killed_before_logging)
     with pytest.raises(SystemExit):
-        fill(store, 10)  # the checkpoint at 20 is committed, not logged
+        store.append_many(AuditRecord("file.open", "alice", path=f"/project/k{i}") for i in range(n))
     monkeypatch.undo()
-    assert killed == [20] and [c.seq for c in store.checkpoints()][-1] == 20
-    logged = store.checkpoint_log.read_text()
-    assert '"seq":20' not in logged
-    assert store.verify().ok, store.verify().problems  # the newest checkpoint, not yet logged: allowed
-    fill(store, 15)  # the next checkpoint (at 35) logs the one at 20 first
-    assert '"seq":20' in store.checkpoint_log.read_text() and store.verify().ok
-    # The allowance is for the newest checkpoint only: an older one missing from the log is reported.
+    store.engine.dispose()
+    return killed
+
+
+def test_a_writer_killed_between_commit_and_log_line_is_no_false_alarm(platform, monkeypatch):
+    """SIGKILL of the service can land after a checkpoint's commit and before its log line. The newest
+    checkpoint may lack its line (verify allows that one); the restarted writer logs it at once."""
+    platform.audit_checkpoint_interval = 10
+    store = AuditStore.for_platform(platform)
+    fill(store, 10)  # a checkpoint at 10
+    assert _kill_before_logging(store, monkeypatch, 10) == [20]
+    assert '"seq":20' not in store.checkpoint_log.read_text()
+    reader = AuditStore.for_platform(platform, create_key=False)
+    assert reader.verify().ok, reader.verify().problems  # the newest checkpoint, not yet logged: allowed
+    restarted = AuditStore.for_platform(platform)
+    restarted.recover_log()  # what the service does when it starts
+    assert '"seq":20' in restarted.checkpoint_log.read_text() and restarted.verify().ok
+    # Logged now, the checkpoint anchors the chain: removing it with the records it covers is caught.
+    sql(restarted, "delete from audit_records where seq>10")
+    sql(restarted, "delete from audit_checkpoints where seq>10")
+    assert "checkpoint at record 20 is in the checkpoint log but missing from the database" in problems(restarted)
+    for s in (reader, restarted):
+        s.engine.dispose()
+
+
+def test_a_writer_killed_before_logging_the_first_checkpoint_is_no_false_alarm_after_restart(platform, monkeypatch):
+    store = AuditStore.for_platform(platform)
+    assert _kill_before_logging(store, monkeypatch, 3) == [3]  # the anchor checkpoint
+    restarted = AuditStore.for_platform(platform)
+    restarted.close()  # a store that writes nothing still logs it (its first transaction)
+    again = AuditStore.for_platform(platform, create_key=False)
+    assert again.verify().ok, again.verify().problems
+    assert '"seq":3' in again.checkpoint_log.read_text()
+    again.engine.dispose()
+
+
+def test_an_older_checkpoint_missing_from_the_log_is_reported(store):
+    store.checkpoint_interval = 10
+    for _ in range(3):
+        fill(store, 10)
     store.checkpoint_log.write_text("".join(line + "\n" for line in store.checkpoint_log.read_text().splitlines()
                                             if '"seq":10,' not in line))
     assert "checkpoint at record 10 is missing from the checkpoint log" in problems(store)
+
+
+def test_no_record_is_appended_while_the_checkpoint_log_cannot_be_written(store, monkeypatch):
+    """A full disk under the log: the append whose checkpoint could not be logged is stored (it was
+    committed and is acknowledged), but nothing more is appended until the log takes the checkpoint,
+    so records never pile up that no logged checkpoint covers."""
+    store.checkpoint_interval = 10
+    fill(store, 10)
+
+    def disk_full(entry):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store, "_log", disk_full)
+    store.append_many([AuditRecord("file.open", "alice", path=f"/project/{i}") for i in range(10)])
+    assert len(store.records()) == 20  # committed: its checkpoint (at 20) waits for the log
+    with pytest.raises(OSError, match="No space left"):
+        store.append(AuditRecord("file.open", "alice", path="/project/after"))
+    assert len(store.records()) == 20
+    monkeypatch.undo()
+    store.append(AuditRecord("file.open", "alice", path="/project/after"))
+    assert len(store.records()) == 21 and '"seq":20' in store.checkpoint_log.read_text() and store.verify().ok
+
+
+def test_a_log_line_cut_short_is_no_false_alarm(store):
+    """A write cut short (a crash, a full disk) leaves part of a line; the checkpoint is logged again."""
+    fill(store, 10)
+    fill(store, 5)
+    line = canonical(store.checkpoints()[-1].to_json()).decode()  # the newest checkpoint's line
+    full = store.checkpoint_log.read_text()
+    assert full.endswith(line + "\n")
+    store.checkpoint_log.write_text(full[:-len(line) - 1] + line[:40])
+    assert store.verify().ok, store.verify().problems
+    store.append(AuditRecord("file.open", "alice", path="/project/next"))
+    store.checkpoint()  # signing the next checkpoint logs the cut one again first, on a line of its own
+    assert line[:40] + "\n" + line + "\n" in store.checkpoint_log.read_text()
+    assert store.verify().ok, store.verify().problems
+
+
+def test_verify_while_records_are_appended_reports_nothing(store):
+    """``ngp audit verify`` against a running service: the log and the database change as it reads."""
+    fill(store, 5)
+    store.checkpoint_interval = 1
+    stop = threading.Event()
+
+    def writer():
+        i = 0
+        while not stop.is_set():
+            store.append(AuditRecord("file.open", "alice", path=f"/project/w{i}"))
+            i += 1
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    try:
+        reports = [store.verify() for _ in range(20)]
+    finally:
+        stop.set()
+        t.join(10)
+    assert [r.problems for r in reports if not r.ok] == []
+    assert reports[-1].records > reports[0].records > 0

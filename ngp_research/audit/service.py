@@ -677,6 +677,7 @@ def main():
 
     platform = Platform()
     store = AuditStore.for_platform(platform)
+    store.recover_log()  # a checkpoint committed but not logged when the service was last killed
     catalog = Catalog.open(platform)
     ctx = ServiceContext(store, hub_authenticator(), catalog)
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/")

@@ -186,6 +186,7 @@ class AuditStore:
         self.checkpoint_interval = checkpoint_interval
         self.checkpoint_log = Path(checkpoint_log) if checkpoint_log else Path(keys_dir).parent / "audit-checkpoints.jsonl"
         self._unlogged = []  # committed checkpoints the log could not take yet (see _log_checkpoint)
+        self._log_checked = False  # the first write transaction looks for an unlogged checkpoint
         self._log_lock = threading.Lock()  # threads sharing this store log one at a time
 
     @classmethod
@@ -232,6 +233,11 @@ class AuditStore:
                 cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
                 cur.execute(f"SELECT pg_advisory_xact_lock({_ADVISORY_LOCK})")
             try:
+                if self._unlogged:  # the log could not take a committed checkpoint: no new records until it does
+                    self._flush_unlogged()
+                if not self._log_checked:  # a writer killed between its commit and its log line
+                    self._log_unlogged(cur)
+                    self._log_checked = True
                 yield cur
                 raw.commit()
             except BaseException:
@@ -303,18 +309,30 @@ class AuditStore:
         return cp
 
     def _log_checkpoint(self, cp: Checkpoint) -> None:
-        """Log a committed checkpoint (and any this store could not log before). A failure to write
-        the log does not undo the commit: the records are stored and acknowledged; the checkpoint is
-        tried again at the next one, and ``verify`` reports it missing from the log until then."""
+        """Log a committed checkpoint. A failure to write the log does not undo the commit (the records
+        are stored and acknowledged): the checkpoint waits in ``_unlogged``, and the next write
+        transaction must log it first or fail, so no record is appended while the log lags."""
         with self._log_lock:
-            self._unlogged.append(cp)
-            try:
-                while self._unlogged:
-                    self._log(self._unlogged[0].to_json())
-                    del self._unlogged[0]
-            except OSError as e:
-                log.error("audit: could not write the checkpoint log %s (%s); %d checkpoint(s) wait for it",
-                          self.checkpoint_log, e, len(self._unlogged))
+            if cp not in self._unlogged:
+                self._unlogged.append(cp)
+        try:
+            self._flush_unlogged()
+        except OSError as e:
+            log.error("audit: could not write the checkpoint log %s (%s); appends wait for it", self.checkpoint_log, e)
+
+    def _flush_unlogged(self) -> None:
+        """Log the committed checkpoints waiting in ``_unlogged``; raises OSError when the log cannot take them."""
+        with self._log_lock:
+            while self._unlogged:
+                self._log(self._unlogged[0].to_json())
+                del self._unlogged[0]
+
+    def recover_log(self) -> None:
+        """Log the newest stored checkpoint if a writer was killed between committing and logging it.
+        Every store does it in its first write transaction; the audit service calls it when it starts,
+        so the gap is closed before the first record arrives."""
+        with self._transaction():
+            pass
 
     def _log_unlogged(self, cur) -> None:
         """Before a new checkpoint is signed: log the newest stored one if the writer that committed it
@@ -354,9 +372,14 @@ class AuditStore:
     def _log(self, entry: dict) -> None:
         """Append ``entry`` to the checkpoint log, durably (fsync)."""
         self.checkpoint_log.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.checkpoint_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        data = canonical(entry) + b"\n"
+        fd = os.open(self.checkpoint_log, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            os.write(fd, canonical(entry) + b"\n")
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data  # an earlier write was cut short: this line starts on a line of its own
+            while data:
+                data = data[os.write(fd, data):]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -440,7 +463,9 @@ class AuditStore:
         found, problems = [], []
         if not self.checkpoint_log.exists():
             return found, problems
-        for n, line in enumerate(self.checkpoint_log.read_text().splitlines(), 1):
+        text = self.checkpoint_log.read_text()
+        lines = text.splitlines()
+        for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
@@ -450,15 +475,29 @@ class AuditStore:
                     raise TypeError
                 found.append(Checkpoint(d["seq"], d["head_hash"], d["signed_at"], d["key_id"], d["signature"]))
             except (ValueError, KeyError, TypeError, OverflowError, AttributeError, RecursionError):
+                if (n == len(lines) and not text.endswith("\n")) or any(
+                        other.startswith(line) and other != line for other in lines[n:]):
+                    continue  # a write cut short (see _log): the checkpoint was logged again, or is the newest
                 problems.append(f"checkpoint log line {n} is malformed")
         return found, problems
 
-    def _iter_rows(self):
+    def _iter_rows(self, conn=None):
+        if conn is None:
+            with self.engine.connect() as conn:
+                yield from self._iter_rows(conn)
+            return
+        yield from conn.execution_options(stream_results=True, yield_per=5000).execute(
+            select(records_table).order_by(records_table.c.seq))
+
+    @contextmanager
+    def _snapshot(self):
+        """A connection whose reads all see the database as of one moment (SQLite's deferred read
+        transaction in WAL mode; PostgreSQL's repeatable read)."""
         with self.engine.connect() as conn:
-            result = conn.execution_options(stream_results=True, yield_per=5000).execute(
-                select(records_table).order_by(records_table.c.seq)
-            )
-            yield from result
+            if not self._is_sqlite:
+                conn = conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                yield conn
 
     @staticmethod
     def _hash_of_row(row) -> str | None:
@@ -488,40 +527,45 @@ class AuditStore:
             elif len(problems) == MAX_PROBLEMS:
                 problems.append("... more problems not shown")
 
-        db_cps = self.checkpoints()
+        # While the service appends: the log is read before the database's snapshot (each of its lines
+        # was committed before it was written, so the snapshot holds it) and again after it (to look
+        # for the snapshot's checkpoints, which may have been logged meanwhile).
         log_cps, log_problems = self._logged_checkpoints()
         for p in log_problems:
             problem(p)
+        hash_at: dict[int, str] = {}
+        expected_seq, prev_hash, count = 1, GENESIS, 0
+        with self._snapshot() as conn:
+            rows = conn.execute(select(checkpoints_table).order_by(checkpoints_table.c.seq, checkpoints_table.c.id))
+            db_cps = [Checkpoint(r.seq, r.head_hash, r.signed_at, r.key_id, r.signature) for r in rows]
+            all_cps = {(c.seq, c.head_hash, c.signature): c for c in db_cps + log_cps}.values()
+            wanted = {c.seq for c in all_cps}
+            for rec in self._iter_rows(conn):
+                count += 1
+                if rec.seq != expected_seq:
+                    if rec.seq > expected_seq:
+                        problem(f"records {expected_seq} to {rec.seq - 1} are missing (removed)")
+                    else:
+                        problem(f"record {rec.seq} appears out of order after record {expected_seq - 1}")
+                expected_hash = self._hash_of_row(rec)
+                if expected_hash is None:
+                    problem(f"record {rec.seq} has a detail that is not its canonical encoding (edited)")
+                elif expected_hash != rec.hash:
+                    problem(f"record {rec.seq} does not match its hash (edited)")
+                if rec.prev_hash != prev_hash:
+                    problem(
+                        f"record {rec.seq} does not link to the record before it "
+                        "(a record was removed, inserted or reordered, or the chain was rewritten)"
+                    )
+                if rec.seq in wanted:
+                    hash_at[rec.seq] = rec.hash
+                prev_hash = rec.hash
+                expected_seq = rec.seq + 1
+        log_after, _ = self._logged_checkpoints()
         db_keys = {(c.seq, c.head_hash, c.signature) for c in db_cps}
         for c in log_cps:
             if (c.seq, c.head_hash, c.signature) not in db_keys:
                 problem(f"checkpoint at record {c.seq} is in the checkpoint log but missing from the database (removed)")
-        all_cps = {(c.seq, c.head_hash, c.signature): c for c in db_cps + log_cps}.values()
-        wanted = {c.seq for c in all_cps}
-        hash_at: dict[int, str] = {}
-
-        expected_seq, prev_hash, count = 1, GENESIS, 0
-        for rec in self._iter_rows():
-            count += 1
-            if rec.seq != expected_seq:
-                if rec.seq > expected_seq:
-                    problem(f"records {expected_seq} to {rec.seq - 1} are missing (removed)")
-                else:
-                    problem(f"record {rec.seq} appears out of order after record {expected_seq - 1}")
-            expected_hash = self._hash_of_row(rec)
-            if expected_hash is None:
-                problem(f"record {rec.seq} has a detail that is not its canonical encoding (edited)")
-            elif expected_hash != rec.hash:
-                problem(f"record {rec.seq} does not match its hash (edited)")
-            if rec.prev_hash != prev_hash:
-                problem(
-                    f"record {rec.seq} does not link to the record before it "
-                    "(a record was removed, inserted or reordered, or the chain was rewritten)"
-                )
-            if rec.seq in wanted:
-                hash_at[rec.seq] = rec.hash
-            prev_hash = rec.hash
-            expected_seq = rec.seq + 1
         report.records = count
         report.head_hash = prev_hash
         last_seq = expected_seq - 1
@@ -532,8 +576,8 @@ class AuditStore:
             problem(f"the signing key in the state folder ({self.signer.key_id}) is not the trusted key "
                     f"({self.trusted_key_id}): the key was replaced")
         report.key_id = self.signer.key_id if self.signer else None
-        logged = {(c.seq, c.head_hash, c.signature) for c in log_cps}
-        newest_logged = max((c.seq for c in log_cps), default=0)
+        logged = {(c.seq, c.head_hash, c.signature) for c in log_after}
+        newest_logged = max((c.seq for c in log_after), default=0)
         newest = max(db_cps, key=lambda c: c.seq, default=None)
         for c in db_cps:
             if (c.seq, c.head_hash, c.signature) not in logged:
