@@ -79,12 +79,13 @@ def region_report(store, catalog, actor: str, region: str, since: datetime | Non
             if key in wanted:
                 queries.setdefault(key, []).append(q)
     for r in records:
-        candidates = [q for q in queries.get(_cell(r), []) if q.seq < r.seq]
+        cell_queries = queries.get(_cell(r), [])
+        candidates = [q for q in cell_queries if q.seq < r.seq]
         first = candidates[0] if candidates else None
         flags = [r.detail.get("flag")] if r.detail.get("flag") else []
         if first is not None and first.detail.get("flag"):
             flags.append("cell: " + first.detail["flag"])
-        if len(queries.get(_cell(r), [])) > 1:
+        if len(cell_queries) > 1:
             flags.append("another record reused this cell's msg_id")
         detail = {k: v for k, v in r.detail.items() if k not in ("flag",)}
         rows.append({

@@ -218,8 +218,8 @@ class AuditStore:
         log is a checkpoint the database holds (one it lacks was removed), and a transaction that
         fails, or a writer killed before its commit, leaves nothing in the log. A writer stopped
         between the commit and the log line leaves the newest checkpoint unlogged: ``verify``
-        allows that one (once the log holds an earlier one), and the writer that signs the next checkpoint logs it first
-        (:meth:`_log_unlogged`).
+        allows that one (once the log holds an earlier one), and the next store to write, or the
+        writer that signs the next checkpoint, logs it first (:meth:`_log_unlogged`).
         """
         raw = self.engine.raw_connection()
         cur = None
@@ -454,10 +454,13 @@ class AuditStore:
         with self.engine.connect() as conn:
             return [self._stored(r) for r in conn.execute(q)]
 
-    def checkpoints(self) -> list[Checkpoint]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(checkpoints_table).order_by(checkpoints_table.c.seq, checkpoints_table.c.id))
-            return [Checkpoint(r.seq, r.head_hash, r.signed_at, r.key_id, r.signature) for r in rows]
+    def checkpoints(self, conn=None) -> list[Checkpoint]:
+        """The stored checkpoints, in order; read on ``conn`` when given (see :meth:`_snapshot`)."""
+        if conn is None:
+            with self.engine.connect() as conn:
+                return self.checkpoints(conn)
+        rows = conn.execute(select(checkpoints_table).order_by(checkpoints_table.c.seq, checkpoints_table.c.id))
+        return [Checkpoint(r.seq, r.head_hash, r.signed_at, r.key_id, r.signature) for r in rows]
 
     def _logged_checkpoints(self) -> tuple[list[Checkpoint], list[str]]:
         found, problems = [], []
@@ -536,8 +539,7 @@ class AuditStore:
         hash_at: dict[int, str] = {}
         expected_seq, prev_hash, count = 1, GENESIS, 0
         with self._snapshot() as conn:
-            rows = conn.execute(select(checkpoints_table).order_by(checkpoints_table.c.seq, checkpoints_table.c.id))
-            db_cps = [Checkpoint(r.seq, r.head_hash, r.signed_at, r.key_id, r.signature) for r in rows]
+            db_cps = self.checkpoints(conn)
             all_cps = {(c.seq, c.head_hash, c.signature): c for c in db_cps + log_cps}.values()
             wanted = {c.seq for c in all_cps}
             for rec in self._iter_rows(conn):
