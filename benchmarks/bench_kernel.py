@@ -25,12 +25,16 @@ delivering everything after the cell costs.
 At the end the store is counted, so the records the run produced are shown to be there.
 
     python benchmarks/bench_kernel.py [--files 10000] [--fetches 2000] [--opens 50] [--repeats 5]
-        [--pings 200] [--through-relays] [--out results.json]
+        [--pings 200] [--path socket|port|relays] [--out results.json]
 
-``--through-relays`` puts the two relays a workspace's kernel goes through between the audited
-kernels and the service, as separate processes: the sandbox's ``TcpToUnix`` (workspace environment)
-to a unix socket, and the hub's ``UnixToTcp`` from it to the service's port (see
-ngp_research.workspace.bridge). Without it the kernels connect to the service's port directly.
+``--path`` is how the audited kernels reach the service:
+
+- ``socket`` (the default, what a workspace's kernels do): the service's own unix socket
+  (``NGP_AUDIT_SOCKET``);
+- ``port``: its TCP port on 127.0.0.1;
+- ``relays``: what a workspace's kernel went through before the service had a socket of its own,
+  two relays as separate processes: the sandbox's ``TcpToUnix`` (workspace environment) to a unix
+  socket, and the hub's ``UnixToTcp`` from it to the service's port (ngp_research.workspace.bridge).
 
 Targets (from the issue): (a), (b) audited/plain <= 1.05; (c) < 2 ms added at the median.
 Numbers only; nothing here asserts on timing.
@@ -104,6 +108,8 @@ def cell_time(content):
 
 base = {k: v for k, v in os.environ.items() if not k.startswith(("NGP_AUDIT", "JUPYTERHUB"))}
 audited_env = {**base, "NGP_AUDIT_URL": cfg["url"], "JUPYTERHUB_API_TOKEN": cfg["token"]}
+if cfg.get("socket"):
+    audited_env["NGP_AUDIT_SOCKET"] = cfg["socket"]
 kernels = {
     "audited": start("ngp-bench-audited", {**audited_env, "IPYTHONDIR": cfg["ipython"] + "-a"}),
     "plain": start("ngp-bench-plain", {**base, "IPYTHONDIR": cfg["ipython"] + "-p"}),
@@ -227,8 +233,9 @@ def main(argv=None):
     ap.add_argument("--opens", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--pings", type=int, default=200)
-    ap.add_argument("--through-relays", action="store_true",
-                    help="reach the service through the sandbox's and the hub's relays, as a workspace does")
+    ap.add_argument("--path", choices=("socket", "port", "relays"), default="socket",
+                    help="how the kernels reach the service: its unix socket (as in a workspace), its port, or "
+                    "the two relays workspaces used before")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     env_dir = os.environ.get("NGP_WORKSPACE_ENV") or default_workspace_env()
@@ -248,16 +255,17 @@ def main(argv=None):
         records = [("chr1", pos, "A", "G", ["0/1", "1/1"]) for pos in range(1, span, 50)]  # 20,000 variants
         vcf = write_vcf(d / "bench.vcf.gz", ["s1", "s2"], records, contigs=(("chr1", span + 1000),))
         port = free_port()
-        service = start_service(port, home)
+        sock = d / "service" / "audit.sock" if args.path == "socket" else None
+        service = start_service(port, home, sock)
         relays = []
         try:
             denv = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-            if args.through_relays:
+            if args.path == "relays":
                 port = _start_relays(relays, port, d / "audit.sock", python, denv)
             cfg = {"kernels": str(_kernelspecs(d, python)), "cwd": str(d), "ipython": str(d / "ipython"),
                    "url": f"http://127.0.0.1:{port}/services/audit/", "token": TOKEN, "files": str(files),
                    "vcf": str(vcf), "span": span, "fetches": args.fetches, "opens": args.opens,
-                   "repeats": args.repeats, "pings": args.pings}
+                   "repeats": args.repeats, "pings": args.pings, "socket": str(sock) if sock else None}
             denv["JUPYTER_RUNTIME_DIR"] = str(d / "runtime")
             t0 = time.perf_counter()
             proc = subprocess.run([python, "-c", DRIVER, json.dumps(cfg)], env=denv, cwd=str(d),
@@ -274,7 +282,8 @@ def main(argv=None):
 
     a, p, dfr = raw["audited"], raw["plain"], raw["deferred"]
     result = {"files": args.files, "fetches": args.fetches, "opens": args.opens, "repeats": args.repeats,
-              "pings": args.pings, "through_relays": args.through_relays, "wall_s": wall, "records_stored": stored,
+              "pings": args.pings, "path": args.path,
+              "wall_s": wall, "records_stored": stored,
               "expected_file_opens_in_folder": 2 * (args.repeats + 1) * args.files, "raw": raw}
     for key in ("files_cell", "files_rt", "pysam_cell", "pysam_rt"):
         result[f"{key}_ms"] = {"audited": _ms(a[key]), "plain": _ms(p[key]), "ratio": _ms(a[key]) / _ms(p[key]),
@@ -284,7 +293,8 @@ def main(argv=None):
                              "audited_p95": _p95(a["empty_rt"]), "plain_p95": _p95(p["empty_rt"]),
                              "added_p95": _p95(a["empty_rt"]) - _p95(p["empty_rt"])}
 
-    path = "through the sandbox's and the hub's relays" if args.through_relays else "connected directly"
+    path = {"relays": "through the sandbox's and the hub's relays", "socket": "on its own unix socket",
+            "port": "connected directly to its port"}[args.path]
     print(f"audited kernel vs plain ipykernel (medians of {args.repeats}; durable audit service in its own process,"
           f" {path}):")
     labels = {"files_cell": f"(a) {args.files:,} file opens+reads, in-cell",

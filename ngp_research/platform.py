@@ -122,6 +122,12 @@ class Platform(Configurable):
         return self.state_dir / "keys"
 
     @property
+    def audit_socket(self) -> Path:
+        """The audit service's unix socket; its folder is bound read-only into every workspace
+        (``/run/ngp/audit``), so kernels reach the service without a relay."""
+        return self.home_path / "run" / "audit" / "audit.sock"
+
+    @property
     def reference_dir(self) -> Path:
         """Shared, non-patient reference files (gene panels, annotations) shown read-only at ``/reference``."""
         return self.home_path / "reference"

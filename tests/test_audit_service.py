@@ -25,7 +25,7 @@ import pytest
 from ngp_research.audit import AuditStore
 from ngp_research.audit.report import region_report, render
 from ngp_research.audit.service import (GROUP_MIN, Caller, ServiceContext, build_record, build_records, identity_from_model,
-                                        make_app)
+                                        listen_unix, make_app)
 from ngp_research.errors import RefusedError
 
 TOKENS = {
@@ -46,8 +46,8 @@ def free_port():
 
 
 class ServiceThread:
-    def __init__(self, ctx):
-        self.ctx, self.port = ctx, free_port()
+    def __init__(self, ctx, unix_socket=None):
+        self.ctx, self.port, self.unix_socket = ctx, free_port(), unix_socket
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -58,6 +58,8 @@ class ServiceThread:
         async def serve():
             self.ctx.committer.start()
             self.server = make_app(self.ctx, "/services/audit/").listen(self.port, "127.0.0.1")
+            if self.unix_socket:
+                self.server.add_socket(listen_unix(str(self.unix_socket)))
             self.ready.set()
 
         self.loop.run_until_complete(serve())
@@ -559,9 +561,9 @@ def test_report_from_the_command_line(reported):
 
 
 SERVICE_SCRIPT = r"""
-import asyncio, sys
+import asyncio, os, sys
 from ngp_research.audit import AuditStore
-from ngp_research.audit.service import Caller, ServiceContext, make_app
+from ngp_research.audit.service import Caller, ServiceContext, listen_unix, make_app
 from ngp_research.platform import Platform
 
 async def auth(token):
@@ -571,7 +573,9 @@ async def main():
     store = AuditStore.for_platform(Platform())
     ctx = ServiceContext(store, auth)
     ctx.committer.start()
-    make_app(ctx, "/services/audit/").listen(int(sys.argv[1]), "127.0.0.1")
+    server = make_app(ctx, "/services/audit/").listen(int(sys.argv[1]), "127.0.0.1")
+    if os.environ.get("NGP_AUDIT_SOCKET"):  # also on a unix socket, as the hub-managed service is
+        server.add_socket(listen_unix(os.environ["NGP_AUDIT_SOCKET"]))
     print("ready", flush=True)
     await asyncio.Event().wait()
 
@@ -579,10 +583,14 @@ asyncio.run(main())
 """
 
 
-def start_service(port, home):
-    """SERVICE_SCRIPT in its own process on ``port``, its store under ``home``; returned once it listens."""
-    p = subprocess.Popen([sys.executable, "-c", SERVICE_SCRIPT, str(port)], env={**os.environ, "NGP_HOME": str(home)},
-                         stdout=subprocess.PIPE, text=True)
+def start_service(port, home, unix_socket=None):
+    """SERVICE_SCRIPT in its own process on ``port`` (and on ``unix_socket`` when given), its store under
+    ``home``; returned once it listens."""
+    env = {**os.environ, "NGP_HOME": str(home)}
+    env.pop("NGP_AUDIT_SOCKET", None)
+    if unix_socket:
+        env["NGP_AUDIT_SOCKET"] = str(unix_socket)
+    p = subprocess.Popen([sys.executable, "-c", SERVICE_SCRIPT, str(port)], env=env, stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "ready"
     return p
 

@@ -348,6 +348,13 @@ def test_a_kernel_reaches_the_audit_service_and_the_token_decides_who_it_is(alic
     (rec,) = [r for r in catalog.audit.records(action="data.open") if r.seq == ack["first_seq"]]
     assert (rec.actor, rec.project, rec.region, rec.dataset) == ("alice", "cardio-gwas", "syd", "syd-cohort")
     assert "payload claimed user 'bob'" in rec.detail["flag"]
+    # Kernels use the service's own socket, its folder bound read-only; the hub relays no audit record.
+    out = asyncio.run(run_code(procs.url + alice_workspace["server"]["url"], alice_workspace["token"],
+                               "import os, stat\np = os.environ['NGP_AUDIT_SOCKET']\n"
+                               "print(p, stat.S_ISSOCK(os.stat(p).st_mode), os.listdir('/run/ngp'))"))
+    assert out.startswith("/run/ngp/audit/audit.sock True"), out
+    assert "'audit.sock'" not in out, out
+    assert procs.platform.audit_socket.is_socket()
 
 
 @needs_root

@@ -186,12 +186,14 @@ km.shutdown_kernel(now=True)
 class Kernel:
     """The audited kernel, driven through jupyter_client in a workspace-environment process."""
 
-    def __init__(self, tmp, stub, cwd, ipython_dir=None):
+    def __init__(self, tmp, stub, cwd, ipython_dir=None, env=None):
         driver = tmp / "driver.py"
         driver.write_text(DRIVER)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "COV"))}
+        extra = env or {}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "COV", "NGP_AUDIT"))}
         env.update(NGP_AUDIT_URL=stub.url, JUPYTERHUB_API_TOKEN=TOKEN,
                    IPYTHONDIR=str(ipython_dir or tmp / "ipython"), JUPYTER_RUNTIME_DIR=str(tmp / "runtime"))
+        env.update(extra)
         env.pop("PYTHONPATH", None)
         denv = dict(os.environ, DRIVER_KERNEL_ENV=json.dumps(env), JUPYTER_RUNTIME_DIR=str(tmp / "runtime"))
         denv.pop("PYTHONPATH", None)
@@ -483,3 +485,68 @@ def test_undelivered_file_records_block_the_next_cell_until_delivered(kernel, st
     [held] = [x for x in stub.find("file.open", msg_id=first) if x["path"] == str(data / "f4.txt")]
     [nxt] = stub.find("query.execute", msg_id=r["msg_id"])
     assert stub.records.index(held) < stub.records.index(nxt)
+
+
+def test_the_kernel_uses_the_services_own_socket_and_never_falls_back_to_the_url(tmp_path):
+    """``NGP_AUDIT_SOCKET`` (a workspace's ``/run/ngp/audit/audit.sock``): the real service listens there.
+
+    The URL names a port nothing listens on, so every acknowledgement came through the socket: the cell's
+    code before it ran, its file opens (the C sender) after. A service restarted on the same path (a new
+    socket) is reached again. A socket path nobody answers on refuses the cell, even when the URL would
+    reach a working service.
+    """
+    from types import SimpleNamespace
+
+    from ngp_research.audit import AuditStore
+    from ngp_research.platform import Platform
+
+    from .test_audit_service import start_service
+
+    home = tmp_path / "home"
+    platform = Platform(home=str(home))
+    platform.ensure_layout()
+    sock = tmp_path / "svc" / "audit.sock"
+    port = _free_port()
+    service = start_service(port, home, sock)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("a\n")
+    dead = SimpleNamespace(url=f"http://127.0.0.1:{_free_port()}/services/audit/")
+    kernels = []
+    try:
+        k = Kernel(tmp_path, dead, tmp_path, env={"NGP_AUDIT_SOCKET": str(sock), "JUPYTERHUB_API_TOKEN": "tok-alice"})
+        kernels.append(k)
+        r = ok(k.run(f"print(open({str(data / 'a.txt')!r}).read())", cell_id="through-the-socket"))
+        store = AuditStore.for_platform(platform)
+        queries = [q for q in store.records(action="query.execute") if q.detail.get("msg_id") == r["msg_id"]]
+        assert queries and "a.txt" in queries[0].detail["code"]
+        assert (queries[0].actor, queries[0].project) == ("alice", "cardio-gwas")
+        opens = [a for rec in store.records(action="file.open") for a in rec.accesses()
+                 if a.path == str(data / "a.txt") and a.detail.get("msg_id") == r["msg_id"]]
+        assert opens, "the file open did not reach the service through its socket"
+
+        service.kill()
+        service.wait()
+        marker = tmp_path / "ran-while-down"
+        r = k.run(f"open({str(marker)!r}, 'w').close()")
+        assert r["reply"]["status"] == "error" and r["reply"]["ename"] == "AuditUnavailable"
+        assert not marker.exists()
+        service = start_service(port, home, sock)  # a new socket at the same path
+        ok(k.run(f"open({str(marker)!r}, 'w').close()"))
+        assert marker.exists()
+
+        live = SimpleNamespace(url=f"http://127.0.0.1:{port}/services/audit/")
+        (tmp_path / "second").mkdir()
+        k2 = Kernel(tmp_path / "second", live, tmp_path,
+                    env={"NGP_AUDIT_SOCKET": str(tmp_path / "nobody.sock"), "JUPYTERHUB_API_TOKEN": "tok-alice"})
+        kernels.append(k2)
+        marker2 = tmp_path / "ran-without-socket"
+        r = k2.run(f"open({str(marker2)!r}, 'w').close()")
+        assert r["reply"]["status"] == "error" and r["reply"]["ename"] == "AuditUnavailable", r
+        assert not marker2.exists()
+        store.engine.dispose()
+    finally:
+        for k in kernels:
+            k.close()
+        service.kill()
+        service.wait()

@@ -30,6 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from ngp_research.workspace import plan_for
+from ngp_research.workspace.plan import INSIDE_AUDIT_SOCKET
 from ngp_research.workspace.bridge import TcpToUnix, UnixToTcp
 from ngp_research.workspace.environment import (
     build_workspace_env,
@@ -237,7 +238,7 @@ def workspace():
     token = secrets.token_hex(24)
     kernel_token = secrets.token_hex(24)
     environment = dict(singleuser_environment("alice", env), JUPYTER_TOKEN=token, JUPYTERHUB_API_TOKEN=kernel_token,
-                       NGP_AUDIT_URL="http://127.0.0.1:8082/services/audit/")
+                       NGP_AUDIT_URL="http://127.0.0.1:8082/services/audit/", NGP_AUDIT_SOCKET=INSIDE_AUDIT_SOCKET)
     plan = plan_for(catalog, "alice", "cardio-gwas", python_env=env, runtime=True, environment=environment,
                     extra_mounts=jupyter_mounts(env))
     prepare_areas(platform, plan)
@@ -281,16 +282,15 @@ def workspace():
     async def auth(t):
         return Caller("alice", "cardio-gwas") if t == kernel_token else None
 
-    audit = ServiceThread(ServiceContext(catalog.audit, auth, catalog)).__enter__()
-    audit_relay = UnixToTcp(str(runtime / "audit.sock"), "127.0.0.1", audit.port, owner=plan.uid)
-    loop(audit_relay.start())
+    # It listens on its own socket, as the hub-managed service does; the sandbox binds that socket's folder.
+    audit = ServiceThread(ServiceContext(catalog.audit, auth, catalog), platform.audit_socket).__enter__()
 
     cgroup = f"test-jupyter-{os.getpid()}"
     t = time.monotonic()
     log_path = os.path.join(base, "server.log")
     with open(log_path, "wb") as log:
         proc = LocalSandbox().start(plan, singleuser_command(env, ["--ServerApp.log_level=WARN"], server="jupyter-server",
-                                                                relays=["127.0.0.1:8082=/run/ngp/audit.sock"]),
+                                                                relays=[f"127.0.0.1:8082={INSIDE_AUDIT_SOCKET}"]),
                                     cgroup=cgroup, stdout=log, stderr=subprocess.STDOUT)
     client = Client(server_relay.port, token)
     deadline = time.time() + 60
@@ -325,7 +325,6 @@ def workspace():
             proc.wait()
         loop(server_relay.stop())
         loop(hub_relay.stop())
-        loop(audit_relay.stop())
         audit.__exit__(None, None, None)
         loop.close()
         hub.shutdown()
@@ -479,16 +478,48 @@ def test_the_servers_own_file_operations_are_recorded_before_they_happen(workspa
 
 def test_the_hubs_sockets_cannot_be_replaced_from_inside(kernel):
     out, error = kernel["ws"].execute(
-        "import os\n"
+        "import os, socket\n"
         "r = []\n"
-        "for f in (lambda: os.rename('/run/ngp/audit.sock', '/run/ngp/x'), lambda: os.unlink('/run/ngp/hub.sock'),\n"
-        "          lambda: open('/run/ngp/audit.sock.new', 'w')):\n"
+        "def listen(path):\n"
+        "    s = socket.socket(socket.AF_UNIX)\n"
+        "    s.bind(path)\n"
+        "for f in (lambda: os.rename('/run/ngp/audit/audit.sock', '/run/ngp/audit/x'),\n"
+        "          lambda: os.unlink('/run/ngp/audit/audit.sock'), lambda: os.unlink('/run/ngp/hub.sock'),\n"
+        "          lambda: open('/run/ngp/audit/audit.sock.new', 'w'), lambda: open('/run/ngp/hub.sock.new', 'w'),\n"
+        "          lambda: listen('/run/ngp/audit/fake.sock'), lambda: os.chmod('/run/ngp/audit', 0o777),\n"
+        "          lambda: os.rename('/run/ngp/audit', '/run/ngp/elsewhere')):\n"
         "    try:\n"
         "        f(); r.append('done')\n"
         "    except OSError as e:\n"
         "        r.append(e.strerror)\n"
-        "print(r)")
+        "print(r, sorted(os.listdir('/run/ngp/audit')))")
     assert error is None and "done" not in out, out
+    assert "['audit.sock']" in out, out  # the service's socket is there, and nothing else
+
+
+def test_the_kernel_reaches_the_audit_service_on_its_own_socket_not_the_loopback_relay(kernel):
+    """The kernel's records go to the service's socket (its folder bound read-only from outside), not to the
+    relay on 127.0.0.1:8082 that the member's own processes run: no TCP connection of the kernel's leads
+    there, and one of its sockets is a unix stream socket."""
+    out, error = kernel["ws"].execute(
+        "import os\n"
+        "open('/project/touch-for-audit', 'w').close()\n"  # a file record, so the C sender has connected
+        "mine = set()\n"
+        "for fd in os.listdir('/proc/self/fd'):\n"
+        "    try:\n"
+        "        link = os.readlink(f'/proc/self/fd/{fd}')\n"
+        "    except OSError:\n"
+        "        continue\n"  # the listing's own descriptor, closed by now
+        "    if link.startswith('socket:['):\n"
+        "        mine.add(link[8:-1])\n"
+        "def rows(table):\n"
+        "    return [line.split() for line in open(table).read().splitlines()[1:]]\n"
+        "to_relay = [r for r in rows('/proc/self/net/tcp') if r[2].endswith(':1F92') and r[9] in mine]\n"
+        "unix = [r for r in rows('/proc/self/net/unix') if r[6] in mine and r[4] == '0001']\n"
+        "print('relay', len(to_relay), 'unix', len(unix), os.environ['NGP_AUDIT_SOCKET'])")
+    assert error is None, error
+    assert "relay 0 " in out and "/run/ngp/audit/audit.sock" in out, out
+    assert int(out.split("unix ")[1].split()[0]) >= 1, out
 
 
 def test_the_server_relay_never_follows_a_planted_link(tmp_path):

@@ -1,9 +1,12 @@
 """The audit service: receives records from kernels and servers, appends them durably, serves reports.
 
 It runs as a JupyterHub-managed service, outside every sandbox
-(``python -m ngp_research.audit.service``). Kernels reach it through a socket
-bridge into their sandbox and authenticate with their server's JupyterHub
-token.
+(``python -m ngp_research.audit.service``), on its hub URL's port and, when
+``NGP_AUDIT_SOCKET`` names one, on a unix socket too (mode 0666, in a folder
+of its own). A workspace's folder of that socket is bound read-only into the
+sandbox (``/run/ngp/audit``), so kernels reach the service there directly,
+with no relay in between, and authenticate with their server's JupyterHub
+token, as on the port.
 
 Identity comes from the verified token, never from the payload: the user is
 the token's owner, the project is the server named in the token's
@@ -35,6 +38,7 @@ Endpoints (under the service prefix, e.g. ``/services/audit/``):
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -665,6 +669,37 @@ def make_app(ctx: ServiceContext, prefix: str = "/", report_handlers=()):
     return Application(handlers, ctx=ctx, cookie_secret=os.urandom(32))
 
 
+def listen_unix(path: str):
+    """A listening unix socket at ``path`` for the service, replacing a socket left by an earlier run.
+
+    Its folder is created (0755) if missing; the socket is 0666, since every workspace's uid connects
+    to it (through the folder bound into its sandbox) and the token decides who the caller is, as on
+    the TCP port. Anything at ``path`` that is not a socket is an error, never removed.
+
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> sock = listen_unix(os.path.join(d, "audit", "audit.sock"))
+    >>> oct(os.stat(os.path.join(d, "audit", "audit.sock")).st_mode & 0o777)
+    '0o666'
+    >>> sock.close()
+    >>> listen_unix(os.path.join(d, "audit", "audit.sock")).close()  # an old socket is replaced
+    >>> listen_unix("/" + "x" * 200)
+    Traceback (most recent call last):
+    ...
+    ValueError: the audit service's socket path '/xxx...' is longer than a unix socket's 107 bytes; use a shorter NGP_HOME
+    """
+    from tornado.netutil import bind_unix_socket
+
+    if len(os.fsencode(path)) > 107:  # sun_path holds 108 bytes with the terminating NUL
+        raise ValueError(f"the audit service's socket path {path!r} is longer than a unix socket's 107 bytes; "
+                         "use a shorter NGP_HOME")
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        os.makedirs(folder, mode=0o755, exist_ok=True)
+        os.chmod(folder, 0o755)
+    return bind_unix_socket(path, mode=0o666)
+
+
 def main():
     """Run as a JupyterHub-managed service (the hub sets JUPYTERHUB_* variables)."""
     from tornado.httpserver import HTTPServer
@@ -683,18 +718,25 @@ def main():
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/")
     app = make_app(ctx, prefix, report_handlers(prefix, ctx))
     url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:8082"))
+    socket_path = os.environ.get("NGP_AUDIT_SOCKET") or None
 
     async def serve():
         ctx.committer.start()
         server = HTTPServer(app, max_body_size=MAX_BODY)
         server.listen(url.port, url.hostname)
         ctx.log(f"listening on {url.hostname}:{url.port}{prefix}")
+        if socket_path:
+            server.add_socket(listen_unix(socket_path))
+            ctx.log(f"listening on {socket_path}")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         server.stop()
+        if socket_path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(socket_path)
         store.close()  # signs a checkpoint of the head on shutdown
         ctx.log("stopped; chain head signed")
 

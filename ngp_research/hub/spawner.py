@@ -9,14 +9,17 @@ audit record says why. Reconciling in ``poll`` rather than in a separate
 service keeps the bound on the delay explicit (``poll_interval``) and needs
 no extra process with rights over every workspace.
 
-The sandbox has its own network namespace with only loopback. Two socket
-bridges cross it, both in the runtime folder bound at ``/run/ngp``:
-``hub.sock`` and ``audit.sock`` (created here, outside, in a folder only
-root writes, bound read-only) lead to the hub's API and the audit service;
-``server/server.sock`` (created inside by the workspace, in the member's
-own folder) is where the proxy's traffic goes, through a TCP port on
-127.0.0.1 that this spawner opens. That relay connects only to a socket
-owned by the member, never through a link they planted.
+The sandbox has its own network namespace with only loopback. Sockets in
+the runtime folder bound at ``/run/ngp`` cross it: ``hub.sock`` (a bridge
+created here, outside, in a folder only root writes, bound read-only) leads
+to the hub's API; ``audit/audit.sock`` is the audit service's own socket
+(its folder bound read-only), which kernels use directly
+(``NGP_AUDIT_SOCKET``) and other clients through ``NGP_AUDIT_URL``, a relay
+on 127.0.0.1 inside; ``server/server.sock`` (created inside by the
+workspace, in the member's own folder) is where the proxy's traffic goes,
+through a TCP port on 127.0.0.1 that this spawner opens. That relay connects
+only to a socket owned by the member, never through a link they planted.
+Audit records never pass through the hub's process.
 """
 
 import asyncio
@@ -36,12 +39,12 @@ from ..audit.records import AuditRecord
 from ..errors import NotFoundError
 from ..workspace import WorkspaceRefused, plan_for
 from ..workspace.limits import CgroupLimits
-from ..workspace.plan import RUNTIME_PATH
+from ..workspace.plan import INSIDE_AUDIT_SOCKET
 from ..workspace.sandbox import LocalSandbox, prepare_areas
 from . import state
 
 
-#: Where kernels inside a sandbox reach the audit service (a relay to /run/ngp/audit.sock).
+#: Where clients inside a sandbox reach the audit service over HTTP (a relay to INSIDE_AUDIT_SOCKET).
 INSIDE_AUDIT = ("127.0.0.1", 8082)
 
 
@@ -146,10 +149,6 @@ class WorkspaceSpawner(Spawner):
     _files = None
     _idle_timeout = None
 
-    def _audit_service_url(self) -> str:
-        """Where the audit service listens on the host (the hub-managed service named ``audit``)."""
-        return f"http://127.0.0.1:{int(os.environ.get('NGP_AUDIT_PORT', '8082'))}"
-
     def _inside_environment(self) -> dict:
         from ..workspace.jupyter import INSIDE_HUB_API, singleuser_environment
 
@@ -166,6 +165,7 @@ class WorkspaceSpawner(Spawner):
         env = singleuser_environment(self.user.name, self.workspace_env)
         env.update(keep)
         env["NGP_AUDIT_URL"] = f"http://{INSIDE_AUDIT[0]}:{INSIDE_AUDIT[1]}/services/audit/"
+        env["NGP_AUDIT_SOCKET"] = INSIDE_AUDIT_SOCKET
         return env
 
     def _audit(self, action, required=False, **detail):
@@ -198,7 +198,7 @@ class WorkspaceSpawner(Spawner):
         except PermissionError as e:
             raise web.HTTPError(500, f"The platform is misconfigured: {e}") from None
         runtime = next(m.source for m in plan.mounts if m.kind == "runtime" and not m.writable)
-        for name in ("hub.sock", "server/server.sock", "audit.sock"):
+        for name in ("hub.sock", "server/server.sock", "audit.sock"):  # audit.sock: an older version's bridge
             try:
                 os.unlink(os.path.join(runtime, name))
             except FileNotFoundError:
@@ -209,10 +209,7 @@ class WorkspaceSpawner(Spawner):
         await hub_bridge.start()
         server_bridge = TcpToUnix(os.path.join(runtime, "server", "server.sock"), owner=plan.uid)
         await server_bridge.start()
-        audit = urlparse(self._audit_service_url())
-        audit_bridge = UnixToTcp(os.path.join(runtime, "audit.sock"), audit.hostname, audit.port, owner=plan.uid)
-        await audit_bridge.start()
-        self._bridges = (hub_bridge, server_bridge, audit_bridge)
+        self._bridges = (hub_bridge, server_bridge)
 
         datasets = sorted(f"{d['region']}/{d['name']}" for d in plan.manifest["datasets"])
         try:  # the start is recorded before the sandbox exists; no record, no workspace
@@ -223,7 +220,7 @@ class WorkspaceSpawner(Spawner):
         sandbox = LocalSandbox(require_limits=self.require_limits)
         self._cgroup = f"{self.name}.{self.user.name}"
         command = singleuser_command(self.workspace_env, self.get_args(),
-                                     relays=[f"{INSIDE_AUDIT[0]}:{INSIDE_AUDIT[1]}={RUNTIME_PATH}/audit.sock"])
+                                     relays=[f"{INSIDE_AUDIT[0]}:{INSIDE_AUDIT[1]}={INSIDE_AUDIT_SOCKET}"])
         self.log.info("Starting workspace %s for %s as uid %s", self.name, self.user.name, plan.uid)
         self.proc = sandbox.start(plan, command, cgroup=self._cgroup)
         self._files = {m.target for m in plan.data_files}

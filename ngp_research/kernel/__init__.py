@@ -3,7 +3,10 @@
 Launched as ``python -P -s -m ngp_research.kernel -f {connection_file}`` (the only kernelspec,
 ``kernels/ngp-python/kernel.json``). It needs ``NGP_AUDIT_URL`` (the audit service, e.g.
 ``http://127.0.0.1:8082/``) and ``JUPYTERHUB_API_TOKEN`` (the caller's identity, sent as
-``Authorization: token <T>``); without them it refuses to run any code.
+``Authorization: token <T>``); without them it refuses to run any code. In a workspace
+``NGP_AUDIT_SOCKET`` is ``/run/ngp/audit/audit.sock``, the service's own unix socket in a folder
+bound read-only from outside: the kernel then sends everything there (the URL gives only the
+request's path) and never falls back to the URL's port, where a process of the member's could answer.
 
 - :mod:`.auditor`: a PEP 578 audit hook (its hot path in C, ``_hook.c``), installed before IPython
   is imported, turns ``open``,
@@ -72,8 +75,8 @@ before the access happens, so its ``os._exit`` loses nothing.) Those bypasses ar
 cell's code is recorded *before* it runs, so the trail shows the cell that did it; the audit
 service flags cells whose code reaches into the interpreter or the audit machinery (``gc``,
 ``ctypes``, closures, ``__code__``, ``/run/ngp``, ...) as "possible tampering", and the region report
-shows that flag on every access the cell caused. The sockets the kernel talks to sit in a folder
-the member cannot write (``/run/ngp``, read-only), so a member cannot put a fake service there.
+shows that flag on every access the cell caused. The socket the kernel talks to sits in a folder
+the member cannot write (``/run/ngp/audit``, read-only), so a member cannot put a fake service there.
 Invariants 1 and 2 do not rest on the kernel at all: the bubblewrap sandbox mounts only the files
 of the project's active tags, read-only, under a non-root uid without capabilities, so whatever a
 user does inside the kernel reaches only data the project is entitled to see and cannot change it;

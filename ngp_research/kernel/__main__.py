@@ -30,7 +30,8 @@ def main(argv=None) -> None:
                                ("NGP_AUDIT_CAPACITY", "capacity", int)):
         if os.environ.get(name):
             options[option] = kind(os.environ[name])
-    auditor = install(os.environ.get("NGP_AUDIT_URL"), os.environ.get("JUPYTERHUB_API_TOKEN"), **options)
+    auditor = install(os.environ.get("NGP_AUDIT_URL"), os.environ.get("JUPYTERHUB_API_TOKEN"),
+                      socket_path=os.environ.get("NGP_AUDIT_SOCKET") or None, **options)
     atexit.register(auditor.close)  # what is buffered goes out; later opens (__del__, threads) go out first
 
     from .entrypoints import wrap_hail_on_import, wrap_pysam  # noqa: PLC0415

@@ -37,6 +37,7 @@
 #include <sys/stat.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sys/un.h>
 
 #define MAX_PREFIXES 64
 #define MAX_EVENTS 64
@@ -288,7 +289,7 @@ static double q_linger = 0.005, q_timeout = 5.0;
 static int flush_requested = 0, sender_running = 0;
 static unsigned long q_posts = 0, q_failures = 0;
 static char last_error[256] = "";
-static char q_host[64], q_port[16];
+static char q_host[108], q_port[16];  /* a host and port, or a unix socket path ("/...") and "" */
 static char *q_head = NULL;
 static size_t q_head_len = 0;
 static int q_fd = -1;
@@ -511,31 +512,43 @@ static int
 q_connect(char *err, size_t errlen)
 {
     struct addrinfo hints, *res = NULL;
-    int fd, rc, one = 1;
+    struct sockaddr_un un;
+    int fd, rc, one = 1, local = q_host[0] == '/';  /* a unix socket path: the service's own socket */
     struct timeval tv;
-    memset(&hints, 0, sizeof hints);
-    hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags = AI_NUMERICHOST | AI_NUMERICSERV;
-    rc = getaddrinfo(q_host, q_port, &hints, &res);
-    if (rc != 0 || res == NULL) {
-        snprintf(err, errlen, "the audit service's address %s:%s: %s", q_host, q_port, gai_strerror(rc));
-        return -1;
+    if (local) {
+        memset(&un, 0, sizeof un);
+        un.sun_family = AF_UNIX;
+        memcpy(un.sun_path, q_host, strlen(q_host));  /* shorter than sun_path: checked in start_sender */
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     }
-    fd = socket(res->ai_family, res->ai_socktype | SOCK_CLOEXEC, res->ai_protocol);
+    else {
+        memset(&hints, 0, sizeof hints);
+        hints.ai_socktype = SOCK_STREAM;
+        hints.ai_flags = AI_NUMERICHOST | AI_NUMERICSERV;
+        rc = getaddrinfo(q_host, q_port, &hints, &res);
+        if (rc != 0 || res == NULL) {
+            snprintf(err, errlen, "the audit service's address %s:%s: %s", q_host, q_port, gai_strerror(rc));
+            return -1;
+        }
+        fd = socket(res->ai_family, res->ai_socktype | SOCK_CLOEXEC, res->ai_protocol);
+    }
     if (fd < 0) {
         snprintf(err, errlen, "socket: %s", strerror(errno));
-        freeaddrinfo(res);
+        if (res != NULL)
+            freeaddrinfo(res);
         return -1;
     }
     tv.tv_sec = (time_t)q_timeout;
     tv.tv_usec = (suseconds_t)((q_timeout - (double)tv.tv_sec) * 1e6);
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (!local)
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     do {
-        rc = connect(fd, res->ai_addr, res->ai_addrlen);
+        rc = local ? connect(fd, (struct sockaddr *)&un, sizeof un) : connect(fd, res->ai_addr, res->ai_addrlen);
     } while (rc < 0 && errno == EINTR);
-    freeaddrinfo(res);
+    if (res != NULL)
+        freeaddrinfo(res);
     if (rc < 0) {
         snprintf(err, errlen, "ConnectionRefusedError: [Errno %d] %s", errno, strerror(errno));
         close(fd);
@@ -875,7 +888,8 @@ start_sender(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_RuntimeError, "start the sender once, before the hook is installed");
         return NULL;
     }
-    if (strlen(host) >= sizeof q_host || strlen(port) >= sizeof q_port || bat < 1 || max_post < 1 || cap < 1 ||
+    if (strlen(host) >= sizeof q_host || (host[0] == '/' && strlen(host) >= sizeof ((struct sockaddr_un *)0)->sun_path) ||
+        strlen(port) >= sizeof q_port || bat < 1 || max_post < 1 || cap < 1 ||
         timeout <= 0 || linger < 0) {
         PyBuffer_Release(&head);
         PyErr_SetString(PyExc_ValueError, "start_sender: bad arguments");
@@ -1420,7 +1434,7 @@ static PyMethodDef methods[] = {
     {"write_through", set_write_through, METH_NOARGS, "From now on, hand every recorded event to the handler."},
     {"encode", encode, METH_VARARGS, "The POST body of buffered items: encode(items, dump, escape, record_text)."},
     {"start_sender", start_sender, METH_VARARGS,
-     "start_sender(host, port, request_head, linger, batch, max_post, capacity, timeout, dump, escape): "
+     "start_sender(host, port (or a unix socket path and \"\"), request_head, linger, batch, max_post, capacity, timeout, dump, escape): "
      "deliver from the C queue (once, before install)."},
     {"put", queue_put, METH_O, "put(record): queue one record (a dict), encoded with json.dumps."},
     {"wait", queue_wait, METH_O, "wait(timeout) -> None | reason: until everything queued now is acknowledged."},

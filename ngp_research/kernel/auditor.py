@@ -396,8 +396,11 @@ def _socket_identity(sock):
     return st.st_dev, st.st_ino
 
 
-def _service_address(parsed) -> tuple[str, str]:
-    """(numeric host, port) of the service URL for the C sender: an IPv4 address where there is one."""
+def _service_address(parsed, socket_path=None) -> tuple[str, str]:
+    """(numeric host, port) of the service URL for the C sender: an IPv4 address where there is one;
+    ``(socket_path, "")`` when the service is reached on its unix socket."""
+    if socket_path:
+        return socket_path, ""
     port = parsed.port or 80
     found = socket.getaddrinfo(parsed.hostname, port, type=socket.SOCK_STREAM)
     found.sort(key=lambda a: a[0] != socket.AF_INET)
@@ -407,8 +410,13 @@ def _service_address(parsed) -> tuple[str, str]:
 def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch: int = 500,
             linger: float = 0.005, timeout: float = 5.0, ignored: tuple | None = None,
             add_hook: bool = True, max_post: int = 2000, sender_c: bool = True,
-            datasets: dict | None = None) -> Auditor:
+            datasets: dict | None = None, socket_path: str | None = None) -> Auditor:
     """Add the audit hook and start the sender thread; returns the :class:`Auditor` (call once).
+
+    ``socket_path`` (``NGP_AUDIT_SOCKET``; in a workspace ``/run/ngp/audit/audit.sock``, bound
+    read-only from outside) is the service's own unix socket: records then go there, not to the
+    URL's host and port, whose path and ``Host`` the requests keep. A socket path the service does
+    not answer on refuses execution like an unreachable URL; nothing falls back to the URL.
 
     ``datasets`` (``{region: dataset names}``) is what the workspace mounts under ``/data``, read
     when this is called unless given; a started program is recorded under the datasets it names
@@ -461,7 +469,8 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
     environ = os.environ
     tools = (SHELL_BREAKS.split, posixpath.normpath, fnmatchcase, _GLOB.search)
     datasets = workspace_datasets() if datasets is None else dict(datasets)  # before the hook: no records
-    c_queue = bool(_hook is not None and add_hook and sender_c and parsed.scheme == "http" and parsed.hostname
+    c_queue = bool(_hook is not None and add_hook and sender_c and (parsed.scheme == "http" or socket_path)
+                   and parsed.hostname
                    and token)  # records go to the C queue (see _hook.start_sender); decided once
     c_put = _hook.put if c_queue else None
     c_wait = _hook.wait if c_queue else None
@@ -478,7 +487,16 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
     def _connection(t):
         conn = conn_box[0]
         if conn is None:
-            if parsed.scheme == "https":
+            if socket_path:  # the service's own unix socket, plain HTTP: a bare socket (see _exchange)
+                conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    conn.settimeout(t)
+                    conn.connect(socket_path)
+                except BaseException:
+                    conn.close()
+                    raise
+                socket_ids[id(conn)] = _socket_identity(conn)
+            elif parsed.scheme == "https":
                 conn = http.client.HTTPSConnection(parsed.hostname, parsed.port, timeout=t)
             else:  # plain HTTP on the sandbox's socket bridge: a bare socket (see _exchange)
                 conn = socket.create_connection((parsed.hostname, parsed.port or 80), timeout=t)
@@ -1072,7 +1090,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
     if add_hook:
         if _hook is not None:  # the C hook: plain opens never enter Python; other events go to ``hook``
             if c_queue:
-                _hook.start_sender(*_service_address(parsed), request_head, linger, batch, max_post, capacity,
+                _hook.start_sender(*_service_address(parsed, socket_path), request_head, linger, batch, max_post, capacity,
                                    timeout, dumps, encode_string)
             _hook.install(hook, buffer, current, wake.set, ignored, ALWAYS,
                           tuple(EVENT_ACTIONS), capacity, batch)

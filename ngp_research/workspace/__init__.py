@@ -63,6 +63,7 @@ def plan_for(catalog, user: str, project: str, at: datetime | None = None, pytho
         home_area=str(platform.projects_dir / project / "home" / user),
         datasets=summaries,
         runtime_area=str(platform.home_path / "runtime" / project / user) if runtime else None,
+        audit_area=str(platform.audit_socket.parent) if runtime else None,
         system_mounts=system_mounts(python_env) + tuple(extra_mounts),
         profile=Profile(p.workspace_cpu, p.workspace_memory, p.workspace_idle_timeout),
         environment=environment,

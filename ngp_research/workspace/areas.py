@@ -5,8 +5,10 @@ Run as root (the hub), these give::
     $NGP_HOME                  0710 root:<data group>   only sandboxed workspaces traverse it
       state/                   0700 root                never reachable from a workspace uid
       regions/, projects/      0710 root:<data group>
+      run/audit/               0755 root                the audit service's socket, /run/ngp/audit (read-only) inside
       runtime/<p>/<user>/      0750 root:<project group>   the hub's bridge sockets, /run/ngp (read-only) inside
         server/                0700 <user uid>   the server's socket, /run/ngp/server inside
+        audit/                 0755 root          where run/audit/ is bound
       projects/<p>/            0710 root:<project group>
         shared/               02770 root:<project group> members write, files keep the project group
         home/                  0710 root:<project group>
@@ -84,15 +86,22 @@ def runtime_dir(platform, project: str, user: str) -> Path:
 
 
 def runtime_area(platform, project: str, user: str, uid: int, project_gid: int) -> Path:
-    """Create the runtime folders: $NGP_HOME/runtime/<project>/<user> (root's: the hub's sockets) and
-    its ``server/`` (the member's: the server's socket)."""
+    """Create the runtime folders: $NGP_HOME/runtime/<project>/<user> (root's: the hub's sockets), its
+    ``server/`` (the member's: the server's socket) and ``audit/`` (root's: where the audit service's
+    socket folder, ``$NGP_HOME/run/audit``, created here too if the service has not yet, is bound)."""
     root = platform.home_path / "runtime"
     proj = root / project
     path = proj / user
     server = path / "server"
+    audit = path / "audit"
     server.mkdir(parents=True, exist_ok=True)
+    audit.mkdir(exist_ok=True)
+    service = platform.audit_socket.parent
+    service.mkdir(parents=True, exist_ok=True)
     _own(root, 0o710, gid=platform.workspace_data_gid)
     _own(proj, 0o710, gid=project_gid)
     _own(path, 0o750, gid=project_gid)
     _own(server, 0o700, uid=uid, gid=project_gid)
+    _own(audit, 0o755)
+    _own(service, 0o755)
     return path

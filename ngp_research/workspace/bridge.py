@@ -7,10 +7,14 @@ meet through unix sockets in the runtime folder, bound at ``/run/ngp`` inside an
     outside (hub, root)                                      inside (member's uid)
     hub API 127.0.0.1:8081 <- UnixToTcp  <- hub.sock    <- TcpToUnix 127.0.0.1:8081 <- singleuser server
     proxy -> TcpToUnix 127.0.0.1:<port>  -> server.sock <- jupyter server (ServerApp.sock, mode 0600)
+    audit service (its own socket)       <- audit/audit.sock <- kernels, Dask workers, the server's contents
+                                                            <- TcpToUnix 127.0.0.1:8082 <- other HTTP clients
 
 Who creates which socket: ``hub.sock`` is created by the hub outside (its :class:`UnixToTcp` with
 ``owner=<member uid>``, mode 0600); ``server.sock`` by the single-user server inside, as the member,
-mode 0600 (``ServerApp.sock_mode``). Nothing else creates sockets there.
+mode 0600 (``ServerApp.sock_mode``); ``audit/audit.sock`` by the audit service itself, in its own
+folder (``$NGP_HOME/run/audit``, bound read-only at ``/run/ngp/audit``), so no audit record passes
+through the hub's process. Nothing else creates sockets there.
 
 The relays copy bytes both ways and know nothing of HTTP, so websockets pass unchanged. Use them in a
 running asyncio loop (``await relay.start()``, ``await relay.stop()``) or from the command line::

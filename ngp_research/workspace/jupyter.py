@@ -99,9 +99,34 @@ def _contents_manager_class():
     import json
     import os
 
+    import socket
+
     from jupyter_server.services.contents.largefilemanager import AsyncLargeFileManager
     from tornado import web
     from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+    from tornado.netutil import Resolver
+
+    class ServiceSocket(Resolver):
+        """Every host name resolves to the audit service's own unix socket (``NGP_AUDIT_SOCKET``)."""
+
+        def initialize(self, path):
+            self.path = path
+
+        async def resolve(self, host, port, family=socket.AF_UNSPEC):
+            return [(socket.AF_UNIX, self.path)]
+
+    clients = {}
+
+    def audit_client():
+        """The HTTP client for the audit service: on its unix socket when ``NGP_AUDIT_SOCKET`` names one
+        (in a workspace: bound read-only from outside, so no process in the sandbox can stand in for the
+        service, as one could on a loopback port), else the shared client for ``NGP_AUDIT_URL``."""
+        path = os.environ.get("NGP_AUDIT_SOCKET")
+        if not path:
+            return AsyncHTTPClient()
+        if path not in clients:
+            clients[path] = AsyncHTTPClient(force_instance=True, resolver=ServiceSocket(path=path))
+        return clients[path]
 
     class WorkspaceContentsManager(AsyncLargeFileManager):
         """Lists only /data, /home and /project at the root of the file browser, and records every file
@@ -118,7 +143,7 @@ def _contents_manager_class():
                 body = json.dumps({"records": [{"action": "server.file", "path": "/" + path.strip("/"),
                                                 "detail": {"operation": action, **detail}}]})
                 try:
-                    r = await AsyncHTTPClient().fetch(HTTPRequest(
+                    r = await audit_client().fetch(HTTPRequest(
                         url + "records", method="POST", body=body, request_timeout=10,
                         headers={"Authorization": f"token {token}", "Content-Type": "application/json"}),
                         raise_error=False)

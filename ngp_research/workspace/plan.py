@@ -27,6 +27,8 @@ MANIFEST_PATH = "/etc/ngp/workspace.json"
 PROJECT_PATH = "/project"
 REFERENCE_PATH = "/reference"  # shared non-patient reference files (gene panels, annotations)
 RUNTIME_PATH = "/run/ngp"  # sockets that bridge allowed services into the sandbox's own network namespace
+#: The audit service's own socket inside a sandbox (the folder of Platform.audit_socket, bound read-only).
+INSIDE_AUDIT_SOCKET = f"{RUNTIME_PATH}/audit/audit.sock"
 
 
 class WorkspaceRefused(RefusedError):
@@ -143,6 +145,7 @@ def plan_workspace(
     home_area: str,
     datasets: dict,
     runtime_area: str | None = None,
+    audit_area: str | None = None,
     system_mounts=(),
     profile: Profile | None = None,
     environment: dict | None = None,
@@ -161,6 +164,10 @@ def plan_workspace(
     runtime_area : str, optional
         Host folder bound at ``/run/ngp`` for the sockets that bridge the hub's API in and the
         server out (the sandbox has its own network namespace).
+    audit_area : str, optional
+        With ``runtime_area``: the host folder of the audit service's own unix socket, bound
+        read-only at ``/run/ngp/audit`` (a folder, not the socket: a restarted service's new
+        socket shows through it).
     datasets : dict
         Dataset name -> :class:`DatasetSummary`, for the manifest.
     system_mounts : sequence of Mount
@@ -197,10 +204,12 @@ def plan_workspace(
     mounts.append(Mount(shared_area, PROJECT_PATH, True, "project"))
     mounts.append(Mount(home_area, home, True, "home"))
     if runtime_area is not None:
-        # The hub's sockets (hub.sock, audit.sock) sit in a folder only root writes, bound read-only, so
-        # the member cannot replace them; the server's own socket gets a folder of the member's.
+        # The hub's socket (hub.sock) and the audit service's folder sit where only root writes, bound
+        # read-only, so the member cannot replace them; the server's own socket gets a folder of the member's.
         mounts.append(Mount(runtime_area, RUNTIME_PATH, False, "runtime"))
         mounts.append(Mount(f"{runtime_area}/server", f"{RUNTIME_PATH}/server", True, "runtime"))
+        if audit_area is not None:
+            mounts.append(Mount(audit_area, f"{RUNTIME_PATH}/audit", False, "runtime"))
     for m in system_mounts:
         if m.writable:
             raise ValueError(f"system mount {m.target} must be read-only")
