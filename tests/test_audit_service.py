@@ -73,6 +73,7 @@ class ServiceThread:
     def __exit__(self, *exc):
         async def shutdown():
             self.server.stop()
+            await self.server.close_all_connections()  # as when the process ends: clients see it closed
             task = self.ctx.committer.task
             if task is not None:
                 task.cancel()

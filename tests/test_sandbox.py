@@ -289,3 +289,42 @@ def test_a_platform_home_workspaces_cannot_reach_is_refused_clearly():
             check_reachable(private / "ngp")
     finally:
         shutil.rmtree(base)
+
+
+def test_the_audit_services_folder_is_bound_read_only_even_under_a_strict_umask(tmp_path):
+    """The hub and the service may run with umask 077: the folders on the way to the service's socket still
+    get the modes bubblewrap, running as the member, needs to bind it, and inside it is read-only."""
+    from ngp_research.audit.service import listen_unix
+
+    base = tempfile.mkdtemp(prefix="ngp-umask-")
+    os.chmod(base, 0o711)
+    old = os.umask(0o077)
+    try:
+        platform = Platform(home=os.path.join(base, "ngp"))
+        seed_demo(platform, samples_per_region=3, variants=20)
+        catalog = Catalog.open(platform)
+        listener = listen_unix(str(platform.audit_socket))  # the service first, under the same umask
+        plan = plan_for(catalog, "alice", "cardio-gwas", runtime=True)
+        prepare_areas(platform, plan)
+    finally:
+        os.umask(old)
+    try:
+        run = platform.audit_socket.parent.parent
+        assert (stat.S_IMODE(run.stat().st_mode), run.stat().st_gid) == (0o710, platform.workspace_data_gid)
+        assert stat.S_IMODE(platform.audit_socket.parent.stat().st_mode) == 0o755
+        code, out, err = LocalSandbox().run(plan, ["/usr/bin/python3", "-I", "-c", (
+            "import os, socket\n"
+            "s = socket.socket(socket.AF_UNIX)\n"
+            "s.connect('/run/ngp/audit/audit.sock')\n"
+            "try:\n"
+            "    open('/run/ngp/audit/planted', 'w')\n"
+            "except OSError as e:\n"
+            "    print('refused', e.strerror)\n"
+            "print(sorted(os.listdir('/run/ngp/audit')))\n")])
+        out = out.decode()
+        assert code == 0, err
+        assert "refused Read-only file system" in out and "['audit.sock']" in out, out
+    finally:
+        listener.close()
+        catalog.close()
+        shutil.rmtree(base, ignore_errors=True)

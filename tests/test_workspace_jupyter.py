@@ -283,14 +283,18 @@ def workspace():
         return Caller("alice", "cardio-gwas") if t == kernel_token else None
 
     # It listens on its own socket, as the hub-managed service does; the sandbox binds that socket's folder.
-    audit = ServiceThread(ServiceContext(catalog.audit, auth, catalog), platform.audit_socket).__enter__()
+    services = [ServiceThread(ServiceContext(catalog.audit, auth, catalog), platform.audit_socket).__enter__()]
+
+    def restart_audit():
+        services[-1].__exit__(None, None, None)
+        services.append(ServiceThread(ServiceContext(catalog.audit, auth, catalog), platform.audit_socket).__enter__())
 
     cgroup = f"test-jupyter-{os.getpid()}"
     t = time.monotonic()
     log_path = os.path.join(base, "server.log")
     with open(log_path, "wb") as log:
         proc = LocalSandbox().start(plan, singleuser_command(env, ["--ServerApp.log_level=WARN"], server="jupyter-server",
-                                                                relays=[f"127.0.0.1:8082={INSIDE_AUDIT_SOCKET}"]),
+                                                                relays=["127.0.0.1:8082=/run/ngp/nowhere.sock"]),
                                     cgroup=cgroup, stdout=log, stderr=subprocess.STDOUT)
     client = Client(server_relay.port, token)
     deadline = time.time() + 60
@@ -315,7 +319,7 @@ def workspace():
     print(f"\nworkspace jupyter timings: {timings}")
     try:
         yield {"client": client, "plan": plan, "platform": platform, "env": env, "runtime": runtime, "home": home,
-               "catalog": catalog}
+               "catalog": catalog, "restart_audit": restart_audit}
     finally:
         os.killpg(proc.pid, 15)
         try:
@@ -325,7 +329,7 @@ def workspace():
             proc.wait()
         loop(server_relay.stop())
         loop(hub_relay.stop())
-        audit.__exit__(None, None, None)
+        services[-1].__exit__(None, None, None)
         loop.close()
         hub.shutdown()
         time.sleep(0.2)
@@ -519,7 +523,38 @@ def test_the_kernel_reaches_the_audit_service_on_its_own_socket_not_the_loopback
         "print('relay', len(to_relay), 'unix', len(unix), os.environ['NGP_AUDIT_SOCKET'])")
     assert error is None, error
     assert "relay 0 " in out and "/run/ngp/audit/audit.sock" in out, out
-    assert int(out.split("unix ")[1].split()[0]) >= 1, out
+
+
+def test_a_cell_cannot_point_what_it_starts_at_another_audit_service(workspace, kernel):
+    """What a cell starts (a Dask worker, a server) finds the service's socket from the bound folder, not
+    from the environment the cell controls; the cell itself is flagged."""
+    code = ("import os\n"
+            "saved = os.environ.get('NGP_AUDIT_SOCKET')\n"
+            "os.environ['NGP_AUDIT_SOCKET'] = '/tmp/fake.sock'\n"
+            "from ngp_research.workspace.plan import audit_socket\n"
+            "print('socket', audit_socket())\n"
+            "os.environ.pop('NGP_AUDIT_SOCKET')\n"
+            "print('socket', audit_socket())\n"
+            "os.environ['NGP_AUDIT_SOCKET'] = saved\n")
+    out, error = kernel["ws"].execute(code)
+    assert error is None, error
+    assert out.split() == ["socket", "/run/ngp/audit/audit.sock", "socket", "/run/ngp/audit/audit.sock"], out
+    [rec] = [r for r in workspace["catalog"].audit.records(action="query.execute") if r.detail.get("code") == code]
+    assert "possible tampering" in rec.detail["flag"]
+
+
+def test_a_restarted_audit_service_is_reached_again_through_the_bound_folder(workspace, kernel):
+    """A restarted service binds a new socket at the same path: the sandbox, which binds the folder and
+    not the socket, reaches it, for the kernel's records and the server's alike."""
+    workspace["restart_audit"]()
+    out, error = kernel["ws"].execute("open('/project/after-restart', 'w').close()\nprint('ran')")
+    assert error is None and "ran" in out, (out, error)
+    catalog = workspace["catalog"]
+    assert any(a.path == "/project/after-restart" for r in catalog.audit.records(action="file.open", actor="alice")
+               for a in r.accesses())
+    status, _ = workspace["client"].request("GET", "/api/contents/project/after-restart?content=1")
+    assert status == 200
+    assert any(r.path == "/project/after-restart" for r in catalog.audit.records(action="server.file"))
 
 
 def test_the_server_relay_never_follows_a_planted_link(tmp_path):

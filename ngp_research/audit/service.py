@@ -43,6 +43,7 @@ import json
 import os
 import re
 import signal
+import socket
 import time
 from dataclasses import dataclass
 
@@ -138,7 +139,8 @@ def _opened(path: str) -> str:
 #: user (see ngp_research.kernel), so such cells are flagged where the region admin reads them.
 TAMPERING_SIGNS = ("gc.", "get_objects", "get_referrers", "ctypes", "__closure__", "cell_contents", "__code__",
                    "addaudithook", "ngp_research.kernel", "_ngp", "/run/ngp", "sys.modules[", "__globals__",
-                   "dup2", "fileno=")  # the last two: taking over a connection to the audit service
+                   "dup2", "fileno=",  # these two: taking over a connection to the audit service
+                   "NGP_AUDIT")  # pointing what a cell starts (a Dask cluster, a server) at another service
 
 
 def storable(value):
@@ -674,7 +676,8 @@ def listen_unix(path: str):
 
     Its folder is created (0755) if missing; the socket is 0666, since every workspace's uid connects
     to it (through the folder bound into its sandbox) and the token decides who the caller is, as on
-    the TCP port. Anything at ``path`` that is not a socket is an error, never removed.
+    the TCP port. Anything at ``path`` that is not a socket is an error, never removed, and so is a
+    socket something still answers on (another service with the same home): it is never taken over.
 
     >>> import tempfile
     >>> d = tempfile.mkdtemp()
@@ -683,6 +686,17 @@ def listen_unix(path: str):
     '0o666'
     >>> sock.close()
     >>> listen_unix(os.path.join(d, "audit", "audit.sock")).close()  # an old socket is replaced
+    >>> live = listen_unix(os.path.join(d, "audit", "audit.sock"))
+    >>> listen_unix(os.path.join(d, "audit", "audit.sock"))
+    Traceback (most recent call last):
+    ...
+    RuntimeError: another process is listening on .../audit/audit.sock; not taking it over
+    >>> live.close()
+    >>> open(os.path.join(d, "audit", "file"), "w").close()
+    >>> listen_unix(os.path.join(d, "audit", "file"))
+    Traceback (most recent call last):
+    ...
+    ValueError: File .../audit/file exists and is not a socket
     >>> listen_unix("/" + "x" * 200)
     Traceback (most recent call last):
     ...
@@ -697,6 +711,15 @@ def listen_unix(path: str):
     if not os.path.isdir(folder):
         os.makedirs(folder, mode=0o755, exist_ok=True)
         os.chmod(folder, 0o755)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        pass  # nothing there, or a socket left by a service that is gone: bind_unix_socket replaces it
+    else:
+        raise RuntimeError(f"another process is listening on {path}; not taking it over")
+    finally:
+        probe.close()
     return bind_unix_socket(path, mode=0o666)
 
 
@@ -727,6 +750,7 @@ def main():
         ctx.log(f"listening on {url.hostname}:{url.port}{prefix}")
         if socket_path:
             server.add_socket(listen_unix(socket_path))
+            own_socket = os.stat(socket_path).st_ino
             ctx.log(f"listening on {socket_path}")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -736,7 +760,8 @@ def main():
         server.stop()
         if socket_path:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(socket_path)
+                if os.stat(socket_path).st_ino == own_socket:  # not a later service's
+                    os.unlink(socket_path)
         store.close()  # signs a checkpoint of the head on shutdown
         ctx.log("stopped; chain head signed")
 

@@ -76,12 +76,12 @@ def configure(c, platform=None) -> None:
     audit_port = int(os.environ.get("NGP_AUDIT_PORT", "8082"))
     service_env = {k: v for k, v in os.environ.items() if k.startswith("NGP_")}
     service_env["NGP_HOME"] = str(platform.home_path)
-    service_env["NGP_AUDIT_SOCKET"] = str(platform.audit_socket)  # kernels' way in (see the spawner)
     c.JupyterHub.services = [{
         "name": "audit",
         "url": f"http://127.0.0.1:{audit_port}",
         "command": [sys.executable, "-m", "ngp_research.audit.service"],
-        "environment": service_env,
+        # its own socket as well as the port: the kernels' way in (see the spawner)
+        "environment": dict(service_env, NGP_AUDIT_SOCKET=str(platform.audit_socket)),
         "oauth_no_confirm": True,
     }, {
         # Reports: runs templates in members' workspaces (start their servers, reach their kernels) and

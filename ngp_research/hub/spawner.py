@@ -39,7 +39,7 @@ from ..audit.records import AuditRecord
 from ..errors import NotFoundError
 from ..workspace import WorkspaceRefused, plan_for
 from ..workspace.limits import CgroupLimits
-from ..workspace.plan import INSIDE_AUDIT_SOCKET
+from ..workspace.plan import INSIDE_AUDIT_SOCKET, RUNTIME_PATH
 from ..workspace.sandbox import LocalSandbox, prepare_areas
 from . import state
 
@@ -197,7 +197,7 @@ class WorkspaceSpawner(Spawner):
             prepare_areas(platform, plan)
         except PermissionError as e:
             raise web.HTTPError(500, f"The platform is misconfigured: {e}") from None
-        runtime = next(m.source for m in plan.mounts if m.kind == "runtime" and not m.writable)
+        runtime = next(m.source for m in plan.mounts if m.target == RUNTIME_PATH)
         for name in ("hub.sock", "server/server.sock", "audit.sock"):  # audit.sock: an older version's bridge
             try:
                 os.unlink(os.path.join(runtime, name))

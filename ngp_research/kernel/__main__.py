@@ -22,6 +22,7 @@ def main(argv=None) -> None:
     os.environ["IPYTHONDIR"] = ipython_dir
     atexit.register(shutil.rmtree, ipython_dir, True)
 
+    from ..workspace.plan import audit_socket  # noqa: PLC0415
     from .auditor import install  # noqa: PLC0415
 
     options = {}  # tuning knobs: seconds the sender lets a burst of records collect; records that wake it at
@@ -31,7 +32,7 @@ def main(argv=None) -> None:
         if os.environ.get(name):
             options[option] = kind(os.environ[name])
     auditor = install(os.environ.get("NGP_AUDIT_URL"), os.environ.get("JUPYTERHUB_API_TOKEN"),
-                      socket_path=os.environ.get("NGP_AUDIT_SOCKET") or None, **options)
+                      socket_path=audit_socket(), **options)
     atexit.register(auditor.close)  # what is buffered goes out; later opens (__del__, threads) go out first
 
     from .entrypoints import wrap_hail_on_import, wrap_pysam  # noqa: PLC0415

@@ -437,6 +437,8 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
     The hot paths (``open`` of a plain absolute path, ``ngp.data.open``) append a tuple to the
     buffer; what the service gets is built from the tuples in :func:`_encode`, when they are sent.
     """
+    if socket_path is not None and not os.path.isabs(socket_path):  # never relative to a folder a cell chooses
+        raise ValueError(f"the audit service's socket must be an absolute path, not {socket_path!r}")
     max_post = max(1, min(max_post, 5000))  # the service takes at most 5000 records per request
     ignored = _default_ignored() if ignored is None else tuple(ignored)
     ignored_slash = tuple(p + "/" for p in ignored)

@@ -62,7 +62,9 @@ async def dask_setup(worker):
         from .auditor import install
         from .entrypoints import wrap_hail_on_import, wrap_pysam
 
-        auditor = install(url, token, socket_path=os.environ.get("NGP_AUDIT_SOCKET") or None)
+        from ..workspace.plan import audit_socket
+
+        auditor = install(url, token, socket_path=audit_socket())
         _AUDITOR.append(auditor)
         wrap_pysam()
         auditor.watch(wrap_hail_on_import())

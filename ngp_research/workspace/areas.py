@@ -5,7 +5,8 @@ Run as root (the hub), these give::
     $NGP_HOME                  0710 root:<data group>   only sandboxed workspaces traverse it
       state/                   0700 root                never reachable from a workspace uid
       regions/, projects/      0710 root:<data group>
-      run/audit/               0755 root                the audit service's socket, /run/ngp/audit (read-only) inside
+      run/                     0710 root:<data group>
+        audit/                 0755 root                the audit service's socket, /run/ngp/audit (read-only) inside
       runtime/<p>/<user>/      0750 root:<project group>   the hub's bridge sockets, /run/ngp (read-only) inside
         server/                0700 <user uid>   the server's socket, /run/ngp/server inside
         audit/                 0755 root          where run/audit/ is bound
@@ -103,5 +104,6 @@ def runtime_area(platform, project: str, user: str, uid: int, project_gid: int) 
     _own(path, 0o750, gid=project_gid)
     _own(server, 0o700, uid=uid, gid=project_gid)
     _own(audit, 0o755)
+    _own(service.parent, 0o710, gid=platform.workspace_data_gid)  # bwrap, as the member, passes through
     _own(service, 0o755)
     return path

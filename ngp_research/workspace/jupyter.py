@@ -121,7 +121,9 @@ def _contents_manager_class():
         """The HTTP client for the audit service: on its unix socket when ``NGP_AUDIT_SOCKET`` names one
         (in a workspace: bound read-only from outside, so no process in the sandbox can stand in for the
         service, as one could on a loopback port), else the shared client for ``NGP_AUDIT_URL``."""
-        path = os.environ.get("NGP_AUDIT_SOCKET")
+        from ngp_research.workspace.plan import audit_socket
+
+        path = audit_socket()
         if not path:
             return AsyncHTTPClient()
         if path not in clients:

@@ -31,6 +31,26 @@ RUNTIME_PATH = "/run/ngp"  # sockets that bridge allowed services into the sandb
 INSIDE_AUDIT_SOCKET = f"{RUNTIME_PATH}/audit/audit.sock"
 
 
+def audit_socket(environ=None) -> str | None:
+    """Where this process sends audit records: the service's socket, or None for ``NGP_AUDIT_URL``.
+
+    Inside a workspace (its ``/run/ngp/audit`` folder exists, bound read-only from outside; a member
+    can neither make nor remove it) always :data:`INSIDE_AUDIT_SOCKET`, whatever the environment
+    says: a cell that drops or changes ``NGP_AUDIT_SOCKET`` before starting a Dask cluster or a
+    server cannot send their records to a process of its own. Elsewhere ``NGP_AUDIT_SOCKET``.
+
+    >>> audit_socket({"NGP_AUDIT_SOCKET": "/srv/audit.sock"})  # outside a workspace
+    '/srv/audit.sock'
+    >>> audit_socket({}) is None
+    True
+    """
+    import os  # noqa: PLC0415
+
+    if os.path.isdir(os.path.dirname(INSIDE_AUDIT_SOCKET)):
+        return INSIDE_AUDIT_SOCKET
+    return (os.environ if environ is None else environ).get("NGP_AUDIT_SOCKET") or None
+
+
 class WorkspaceRefused(RefusedError):
     """The access policy gives this user nothing in this project; ``reasons`` says why."""
 
