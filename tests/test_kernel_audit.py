@@ -370,6 +370,29 @@ def test_file_access_records(kernel, stub, workdir):
     assert has("data.open", str(vcf), contig="chr1", start=100, stop=200, entry_point="VariantFile.fetch")
 
 
+def test_a_sqlite_database_opened_in_c_is_recorded(kernel, stub, workdir):
+    """SQLite opens its database in C, without an ``open`` event: ``sqlite3.connect`` is recorded as the
+    open of that file, by name or as a ``file:`` URI; a database in memory opens no file."""
+    import sqlite3
+
+    db = workdir / "data" / "cohort.db"
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE IF NOT EXISTS t (x)")
+    con.close()
+    r = ok(kernel.run(f"""
+        import pathlib, sqlite3
+        con = sqlite3.connect({str(db)!r})
+        con.execute("SELECT count(*) FROM t").fetchone()
+        con.close()
+        sqlite3.connect("file:" + {str(db)!r} + "?mode=ro", uri=True).close()
+        sqlite3.connect(pathlib.Path({str(db)!r})).close()
+        sqlite3.connect(":memory:").close()
+    """))
+    opened = [x for x in stub.find("file.open", msg_id=r["msg_id"]) if x["detail"].get("event") == "sqlite3.connect"]
+    assert [x["path"] for x in opened] == [str(db)] * 3, opened
+    assert opened[1]["detail"]["as_given"] == f"file:{db}?mode=ro"
+
+
 def test_completion_and_inspection_are_recorded_before_they_run(kernel, stub, workdir):
     """Inspecting ``s.other`` calls the object's ``__getattr__``: user code, which opens a file."""
     target = workdir / "data" / "f4.txt"

@@ -12,7 +12,8 @@ request's path) and never falls back to the URL's port, where a process of the m
   is imported, turns ``open``,
   ``os.listdir``/``os.scandir``, ``os.symlink``/``os.link`` (recorded under what the link leads
   to, so a region sees a link into its data even though later opens through it name the link),
-  ``shutil`` copies, ``subprocess.Popen``, ``os.system``,
+  ``shutil`` copies, ``sqlite3.connect`` (SQLite opens its database in C: recorded as the open of
+  that file), ``subprocess.Popen``, ``os.system``,
   ``os.exec*``/``os.posix_spawn`` (a started program is also recorded under each dataset its
   arguments, shell command, environment or working folder name literally, globs and region
   folders expanded against the mounted datasets: ``cat /data/...`` reaches the region's report),

@@ -58,6 +58,7 @@ EVENT_ACTIONS = {
     "os.listdir": "file.list",
     "os.scandir": "file.list",
     "shutil.copyfile": "file.open",
+    "sqlite3.connect": "file.open",  # SQLite opens the database in C: no "open" event of its own
     "os.symlink": "file.link",  # a link into /data would make later opens through it look outside every region
     "os.link": "file.link",
     "shutil.copytree": "file.list",
@@ -465,6 +466,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
     socket_ids = {}  # id(bare socket) -> its (st_dev, st_ino) when connected
     fsdecode, normpath, getcwd = os.fsdecode, os.path.normpath, os.getcwd
     monotonic, _get_ident = time.monotonic, threading.get_ident
+    urlsplit, unquote = urllib.parse.urlsplit, urllib.parse.unquote  # held: a cell's patch changes nothing
     dumps, loads = json.dumps, json.loads
     encode = encode_items  # held here: a cell that rebinds the module's name changes nothing
     named_in = named_data_paths
@@ -841,6 +843,18 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             if path is None or _ignored(path):
                 return
             record(action, path, {"event": event, "mode": _plain(args[1]), "flags": _plain(args[2])})
+        elif event == "sqlite3.connect":
+            database = args[0]
+            given = _text(database) if isinstance(database, str) else None
+            if given is not None and given[:5] == "file:":  # a URI (connect(..., uri=True)): its path part
+                parts = urlsplit(given)
+                database = unquote(parts.path) if parts.netloc in ("", "localhost") else given
+            if database in ("", ":memory:"):  # no file: a database in memory or a temporary one
+                return
+            path = _path(database)
+            if path is None or _ignored(path):
+                return
+            record(action, path, {"event": event, "as_given": given if given is not None else _text(args[0])})
         elif action == "file.list":
             path = _path(args[0] if args and args[0] is not None else ".")
             if path is None or _ignored(path):
