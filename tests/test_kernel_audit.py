@@ -573,3 +573,62 @@ def test_the_kernel_uses_the_services_own_socket_and_never_falls_back_to_the_url
             k.close()
         service.kill()
         service.wait()
+
+
+def test_hails_file_reading_entry_points_record_every_file_they_name(monkeypatch):
+    """Hail reads files in its JVM, where no audit event is raised: each entry point that names files
+    (import_table, import_plink's bed/bim/fam given by position, import_bgen's sample file and index map,
+    hadoop_open, ...) records every one of them before the call, under the public name and the defining
+    module's. A fake ``hail`` stands in for the real one (whose calls would start a JVM); the wrappers only
+    look at the functions' signatures."""
+    import sys
+    import types
+
+    from ngp_research.kernel import entrypoints
+
+    calls = []
+
+    def make(name, params):
+        ns = {}
+        exec(f"def {name}({', '.join(p + '=None' for p in params)}, **kwargs):\n    return {name!r}", ns)
+        return ns[name]
+
+    fns = {"import_vcf": make("import_vcf", ["path", "force", "header_file"]),
+           "import_plink": make("import_plink", ["bed", "bim", "fam", "min_partitions"]),
+           "import_bgen": make("import_bgen", ["path", "entry_fields", "sample_file", "n_partitions",
+                                               "block_size", "index_file_map"]),
+           "import_table": make("import_table", ["paths", "key"]),
+           "hadoop_open": make("hadoop_open", ["path", "mode", "buffer_size"]),
+           "read_matrix_table": make("read_matrix_table", ["path"])}
+    hail = types.ModuleType("hail")
+    impex = types.ModuleType("hail.methods.impex")
+    experimental = types.ModuleType("hail.experimental")
+    experimental.read_expression = make("read_expression", ["path"])
+    hail.experimental = experimental
+    for name, fn in fns.items():
+        setattr(hail, name, fn)
+        setattr(impex, name, fn)
+    for name, module in (("hail", hail), ("hail.methods.impex", impex), ("hail.experimental", experimental)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(entrypoints, "_audit", lambda event, path, detail: calls.append((path, detail)))
+
+    wrapped = entrypoints.wrap_hail()
+    assert set(wrapped) == set(fns) | {"experimental.read_expression"}
+    assert impex.import_table is hail.import_table and hail.import_table._ngp_audited
+    assert entrypoints.wrap_hail() == []  # idempotent
+
+    assert hail.import_plink("/data/r/d/x.bed", "/data/r/d/x.bim", "/data/r/d/x.fam") == "import_plink"
+    hail.import_table(["/data/r/d/a.tsv", "file:///data/r/d/b.tsv"], key="s")
+    impex.import_bgen("/data/r/d/x.bgen", ["GT"], sample_file="/data/r/d/x.sample",
+                      index_file_map={"/data/r/d/x.bgen": "/data/r/d/x.idx2"})
+    hail.hadoop_open("/data/r/d/notes.txt", "r")
+    hail.experimental.read_expression("/data/r/d/e.he")
+    seen = [(p, d["entry_point"], d["argument"]) for p, d in calls]
+    assert seen == [
+        ("/data/r/d/x.bed", "import_plink", "bed"), ("/data/r/d/x.bim", "import_plink", "bim"),
+        ("/data/r/d/x.fam", "import_plink", "fam"),
+        ("/data/r/d/a.tsv", "import_table", "paths"), ("/data/r/d/b.tsv", "import_table", "paths"),
+        ("/data/r/d/x.bgen", "import_bgen", "path"), ("/data/r/d/x.sample", "import_bgen", "sample_file"),
+        ("/data/r/d/x.bgen", "import_bgen", "index_file_map"), ("/data/r/d/x.idx2", "import_bgen", "index_file_map"),
+        ("/data/r/d/notes.txt", "hadoop_open", "path"), ("/data/r/d/e.he", "read_expression", "path")]
+    assert calls[-2][1]["mode"] == "r" and all(d["library"] == "hail" for _, d in calls)

@@ -9,12 +9,19 @@ kernel (no hook installed) it does nothing.
 their old aliases) in ``pysam`` and in the extension modules that define them by subclasses whose
 constructor records ``data.open`` (path, mode) and whose ``fetch`` records ``data.open`` with the
 region. ``isinstance`` keeps working both ways (a metaclass answers for the original class too).
+
+:func:`wrap_hail` replaces Hail's functions that read or list files in its JVM (the importers,
+``read_matrix_table``/``read_table``, ``hadoop_open``/``hadoop_ls``/..., see
+:data:`HAIL_ENTRY_POINTS`) by ones that first record every file their arguments name, whether given
+by position or keyword, in a list, or in a BGEN index map. Hail's own internal calls may add records
+of their own (``import_csv`` calls ``import_table``).
 """
 
 import os
 import sys
 
-__all__ = ["record_data_access", "wrap_pysam", "wrap_hail", "wrap_hail_on_import", "describe_region"]
+__all__ = ["record_data_access", "wrap_pysam", "wrap_hail", "wrap_hail_on_import", "describe_region",
+           "HAIL_ENTRY_POINTS"]
 
 _audit = sys.audit  # bound now: reassigning sys.audit later does not silence these records
 
@@ -163,37 +170,126 @@ def wrap_pysam(pysam=None) -> list[str]:
     return wrapped
 
 
-def wrap_hail() -> list[str]:
-    """Record Hail's import/read entry points, if Hail is installed (it is not yet: returns [])."""
-    try:
-        import hail  # noqa: PLC0415
-    except ImportError:
+#: Hail's functions that read (or list) files in its JVM, where no Python audit event is raised, and the
+#: parameters that name files: each is recorded as ``data.open`` (``entry_point``, ``argument``) before
+#: the call. A name with a dot is an attribute of ``hail.experimental``.
+HAIL_ENTRY_POINTS = {
+    "import_vcf": ("path", "header_file"),
+    "import_plink": ("bed", "bim", "fam"),
+    "import_bgen": ("path", "sample_file", "index_file_map"),
+    "import_gen": ("path", "sample_file"),
+    "read_matrix_table": ("path",),
+    "read_table": ("path",),
+    "import_table": ("paths",),
+    "import_csv": ("paths",),
+    "import_lines": ("paths",),
+    "import_matrix_table": ("paths",),
+    "import_bed": ("path",),
+    "import_fam": ("path",),
+    "import_locus_intervals": ("path",),
+    "import_avro": ("paths",),
+    "import_gvcf_interval": ("path",),
+    "hadoop_open": ("path",),
+    "hadoop_copy": ("src", "dest"),
+    "hadoop_ls": ("path",),
+    "hadoop_stat": ("path",),
+    "hadoop_exists": ("path",),
+    "hadoop_is_file": ("path",),
+    "hadoop_is_dir": ("path",),
+    "experimental.import_gtf": ("path",),
+    "experimental.read_expression": ("path",),
+}
+
+#: The modules whose names for those functions are replaced: Hail's public ones and those that define
+#: them (``hail.methods.import_vcf`` is the same function as ``hail.import_vcf``).
+_HAIL_MODULES = ("hail", "hail.methods", "hail.methods.impex", "hail.utils", "hail.utils.hadoop_utils",
+                 "hail.experimental", "hail.experimental.expressions", "hail.experimental.import_gtf")
+
+
+def _named_files(value):
+    """The file names in one argument: a path, a list of them, or a dict's keys and values (a BGEN index
+    map); a ``file:`` URL as its local path, as Hail reads it.
+
+    >>> _named_files(["/data/a.vcf", "file:///data/b.vcf"]), _named_files({"/d/x.bgen": "/d/x.idx2"})
+    (['/data/a.vcf', '/data/b.vcf'], ['/d/x.bgen', '/d/x.idx2'])
+    >>> _named_files(None), _named_files(3)
+    ([], [])
+    """
+    if value is None:
         return []
+    if isinstance(value, dict):
+        found = [v for kv in value.items() for v in kv]
+    elif isinstance(value, (list, tuple)):
+        found = list(value)
+    else:
+        found = [value]
+    out = []
+    for v in found:
+        if isinstance(v, os.PathLike):
+            v = os.fspath(v)
+        if isinstance(v, bytes):
+            v = os.fsdecode(v)
+        if not isinstance(v, str):
+            continue
+        if v.startswith("file://"):
+            v = v[len("file://"):]
+        elif v.startswith("file:/"):
+            v = v[len("file:"):]
+        out.append(v)
+    return out
+
+
+def _audited_hail(fn, name, parameters):
     import functools  # noqa: PLC0415
+    import inspect  # noqa: PLC0415
 
     record = record_data_access
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        signature = None
+
+    @functools.wraps(fn)
+    def audited(*args, **kwargs):
+        try:
+            bound = signature.bind_partial(*args, **kwargs).arguments if signature is not None else {}
+        except TypeError:  # Hail's own check will refuse the call; record what can be told
+            bound = {}
+        if not bound and args:
+            bound = {parameters[0]: args[0]}
+        for parameter in parameters:
+            for path in _named_files(bound.get(parameter)):
+                detail = {"library": "hail", "entry_point": name, "argument": parameter}
+                if name == "hadoop_open":
+                    detail["mode"] = bound.get("mode", "r")
+                record(path, **detail)
+        return fn(*args, **kwargs)
+
+    audited._ngp_audited = True
+    return audited
+
+
+def wrap_hail() -> list[str]:
+    """Record Hail's entry points that read files (:data:`HAIL_ENTRY_POINTS`) if Hail is imported;
+    returns the names wrapped (idempotent)."""
+    hail = sys.modules.get("hail")
+    if hail is None:
+        try:
+            import hail  # noqa: PLC0415
+        except ImportError:
+            return []
+    modules = [m for m in (sys.modules.get(n) for n in _HAIL_MODULES) if m is not None]
     wrapped = []
-    for name in ("import_vcf", "import_plink", "import_bgen", "read_matrix_table", "read_table"):
-        fn = getattr(hail, name, None)
-        if fn is None or getattr(fn, "_ngp_audited", False):
+    for name, parameters in HAIL_ENTRY_POINTS.items():
+        attr = name.rsplit(".", 1)[-1]
+        home = getattr(hail, "experimental", None) if "." in name else hail
+        fn = getattr(home, attr, None) if home is not None else None
+        if fn is None or not callable(fn) or getattr(fn, "_ngp_audited", False):
             continue
-
-        def make(fn, name):
-            @functools.wraps(fn)
-            def audited(path=None, *args, **kwargs):
-                paths = path if isinstance(path, (list, tuple)) else [path]
-                for p in paths:
-                    record(p if isinstance(p, (str, os.PathLike)) else None, library="hail", entry_point=name)
-                if name == "import_plink":  # bed/bim/fam are keywords
-                    for key in ("bed", "bim", "fam"):
-                        if kwargs.get(key):
-                            record(kwargs[key], library="hail", entry_point=name)
-                return fn(path, *args, **kwargs) if path is not None else fn(*args, **kwargs)
-
-            audited._ngp_audited = True
-            return audited
-
-        setattr(hail, name, make(fn, name))
+        audited = _audited_hail(fn, attr, parameters)
+        for module in modules:
+            if getattr(module, attr, None) is fn:
+                setattr(module, attr, audited)
         wrapped.append(name)
     return wrapped
 
@@ -246,7 +342,8 @@ def wrap_hail_on_import():
         hail = sys.modules.get("hail")
         if hail is not None and getattr(getattr(hail, "__spec__", None), "_initializing", False):
             return None  # still being imported: the finder wraps it when that is done
-        if hail is not None and not getattr(getattr(hail, "import_vcf", None), "_ngp_audited", False):
+        if hail is not None and any(not getattr(getattr(hail, n, None), "_ngp_audited", True)
+                                    for n in HAIL_ENTRY_POINTS if "." not in n):
             return "Hail's entry points are not wrapped"
         if hail is None and finder not in sys.meta_path:
             return "the finder that wraps Hail's entry points was removed"
