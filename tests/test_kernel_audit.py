@@ -393,6 +393,36 @@ def test_a_sqlite_database_opened_in_c_is_recorded(kernel, stub, workdir):
     assert opened[1]["detail"]["as_given"] == f"file:{db}?mode=ro"
 
 
+def test_pysams_other_c_readers_and_its_samtools_and_bcftools_are_recorded(kernel, stub, workdir):
+    """Beyond the four file classes: FASTQ readers, BGZF files, tabix's indexer and compressor, and the
+    samtools/bcftools commands pysam runs in the kernel's own process all open files in C."""
+    data = workdir / "data"
+    fq = data / "reads.fq"
+    fq.write_text("@r1\nACGT\n+\nIIII\n@r2\nTTGA\n+\nIIII\n")
+    vcf = data / "calls.vcf"
+    vcf.write_text("##fileformat=VCFv4.2\n##contig=<ID=chr1,length=1000>\n"
+                   "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n"
+                   "chr1\t50\t.\tA\tG\t.\tPASS\t.\nchr1\t150\t.\tA\tG\t.\tPASS\t.\n")
+    r = ok(kernel.run(f"""
+        import pysam, pysam.bcftools
+        assert sum(1 for _ in pysam.FastxFile({str(fq)!r})) == 2
+        assert isinstance(pysam.FastxFile({str(fq)!r}), pysam.libcfaidx.FastxFile)
+        pysam.tabix_compress({str(fq)!r}, {str(fq) + ".bgz"!r}, force=True)
+        with pysam.BGZFile({str(fq) + ".bgz"!r}, "rb") as f:
+            assert f.read().startswith(b"@r1")
+        gz = pysam.tabix_index({str(vcf)!r}, preset="vcf", force=True)
+        assert len(pysam.bcftools.view("-H", gz).splitlines()) == 2
+    """))
+    mine = [x for x in stub.find("data.open", msg_id=r["msg_id"])]
+    seen = {(x["path"], x["detail"]["entry_point"]) for x in mine}
+    gz = str(vcf) + ".gz"
+    for expected in ((str(fq), "FastxFile"), (str(fq), "tabix_compress"), (str(fq) + ".bgz", "BGZFile"),
+                     (str(vcf), "tabix_index"), (gz, "bcftools.view")):
+        assert expected in seen, (expected, sorted(seen))
+    [view] = [x for x in mine if x["detail"]["entry_point"] == "bcftools.view"]
+    assert view["detail"]["argv"] == ["-H", gz]
+
+
 def test_completion_and_inspection_are_recorded_before_they_run(kernel, stub, workdir):
     """Inspecting ``s.other`` calls the object's ``__getattr__``: user code, which opens a file."""
     target = workdir / "data" / "f4.txt"

@@ -27,8 +27,10 @@ request's path) and never falls back to the URL's port, where a process of the m
   (``AuditUnavailable``). Buffered records are delivered before each reply; if they cannot be, the
   next cell is refused until they are.
 - :mod:`.entrypoints`: ``data.open`` records for libraries that open files in C (pysam's
-  ``VariantFile``/``AlignmentFile``/``TabixFile``/``FastaFile`` and their ``fetch`` regions;
-  Hail's readers when Hail is installed), and :func:`~.entrypoints.record_data_access` for others.
+  ``VariantFile``/``AlignmentFile``/``TabixFile``/``FastaFile`` and their ``fetch`` regions, its
+  FASTQ/BGZF readers, tabix functions and in-process samtools/bcftools commands; every Hail
+  function that reads or lists files, when Hail is imported), and
+  :func:`~.entrypoints.record_data_access` for others.
 
 IPython reads startup files and profile config from ``IPYTHONDIR``, which the member can write
 (``/tmp/ipython``). The kernel points ``IPYTHONDIR`` at a fresh private directory it creates

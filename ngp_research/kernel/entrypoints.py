@@ -9,6 +9,11 @@ kernel (no hook installed) it does nothing.
 their old aliases) in ``pysam`` and in the extension modules that define them by subclasses whose
 constructor records ``data.open`` (path, mode) and whose ``fetch`` records ``data.open`` with the
 region. ``isinstance`` keeps working both ways (a metaclass answers for the original class too).
+It does the same for the classes that open a file in C when made (``FastxFile``, ``FastqFile``,
+``BGZFile``, ``HFile``, ``GZIterator``), records the files ``tabix_index`` and ``tabix_compress``
+read, and, for the samtools and bcftools commands pysam runs in the kernel's own process
+(``pysam.samtools.view(...)``, ``pysam.bcftools.stats(...)``), each argument that names an
+existing file or one under ``/data``.
 
 :func:`wrap_hail` replaces Hail's functions that read or list files in its JVM (the importers,
 ``read_matrix_table``/``read_table``, ``hadoop_open``/``hadoop_ls``/..., see
@@ -86,6 +91,18 @@ _PYSAM_CLASSES = (
     ("AlignmentFile", "pysam.libcalignmentfile", ("contig", "start", "stop", "region", "tid"), ("Samfile",)),
     ("TabixFile", "pysam.libctabix", ("reference", "start", "end", "region"), ("Tabixfile",)),
     ("FastaFile", "pysam.libcfaidx", ("reference", "start", "end", "region"), ("Fastafile",)),
+    # classes that open a file in C when made, with no fetch: the open is recorded
+    ("FastxFile", "pysam.libcfaidx", None, ()),
+    ("FastqFile", "pysam.libcfaidx", None, ()),
+    ("BGZFile", "pysam.libcbgzf", None, ()),
+    ("HFile", "pysam.libchtslib", None, ()),
+    ("GZIterator", "pysam.libctabix", None, ()),
+)
+
+#: pysam's functions that read a file named by an argument, in C: (name, module, the path parameters)
+_PYSAM_FUNCTIONS = (
+    ("tabix_index", "pysam.libctabix", ("filename",)),
+    ("tabix_compress", "pysam.libctabix", ("filename_in",)),
 )
 
 
@@ -107,14 +124,16 @@ def _audited_subclass(base, fetch_names):
     # does not pay for abspath each time; held here, not on the object, where a cell could rewrite it
     resolved = {}
     plain_keys = ("contig", "start", "stop")
+    has_init = base.__init__ is not object.__init__
 
     def __init__(self, *args, **kwargs):
-        target = args[0] if args else kwargs.get("filename", kwargs.get("filepath_or_object"))
+        target = args[0] if args else kwargs.get("filename", kwargs.get("filepath_or_object", kwargs.get("name")))
         mode = args[1] if len(args) > 1 and isinstance(args[1], str) else kwargs.get("mode", "r")
         path = filename_of(target)
         record(path, mode=mode, library="pysam", entry_point=base.__name__,
                **({} if path else {"object": repr(target)[:200]}))
-        base.__init__(self, *args, **kwargs)
+        if has_init:  # some open in __cinit__ alone, at creation (recorded as soon as made, before use)
+            base.__init__(self, *args, **kwargs)
         if len(resolved) > 4096:
             resolved.clear()
         resolved[id(self)] = (getattr(self, "filename", None), path)
@@ -135,15 +154,18 @@ def _audited_subclass(base, fetch_names):
         audit("ngp.data.open", path, detail)
         return base.fetch(self, *args, **kwargs)
 
-    ns = {"__init__": __init__, "fetch": fetch, "__module__": base.__module__,
+    ns = {"__init__": __init__, "__module__": base.__module__,
           "__doc__": base.__doc__, "__qualname__": base.__qualname__}
+    if fetch_names is not None:
+        ns["fetch"] = fetch
     cls = _Meta(base.__name__, (base,), ns)
     cls._ngp_audited_base = base
     return cls
 
 
 def wrap_pysam(pysam=None) -> list[str]:
-    """Replace pysam's file classes by recording subclasses; returns the names wrapped (idempotent)."""
+    """Replace pysam's file classes by recording subclasses, and its file-reading functions and samtools/bcftools
+    commands by recording wrappers; returns the names wrapped (idempotent)."""
     if pysam is None:
         try:
             import pysam  # noqa: PLC0415
@@ -167,7 +189,75 @@ def wrap_pysam(pysam=None) -> list[str]:
                 if getattr(mod, attr, None) is base:
                     setattr(mod, attr, cls)
         wrapped.append(name)
+    for name, modname, parameters in _PYSAM_FUNCTIONS:
+        fn = getattr(pysam, name, None)
+        if fn is None or getattr(fn, "_ngp_audited", False):
+            continue
+        audited = _audited_function(fn, name, parameters, "pysam")
+        for mod in (pysam, sys.modules.get(modname)):
+            if mod is not None and getattr(mod, name, None) is fn:
+                setattr(mod, name, audited)
+        wrapped.append(name)
+    dispatcher = getattr(getattr(pysam, "utils", None), "PysamDispatcher", None)
+    if dispatcher is not None and not getattr(dispatcher.__call__, "_ngp_audited", False):
+        dispatcher.__call__ = _audited_dispatch(dispatcher.__call__)
+        wrapped.append("PysamDispatcher")
     return wrapped
+
+
+def _audited_function(fn, name, parameters, library):
+    """``fn``, recording each file its ``parameters`` name (by position or keyword) before it runs."""
+    import functools  # noqa: PLC0415
+    import inspect  # noqa: PLC0415
+
+    record = record_data_access
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a C function without one: the first argument is the first parameter
+        signature = None
+
+    @functools.wraps(fn)
+    def audited(*args, **kwargs):
+        try:
+            bound = signature.bind_partial(*args, **kwargs).arguments if signature is not None else {}
+        except TypeError:  # the function itself will refuse the call; record what can be told
+            bound = {}
+        if not bound and args:
+            bound = {parameters[0]: args[0]}
+        for parameter in parameters:
+            for path in _named_files(bound.get(parameter)):
+                detail = {"library": library, "entry_point": name, "argument": parameter}
+                if name == "hadoop_open":
+                    detail["mode"] = bound.get("mode", "r")
+                record(path, **detail)
+        return fn(*args, **kwargs)
+
+    audited._ngp_audited = True
+    return audited
+
+
+def _audited_dispatch(call):
+    """``PysamDispatcher.__call__`` (``pysam.samtools.view(...)``, ``pysam.bcftools.stats(...)``: samtools and
+    bcftools run in the kernel's process, in C), recording each argument that names an existing file, or
+    one under ``/data``, before the command runs."""
+    import functools  # noqa: PLC0415
+
+    record = record_data_access
+
+    @functools.wraps(call)
+    def __call__(self, *args, **kwargs):
+        words = [os.fsdecode(os.fspath(a)) for a in args if isinstance(a, (str, bytes, os.PathLike))]
+        command = f"{getattr(self, 'collection', 'pysam')}.{getattr(self, 'dispatch', '?')}"
+        for word in words:
+            if word.startswith("-") or not word:
+                continue
+            path = os.path.abspath(word)
+            if path.startswith("/data/") or os.path.exists(path):
+                record(path, library="pysam", entry_point=command, argument=word, argv=words[:64])
+        return call(self, *args, **kwargs)
+
+    __call__._ngp_audited = True
+    return __call__
 
 
 #: Hail's functions that read (or list) files in its JVM, where no Python audit event is raised, and the
@@ -239,36 +329,6 @@ def _named_files(value):
     return out
 
 
-def _audited_hail(fn, name, parameters):
-    import functools  # noqa: PLC0415
-    import inspect  # noqa: PLC0415
-
-    record = record_data_access
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):
-        signature = None
-
-    @functools.wraps(fn)
-    def audited(*args, **kwargs):
-        try:
-            bound = signature.bind_partial(*args, **kwargs).arguments if signature is not None else {}
-        except TypeError:  # Hail's own check will refuse the call; record what can be told
-            bound = {}
-        if not bound and args:
-            bound = {parameters[0]: args[0]}
-        for parameter in parameters:
-            for path in _named_files(bound.get(parameter)):
-                detail = {"library": "hail", "entry_point": name, "argument": parameter}
-                if name == "hadoop_open":
-                    detail["mode"] = bound.get("mode", "r")
-                record(path, **detail)
-        return fn(*args, **kwargs)
-
-    audited._ngp_audited = True
-    return audited
-
-
 def wrap_hail() -> list[str]:
     """Record Hail's entry points that read files (:data:`HAIL_ENTRY_POINTS`) if Hail is imported;
     returns the names wrapped (idempotent)."""
@@ -286,7 +346,7 @@ def wrap_hail() -> list[str]:
         fn = getattr(home, attr, None) if home is not None else None
         if fn is None or not callable(fn) or getattr(fn, "_ngp_audited", False):
             continue
-        audited = _audited_hail(fn, attr, parameters)
+        audited = _audited_function(fn, attr, parameters, "hail")
         for module in modules:
             if getattr(module, attr, None) is fn:
                 setattr(module, attr, audited)
