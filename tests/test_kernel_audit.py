@@ -423,6 +423,26 @@ def test_pysams_other_c_readers_and_its_samtools_and_bcftools_are_recorded(kerne
     assert view["detail"]["argv"] == ["-H", gz]
 
 
+def test_sparks_readers_record_the_files_they_are_given(kernel, stub, workdir):
+    """pyspark (Hail's engine) reads files in its JVM. Its readers record every path given, when pyspark is
+    imported after the kernel started. The calls here fail after recording (no JVM is started)."""
+    data = workdir / "data"
+    r = ok(kernel.run(f"""
+        import pyspark
+        from pyspark.sql.readwriter import DataFrameReader
+        for call in (lambda: DataFrameReader.csv(object(), {str(data / "a.csv")!r}),
+                     lambda: DataFrameReader.parquet(object(), {str(data / "p1")!r}, {str(data / "p2")!r}),
+                     lambda: pyspark.SparkContext.textFile(object(), "file://" + {str(data / "t.txt")!r})):
+            try:
+                call()
+            except Exception:
+                pass
+    """))
+    seen = [(x["path"], x["detail"]["entry_point"]) for x in stub.find("data.open", msg_id=r["msg_id"])]
+    assert seen == [(str(data / "a.csv"), "DataFrameReader.csv"), (str(data / "p1"), "DataFrameReader.parquet"),
+                    (str(data / "p2"), "DataFrameReader.parquet"), (str(data / "t.txt"), "SparkContext.textFile")], seen
+
+
 def test_completion_and_inspection_are_recorded_before_they_run(kernel, stub, workdir):
     """Inspecting ``s.other`` calls the object's ``__getattr__``: user code, which opens a file."""
     target = workdir / "data" / "f4.txt"

@@ -29,7 +29,7 @@ request's path) and never falls back to the URL's port, where a process of the m
 - :mod:`.entrypoints`: ``data.open`` records for libraries that open files in C (pysam's
   ``VariantFile``/``AlignmentFile``/``TabixFile``/``FastaFile`` and their ``fetch`` regions, its
   FASTQ/BGZF readers, tabix functions and in-process samtools/bcftools commands; every Hail
-  function that reads or lists files, when Hail is imported), and
+  function that reads or lists files, and Spark's readers, when Hail or pyspark is imported), and
   :func:`~.entrypoints.record_data_access` for others.
 
 IPython reads startup files and profile config from ``IPYTHONDIR``, which the member can write

@@ -25,8 +25,8 @@ of their own (``import_csv`` calls ``import_table``).
 import os
 import sys
 
-__all__ = ["record_data_access", "wrap_pysam", "wrap_hail", "wrap_hail_on_import", "describe_region",
-           "HAIL_ENTRY_POINTS"]
+__all__ = ["record_data_access", "wrap_pysam", "wrap_hail", "wrap_hail_on_import", "wrap_pyspark",
+           "wrap_pyspark_on_import", "describe_region", "HAIL_ENTRY_POINTS", "PYSPARK_ENTRY_POINTS"]
 
 _audit = sys.audit  # bound now: reassigning sys.audit later does not silence these records
 
@@ -354,15 +354,66 @@ def wrap_hail() -> list[str]:
     return wrapped
 
 
+#: Spark's readers (its JVM opens the files: no Python audit event), as (module, class, method, the
+#: parameters that name files). Hail runs on Spark, so a cell can reach them through ``hl.spark_context()``
+#: or a ``SparkSession`` of its own.
+PYSPARK_ENTRY_POINTS = (
+    ("pyspark.sql.readwriter", "DataFrameReader", "load", ("path",)),
+    ("pyspark.sql.readwriter", "DataFrameReader", "csv", ("path",)),
+    ("pyspark.sql.readwriter", "DataFrameReader", "json", ("path",)),
+    ("pyspark.sql.readwriter", "DataFrameReader", "parquet", ("paths",)),
+    ("pyspark.sql.readwriter", "DataFrameReader", "text", ("paths",)),
+    ("pyspark.sql.readwriter", "DataFrameReader", "orc", ("path",)),
+    ("pyspark.context", "SparkContext", "textFile", ("name",)),
+    ("pyspark.context", "SparkContext", "wholeTextFiles", ("path",)),
+    ("pyspark.context", "SparkContext", "binaryFiles", ("path",)),
+    ("pyspark.context", "SparkContext", "binaryRecords", ("path",)),
+    ("pyspark.context", "SparkContext", "pickleFile", ("name",)),
+    ("pyspark.context", "SparkContext", "sequenceFile", ("path",)),
+    ("pyspark.context", "SparkContext", "hadoopFile", ("path",)),
+    ("pyspark.context", "SparkContext", "newAPIHadoopFile", ("path",)),
+    ("pyspark.context", "SparkContext", "addFile", ("path",)),
+    ("pyspark.context", "SparkContext", "addPyFile", ("path",)),
+    ("pyspark.context", "SparkContext", "addArchive", ("path",)),
+)
+
+
+def wrap_pyspark() -> list[str]:
+    """Record the files Spark's readers are given (:data:`PYSPARK_ENTRY_POINTS`), if pyspark is imported;
+    returns the names wrapped (idempotent). A path in a SQL text (``spark.sql("... csv.`/data/...`")``)
+    is not seen here; the cell's code, recorded before it ran, shows it."""
+    if "pyspark" not in sys.modules:
+        return []
+    import importlib  # noqa: PLC0415
+
+    wrapped = []
+    for modname, clsname, method, parameters in PYSPARK_ENTRY_POINTS:
+        try:
+            cls = getattr(importlib.import_module(modname), clsname)
+        except (ImportError, AttributeError):
+            continue
+        fn = cls.__dict__.get(method)
+        if fn is None or not callable(fn) or getattr(fn, "_ngp_audited", False):
+            continue
+        setattr(cls, method, _audited_function(fn, f"{clsname}.{method}", parameters, "pyspark"))
+        wrapped.append(f"{clsname}.{method}")
+    return wrapped
+
+
 class _WrapAfterImport:
-    """A ``sys.meta_path`` finder that wraps Hail's entry points as soon as ``import hail`` has run.
+    """A ``sys.meta_path`` finder that wraps a library's entry points as soon as ``import <name>`` has run.
 
     Importing Hail takes seconds, so the kernel does not import it at start; this finder delegates
-    the import to the other finders and calls :func:`wrap_hail` right after the module executes.
+    the import to the other finders and calls ``wrap`` (e.g. :func:`wrap_hail`) right after the
+    module executes.
     """
 
+    def __init__(self, name="hail", wrap=None):
+        self.name = name
+        self.wrap = wrap_hail if wrap is None else wrap
+
     def find_spec(self, name, path=None, target=None):
-        if name != "hail":
+        if name != self.name:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -374,12 +425,39 @@ class _WrapAfterImport:
             return None
         original = spec.loader.exec_module
 
+        wrap = self.wrap
+
         def exec_module(module):
             original(module)
-            wrap_hail()
+            wrap()
 
         spec.loader.exec_module = exec_module
         return spec
+
+
+def wrap_pyspark_on_import():
+    """Wrap Spark's readers now if pyspark is imported, else as soon as it is (Hail imports it); returns an
+    integrity check like :func:`wrap_hail_on_import`'s.
+
+    >>> check = wrap_pyspark_on_import()
+    >>> check() is None
+    True
+    """
+    if "pyspark" in sys.modules:
+        wrap_pyspark()
+        return lambda: None
+    finder = _WrapAfterImport("pyspark", wrap_pyspark)
+    sys.meta_path.insert(0, finder)
+
+    def check():
+        pyspark = sys.modules.get("pyspark")
+        if pyspark is not None and getattr(getattr(pyspark, "__spec__", None), "_initializing", False):
+            return None
+        if pyspark is None and finder not in sys.meta_path:
+            return "the finder that wraps Spark's readers was removed"
+        return None
+
+    return check
 
 
 def wrap_hail_on_import():

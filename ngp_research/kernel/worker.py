@@ -60,7 +60,7 @@ async def dask_setup(worker):
         return
     if not _AUDITOR:
         from .auditor import install
-        from .entrypoints import wrap_hail_on_import, wrap_pysam
+        from .entrypoints import wrap_hail_on_import, wrap_pysam, wrap_pyspark_on_import
 
         from ..workspace.plan import audit_socket
 
@@ -68,4 +68,5 @@ async def dask_setup(worker):
         _AUDITOR.append(auditor)
         wrap_pysam()
         auditor.watch(wrap_hail_on_import())
+        auditor.watch(wrap_pyspark_on_import())
     await worker.plugin_add(CellAttribution(_AUDITOR[0]), name=CellAttribution.name)
