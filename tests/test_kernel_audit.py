@@ -443,6 +443,55 @@ def test_sparks_readers_record_the_files_they_are_given(kernel, stub, workdir):
                     (str(data / "p2"), "DataFrameReader.parquet"), (str(data / "t.txt"), "SparkContext.textFile")], seen
 
 
+def test_more_readers_in_c_and_in_child_processes_are_recorded(kernel, stub, workdir):
+    """scipy's Matrix Market reader (C++), a FASTA index named apart, a samtools/bcftools option's joined file,
+    Spark's ``option("path", ...)`` and stream readers, a dask.bag read in the local process scheduler's
+    (forked) children, and the start of a multiprocessing ``spawn`` child."""
+    data = workdir / "data"
+    mtx = data / "matrix.mtx"
+    mtx.write_text("%%MatrixMarket matrix coordinate integer general\n2 2 2\n1 1 5\n2 2 7\n")
+    fa = data / "ref.fa"
+    fa.write_text(">chr1\n" + "ACGT" * 30 + "\n")
+    regions = data / "regions.txt"
+    regions.write_text("chr1\t1\t100\n")
+    vcf = data / "for-options.vcf"
+    vcf.write_text("##fileformat=VCFv4.2\n##contig=<ID=chr1,length=1000>\n"
+                   "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\nchr1\t50\t.\tA\tG\t.\tPASS\t.\n")
+    lines = data / "lines.txt"
+    lines.write_text("a\nb\nc\n")
+    r = ok(kernel.run(f"""
+        import multiprocessing, os, dask, dask.bag, pysam, pysam.bcftools, scipy.io
+        assert scipy.io.mmread({str(mtx)!r}).sum() == 12
+        pysam.faidx({str(fa)!r})
+        with pysam.FastaFile({str(fa)!r}, filepath_index={str(fa) + ".fai"!r}) as f:
+            assert f.fetch("chr1", 0, 4) == "ACGT"
+        gz = pysam.tabix_index({str(vcf)!r}, preset="vcf", force=True)
+        assert len(pysam.bcftools.view("-H", "--regions-file=" + {str(regions)!r}, gz).splitlines()) == 1
+        import pyspark
+        from pyspark.sql.readwriter import DataFrameReader
+        from pyspark.sql.streaming.readwriter import DataStreamReader
+        for call in (lambda: DataFrameReader.option(object(), "path", {str(data / "opt.csv")!r}),
+                     lambda: DataStreamReader.csv(object(), {str(data / "stream")!r})):
+            try:
+                call()
+            except Exception:
+                pass
+        assert dask.config.get("multiprocessing.context") == "fork"
+        assert dask.bag.read_text({str(lines)!r}).count().compute(scheduler="processes") == 3
+        p = multiprocessing.get_context("spawn").Process(target=os.getpid)
+        p.start()
+        p.join()
+    """, timeout=120))
+    mine = [x for x in stub.records if x["detail"].get("msg_id") == r["msg_id"]]
+    data_opens = {(x["path"], x["detail"].get("entry_point")) for x in mine if x["action"] == "data.open"}
+    for expected in ((str(mtx), "mmread"), (str(fa) + ".fai", "FastaFile"), (str(regions), "bcftools.view"),
+                     (str(data / "opt.csv"), "DataFrameReader.option"), (str(data / "stream"), "DataStreamReader.csv")):
+        assert expected in data_opens, (expected, sorted(data_opens))
+    assert any(x["action"] == "file.open" and x["path"] == str(lines) for x in mine), "the forked child's open"
+    starts = [x for x in mine if x["action"] == "process.exec" and x["detail"].get("event") == "ngp.process.start"]
+    assert starts and any("spawn_main" in " ".join(x["detail"]["argv"]) for x in starts), starts
+
+
 def test_completion_and_inspection_are_recorded_before_they_run(kernel, stub, workdir):
     """Inspecting ``s.other`` calls the object's ``__getattr__``: user code, which opens a file."""
     target = workdir / "data" / "f4.txt"
@@ -650,20 +699,44 @@ def test_hails_file_reading_entry_points_record_every_file_they_name(monkeypatch
            "import_table": make("import_table", ["paths", "key"]),
            "hadoop_open": make("hadoop_open", ["path", "mode", "buffer_size"]),
            "read_matrix_table": make("read_matrix_table", ["path"])}
+    fns["index_bgen"] = make("index_bgen", ["path", "index_file_map", "reference_genome"])
     hail = types.ModuleType("hail")
     impex = types.ModuleType("hail.methods.impex")
     experimental = types.ModuleType("hail.experimental")
     experimental.read_expression = make("read_expression", ["path"])
     hail.experimental = experimental
+    vds = types.ModuleType("hail.vds")
+    vds.new_combiner = make("new_combiner", ["output_path", "temp_path", "gvcf_paths", "vds_paths", "header_file"])
+    hail.vds = vds
+    genetics = types.ModuleType("hail.genetics.reference_genome")
+    linalg = types.ModuleType("hail.linalg.blockmatrix")
+
+    class ReferenceGenome:
+        @classmethod
+        def from_fasta_file(cls, name, fasta_file, index_file, x_contigs=()):
+            return cls()
+
+        def add_sequence(self, fasta_file, index_file=None):
+            return "added"
+
+    class BlockMatrix:
+        @classmethod
+        def read(cls, path):
+            return "read"
+
+    genetics.ReferenceGenome, linalg.BlockMatrix = ReferenceGenome, BlockMatrix
     for name, fn in fns.items():
         setattr(hail, name, fn)
         setattr(impex, name, fn)
-    for name, module in (("hail", hail), ("hail.methods.impex", impex), ("hail.experimental", experimental)):
+    for name, module in (("hail", hail), ("hail.methods.impex", impex), ("hail.experimental", experimental),
+                         ("hail.vds", vds), ("hail.genetics.reference_genome", genetics),
+                         ("hail.linalg.blockmatrix", linalg)):
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(entrypoints, "_audit", lambda event, path, detail: calls.append((path, detail)))
 
     wrapped = entrypoints.wrap_hail()
-    assert set(wrapped) == set(fns) | {"experimental.read_expression"}
+    assert set(wrapped) == set(fns) | {"experimental.read_expression", "vds.new_combiner", "ReferenceGenome.from_fasta_file",
+                                       "ReferenceGenome.add_sequence", "BlockMatrix.read"}
     assert impex.import_table is hail.import_table and hail.import_table._ngp_audited
     assert entrypoints.wrap_hail() == []  # idempotent
 
@@ -673,6 +746,19 @@ def test_hails_file_reading_entry_points_record_every_file_they_name(monkeypatch
                       index_file_map={"/data/r/d/x.bgen": "/data/r/d/x.idx2"})
     hail.hadoop_open("/data/r/d/notes.txt", "r")
     hail.experimental.read_expression("/data/r/d/e.he")
+    calls_before = len(calls)
+    hail.index_bgen("/data/r/d/y.bgen")
+    hail.vds.new_combiner(output_path="/project/out.vds", temp_path="/tmp/t",
+                          gvcf_paths=["/data/r/d/s1.g.vcf.gz", "/data/r/d/s2.g.vcf.gz"])
+    rg = ReferenceGenome.from_fasta_file("g", "/data/r/d/g.fa", "/data/r/d/g.fa.fai")
+    assert isinstance(rg, ReferenceGenome) and rg.add_sequence("/data/r/d/h.fa") == "added"
+    assert BlockMatrix.read("/data/r/d/b.bm") == "read"
+    extra = [(p, d["entry_point"]) for p, d in calls[calls_before:]]
+    assert extra == [("/data/r/d/y.bgen", "index_bgen"), ("/data/r/d/s1.g.vcf.gz", "new_combiner"),
+                     ("/data/r/d/s2.g.vcf.gz", "new_combiner"), ("/data/r/d/g.fa", "ReferenceGenome.from_fasta_file"),
+                     ("/data/r/d/g.fa.fai", "ReferenceGenome.from_fasta_file"),
+                     ("/data/r/d/h.fa", "ReferenceGenome.add_sequence"), ("/data/r/d/b.bm", "BlockMatrix.read")], extra
+    del calls[calls_before:]
     seen = [(p, d["entry_point"], d["argument"]) for p, d in calls]
     assert seen == [
         ("/data/r/d/x.bed", "import_plink", "bed"), ("/data/r/d/x.bim", "import_plink", "bim"),

@@ -96,4 +96,13 @@ recorded under that other path, outside the region's report: a link made by a st
 ``os.open(name, flags, dir_fd=fd)`` (Python's ``open`` event does not carry ``dir_fd``, so the
 name is read as relative to the working folder; opening the dataset's folder for ``fd`` is
 reported). The cell's code, recorded before it ran, shows either.
+
+Opens in C or in a JVM are recorded only where :mod:`.entrypoints` wraps the library. Ones it does not
+see, found by experiment (2026-11-29): a Python child started by multiprocessing's ``spawn`` or
+``forkserver`` method runs without the hook (its start is recorded, ``ngp.process.start``; Dask's
+local process scheduler is set to fork, whose children keep the hook); SQLite's ``ATTACH DATABASE``
+of another file; the files a samtools/bcftools list file names (``merge -b list.txt``; the list
+file is recorded); the reference a CRAM's header names when none is given; a path inside Spark
+SQL text; Python workers Spark's JVM starts for a UDF; Pillow's ``ImageFont.truetype`` and colour
+profiles; ``dbm.ndbm.open`` called directly.
 """

@@ -35,14 +35,21 @@ def main(argv=None) -> None:
                       socket_path=audit_socket(), **options)
     atexit.register(auditor.close)  # what is buffered goes out; later opens (__del__, threads) go out first
 
-    from .entrypoints import wrap_hail_on_import, wrap_pysam, wrap_pyspark_on_import  # noqa: PLC0415
+    from .entrypoints import (wrap_hail_on_import, wrap_multiprocessing, wrap_pysam,  # noqa: PLC0415
+                              wrap_pyspark_on_import, wrap_scipy_on_import)
     from .kernel import make_kernel_class  # noqa: PLC0415
 
     wrap_pysam()
     auditor.watch(wrap_hail_on_import())  # Hail is wrapped when imported (importing it takes seconds)
     auditor.watch(wrap_pyspark_on_import())  # so are Spark's readers (Hail imports pyspark)
+    auditor.watch(wrap_scipy_on_import())
+    wrap_multiprocessing()
     try:  # so that every execution can tag the Dask tasks it submits (see ngp_research.kernel.worker)
-        import dask  # noqa: F401, PLC0415
+        import dask  # noqa: PLC0415
+
+        # Dask's local process scheduler (dask.bag's default) spawns fresh interpreters, which have no audit
+        # hook; forked children keep it (and deliver each record before the access).
+        dask.config.set({"multiprocessing.context": "fork"})
     except ImportError:
         pass
 

@@ -68,6 +68,7 @@ EVENT_ACTIONS = {
     "os.system": "process.exec",
     "os.exec": "process.exec",
     "os.posix_spawn": "process.exec",
+    "ngp.process.start": "process.exec",  # raised by entrypoints.wrap_multiprocessing: (path, argv, env)
     "os.spawn": "process.exec",
     "pty.spawn": "process.exec",
     "os.fork": "process.exec",

@@ -26,7 +26,8 @@ import os
 import sys
 
 __all__ = ["record_data_access", "wrap_pysam", "wrap_hail", "wrap_hail_on_import", "wrap_pyspark",
-           "wrap_pyspark_on_import", "describe_region", "HAIL_ENTRY_POINTS", "PYSPARK_ENTRY_POINTS"]
+           "wrap_pyspark_on_import", "wrap_scipy", "wrap_scipy_on_import", "describe_region", "HAIL_ENTRY_POINTS",
+           "HAIL_METHODS", "PYSPARK_ENTRY_POINTS", "SCIPY_ENTRY_POINTS"]
 
 _audit = sys.audit  # bound now: reassigning sys.audit later does not silence these records
 
@@ -99,6 +100,10 @@ _PYSAM_CLASSES = (
     ("GZIterator", "pysam.libctabix", None, ()),
 )
 
+#: Keyword arguments of pysam's file classes that name another file read in C.
+_PYSAM_OTHER_FILES = ("reference_filename", "index_filename", "filepath_index", "filepath_index_compressed",
+                      "index")
+
 #: pysam's functions that read a file named by an argument, in C: (name, module, the path parameters)
 _PYSAM_FUNCTIONS = (
     ("tabix_index", "pysam.libctabix", ("filename",)),
@@ -132,6 +137,11 @@ def _audited_subclass(base, fetch_names):
         path = filename_of(target)
         record(path, mode=mode, library="pysam", entry_point=base.__name__,
                **({} if path else {"object": repr(target)[:200]}))
+        for key in _PYSAM_OTHER_FILES:  # a CRAM's reference, an index named apart from its file
+            other = kwargs.get(key)
+            other = filename_of(other) if other is not None else None
+            if other is not None:
+                record(other, mode="r", library="pysam", entry_point=base.__name__, argument=key)
         if has_init:  # some open in __cinit__ alone, at creation (recorded as soon as made, before use)
             base.__init__(self, *args, **kwargs)
         if len(resolved) > 4096:
@@ -236,6 +246,49 @@ def _audited_function(fn, name, parameters, library):
     return audited
 
 
+def wrap_multiprocessing() -> list[str]:
+    """Record the start of a Python child by multiprocessing's ``spawn`` or ``forkserver`` method
+    (``ngp.process.start``, stored as ``process.exec``): it is started with ``_posixsubprocess`` directly,
+    which raises no audit event, and runs without the audit hook, so its own opens are not recorded.
+    (A ``fork`` child keeps the hook; the kernel sets Dask's local process scheduler to fork.)"""
+    import multiprocessing.util as util  # noqa: PLC0415
+
+    fn = util.spawnv_passfds
+    if getattr(fn, "_ngp_audited", False):
+        return []
+    import functools  # noqa: PLC0415
+
+    audit = _audit
+
+    @functools.wraps(fn)
+    def spawnv_passfds(path, args, passfds):
+        audit("ngp.process.start", path, list(args), None)
+        return fn(path, args, passfds)
+
+    spawnv_passfds._ngp_audited = True
+    util.spawnv_passfds = spawnv_passfds
+    return ["spawnv_passfds"]
+
+
+def _option_values(word):
+    """What in one command-line word can name a file: the word, or an option's joined value.
+
+    >>> _option_values("/data/x.bam"), _option_values("--reference=/data/ref.fa"), _option_values("-T/data/ref.fa")
+    (['/data/x.bam'], ['/data/ref.fa'], ['/data/ref.fa'])
+    >>> _option_values("-c"), _option_values("")
+    ([], [])
+    """
+    if not word:
+        return []
+    if not word.startswith("-"):
+        return [word]
+    if "=" in word:
+        return [word.split("=", 1)[1]] if word.split("=", 1)[1] else []
+    if not word.startswith("--") and len(word) > 2:
+        return [word[2:]]
+    return []
+
+
 def _audited_dispatch(call):
     """``PysamDispatcher.__call__`` (``pysam.samtools.view(...)``, ``pysam.bcftools.stats(...)``: samtools and
     bcftools run in the kernel's process, in C), recording each argument that names an existing file, or
@@ -249,11 +302,10 @@ def _audited_dispatch(call):
         words = [os.fsdecode(os.fspath(a)) for a in args if isinstance(a, (str, bytes, os.PathLike))]
         command = f"{getattr(self, 'collection', 'pysam')}.{getattr(self, 'dispatch', '?')}"
         for word in words:
-            if word.startswith("-") or not word:
-                continue
-            path = os.path.abspath(word)
-            if path.startswith("/data/") or os.path.exists(path):
-                record(path, library="pysam", entry_point=command, argument=word, argv=words[:64])
+            for candidate in _option_values(word):
+                path = os.path.abspath(candidate)
+                if path.startswith("/data/") or os.path.exists(path):
+                    record(path, library="pysam", entry_point=command, argument=word, argv=words[:64])
         return call(self, *args, **kwargs)
 
     __call__._ngp_audited = True
@@ -286,14 +338,29 @@ HAIL_ENTRY_POINTS = {
     "hadoop_exists": ("path",),
     "hadoop_is_file": ("path",),
     "hadoop_is_dir": ("path",),
+    "index_bgen": ("path", "index_file_map"),
+    "get_vcf_metadata": ("path",),
+    "get_vcf_header_info": ("path",),
     "experimental.import_gtf": ("path",),
     "experimental.read_expression": ("path",),
+    "vds.new_combiner": ("gvcf_paths", "vds_paths", "header_file"),
 }
+
+#: Hail's methods that read files, as (module, class, method, the parameters that name files).
+HAIL_METHODS = (
+    ("hail.genetics.reference_genome", "ReferenceGenome", "from_fasta_file", ("fasta_file", "index_file")),
+    ("hail.genetics.reference_genome", "ReferenceGenome", "add_sequence", ("fasta_file", "index_file")),
+    ("hail.genetics.reference_genome", "ReferenceGenome", "add_liftover", ("chain_file",)),
+    ("hail.genetics.reference_genome", "ReferenceGenome", "read", ("path",)),
+    ("hail.linalg.blockmatrix", "BlockMatrix", "read", ("path",)),
+    ("hail.linalg.blockmatrix", "BlockMatrix", "fromfile", ("uri",)),
+)
 
 #: The modules whose names for those functions are replaced: Hail's public ones and those that define
 #: them (``hail.methods.import_vcf`` is the same function as ``hail.import_vcf``).
 _HAIL_MODULES = ("hail", "hail.methods", "hail.methods.impex", "hail.utils", "hail.utils.hadoop_utils",
-                 "hail.experimental", "hail.experimental.expressions", "hail.experimental.import_gtf")
+                 "hail.experimental", "hail.experimental.expressions", "hail.experimental.import_gtf",
+                 "hail.vds", "hail.vds.combiner", "hail.vds.combiner.variant_dataset_combiner")
 
 
 def _named_files(value):
@@ -342,7 +409,7 @@ def wrap_hail() -> list[str]:
     wrapped = []
     for name, parameters in HAIL_ENTRY_POINTS.items():
         attr = name.rsplit(".", 1)[-1]
-        home = getattr(hail, "experimental", None) if "." in name else hail
+        home = getattr(hail, name.split(".", 1)[0], None) if "." in name else hail
         fn = getattr(home, attr, None) if home is not None else None
         if fn is None or not callable(fn) or getattr(fn, "_ngp_audited", False):
             continue
@@ -351,6 +418,29 @@ def wrap_hail() -> list[str]:
             if getattr(module, attr, None) is fn:
                 setattr(module, attr, audited)
         wrapped.append(name)
+    wrapped += _wrap_methods(HAIL_METHODS, "hail")
+    return wrapped
+
+
+def _wrap_methods(table, library) -> list[str]:
+    """Wrap the methods of ``table`` ((module, class, method, parameters)) that exist and are not yet
+    wrapped: plain, class and static methods alike."""
+    import importlib  # noqa: PLC0415
+
+    wrapped = []
+    for modname, clsname, method, parameters in table:
+        try:
+            cls = getattr(importlib.import_module(modname), clsname)
+        except (ImportError, AttributeError):
+            continue
+        raw = cls.__dict__.get(method)
+        kind = type(raw) if isinstance(raw, (classmethod, staticmethod)) else None
+        fn = raw.__func__ if kind is not None else raw
+        if fn is None or not callable(fn) or getattr(fn, "_ngp_audited", False):
+            continue
+        audited = _audited_function(fn, f"{clsname}.{method}", parameters, library)
+        setattr(cls, method, kind(audited) if kind is not None else audited)
+        wrapped.append(f"{clsname}.{method}")
     return wrapped
 
 
@@ -375,7 +465,18 @@ PYSPARK_ENTRY_POINTS = (
     ("pyspark.context", "SparkContext", "addFile", ("path",)),
     ("pyspark.context", "SparkContext", "addPyFile", ("path",)),
     ("pyspark.context", "SparkContext", "addArchive", ("path",)),
+    ("pyspark.sql.streaming.readwriter", "DataStreamReader", "load", ("path",)),
+    ("pyspark.sql.streaming.readwriter", "DataStreamReader", "csv", ("path",)),
+    ("pyspark.sql.streaming.readwriter", "DataStreamReader", "json", ("path",)),
+    ("pyspark.sql.streaming.readwriter", "DataStreamReader", "parquet", ("path",)),
+    ("pyspark.sql.streaming.readwriter", "DataStreamReader", "text", ("path",)),
+    ("pyspark.sql.streaming.readwriter", "DataStreamReader", "orc", ("path",)),
+    ("pyspark.sql.catalog", "Catalog", "createTable", ("path",)),
+    ("pyspark.sql.catalog", "Catalog", "createExternalTable", ("path",)),
 )
+
+#: Spark's reader options that name files (``spark.read.option("path", p).load()``).
+_SPARK_PATH_OPTIONS = ("path", "paths")
 
 
 def wrap_pyspark() -> list[str]:
@@ -386,17 +487,64 @@ def wrap_pyspark() -> list[str]:
         return []
     import importlib  # noqa: PLC0415
 
-    wrapped = []
-    for modname, clsname, method, parameters in PYSPARK_ENTRY_POINTS:
+    wrapped = _wrap_methods(PYSPARK_ENTRY_POINTS, "pyspark")
+    for modname, clsname in (("pyspark.sql.readwriter", "DataFrameReader"),
+                             ("pyspark.sql.streaming.readwriter", "DataStreamReader")):
         try:
             cls = getattr(importlib.import_module(modname), clsname)
         except (ImportError, AttributeError):
             continue
-        fn = cls.__dict__.get(method)
-        if fn is None or not callable(fn) or getattr(fn, "_ngp_audited", False):
+        for method in ("option", "options"):
+            fn = cls.__dict__.get(method)
+            if fn is not None and callable(fn) and not getattr(fn, "_ngp_audited", False):
+                setattr(cls, method, _audited_options(fn, f"{clsname}.{method}"))
+                wrapped.append(f"{clsname}.{method}")
+    return wrapped
+
+
+def _audited_options(fn, name):
+    """A Spark reader's ``option(key, value)``/``options(**kw)``, recording a ``path`` option's files."""
+    import functools  # noqa: PLC0415
+
+    record = record_data_access
+
+    @functools.wraps(fn)
+    def audited(self, *args, **kwargs):
+        given = dict(kwargs)
+        if len(args) >= 2 and isinstance(args[0], str):
+            given[args[0]] = args[1]
+        for key, value in given.items():
+            if isinstance(key, str) and key.lower() in _SPARK_PATH_OPTIONS:
+                for path in _named_files(value.split(",") if isinstance(value, str) and key.lower() == "paths"
+                                         else value):
+                    record(path, library="pyspark", entry_point=name, argument=key)
+        return fn(self, *args, **kwargs)
+
+    audited._ngp_audited = True
+    return audited
+
+
+#: scipy's readers that open the file in C++ (a Matrix Market file that is not gzip or bzip2).
+SCIPY_ENTRY_POINTS = {"mmread": ("source",), "mminfo": ("source",)}
+
+
+def wrap_scipy() -> list[str]:
+    """Record the files ``scipy.io.mmread``/``mminfo`` read (a single-cell count matrix, ``matrix.mtx``): its
+    fast reader opens them in C++, without an ``open`` event; returns the names wrapped (idempotent)."""
+    modules = [m for m in (sys.modules.get(n) for n in ("scipy.io", "scipy.io._fast_matrix_market", "scipy.io._mmio"))
+               if m is not None]
+    if not modules:
+        return []
+    wrapped = []
+    for name, parameters in SCIPY_ENTRY_POINTS.items():
+        fn = getattr(modules[0], name, None)
+        if fn is None or getattr(fn, "_ngp_audited", False):
             continue
-        setattr(cls, method, _audited_function(fn, f"{clsname}.{method}", parameters, "pyspark"))
-        wrapped.append(f"{clsname}.{method}")
+        audited = _audited_function(fn, name, parameters, "scipy")
+        for module in modules:
+            if getattr(module, name, None) is fn:
+                setattr(module, name, audited)
+        wrapped.append(name)
     return wrapped
 
 
@@ -435,6 +583,30 @@ class _WrapAfterImport:
         return spec
 
 
+def _wrap_on_import(name, wrap, what, unwrapped=None):
+    """Wrap ``name``'s entry points with ``wrap`` now if it is imported, else as soon as it is; returns an
+    integrity check (for the auditor's ``watch``): a problem when the finder was taken out of
+    ``sys.meta_path`` while the library is not imported, or ``unwrapped(module)`` says so."""
+    if name in sys.modules:
+        wrap()
+        finder = None
+    else:
+        finder = _WrapAfterImport(name, wrap)
+        sys.meta_path.insert(0, finder)
+
+    def check():
+        module = sys.modules.get(name)
+        if module is not None and getattr(getattr(module, "__spec__", None), "_initializing", False):
+            return None  # still being imported: the finder wraps it when that is done
+        if module is not None and unwrapped is not None and unwrapped(module):
+            return f"{what} are not wrapped"
+        if module is None and finder is not None and finder not in sys.meta_path:
+            return f"the finder that wraps {what} was removed"
+        return None
+
+    return check
+
+
 def wrap_pyspark_on_import():
     """Wrap Spark's readers now if pyspark is imported, else as soon as it is (Hail imports it); returns an
     integrity check like :func:`wrap_hail_on_import`'s.
@@ -443,21 +615,17 @@ def wrap_pyspark_on_import():
     >>> check() is None
     True
     """
-    if "pyspark" in sys.modules:
-        wrap_pyspark()
-        return lambda: None
-    finder = _WrapAfterImport("pyspark", wrap_pyspark)
-    sys.meta_path.insert(0, finder)
+    return _wrap_on_import("pyspark", wrap_pyspark, "Spark's readers")
 
-    def check():
-        pyspark = sys.modules.get("pyspark")
-        if pyspark is not None and getattr(getattr(pyspark, "__spec__", None), "_initializing", False):
-            return None
-        if pyspark is None and finder not in sys.meta_path:
-            return "the finder that wraps Spark's readers was removed"
-        return None
 
-    return check
+def wrap_scipy_on_import():
+    """Wrap scipy's Matrix Market reader (:func:`wrap_scipy`) now if ``scipy.io`` is imported, else as soon as it is.
+
+    >>> check = wrap_scipy_on_import()
+    >>> check() is None
+    True
+    """
+    return _wrap_on_import("scipy.io", wrap_scipy, "scipy's Matrix Market readers")
 
 
 def wrap_hail_on_import():
@@ -470,21 +638,7 @@ def wrap_hail_on_import():
     >>> check() is None
     True
     """
-    if "hail" in sys.modules:
-        wrap_hail()
-        return lambda: None
-    finder = _WrapAfterImport()
-    sys.meta_path.insert(0, finder)
+    def unwrapped(hail):
+        return any(not getattr(getattr(hail, n, None), "_ngp_audited", True) for n in HAIL_ENTRY_POINTS if "." not in n)
 
-    def check():
-        hail = sys.modules.get("hail")
-        if hail is not None and getattr(getattr(hail, "__spec__", None), "_initializing", False):
-            return None  # still being imported: the finder wraps it when that is done
-        if hail is not None and any(not getattr(getattr(hail, n, None), "_ngp_audited", True)
-                                    for n in HAIL_ENTRY_POINTS if "." not in n):
-            return "Hail's entry points are not wrapped"
-        if hail is None and finder not in sys.meta_path:
-            return "the finder that wraps Hail's entry points was removed"
-        return None
-
-    return check
+    return _wrap_on_import("hail", wrap_hail, "Hail's entry points", unwrapped)

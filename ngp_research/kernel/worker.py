@@ -60,7 +60,8 @@ async def dask_setup(worker):
         return
     if not _AUDITOR:
         from .auditor import install
-        from .entrypoints import wrap_hail_on_import, wrap_pysam, wrap_pyspark_on_import
+        from .entrypoints import wrap_hail_on_import, wrap_multiprocessing, wrap_pysam, wrap_pyspark_on_import, \
+            wrap_scipy_on_import
 
         from ..workspace.plan import audit_socket
 
@@ -69,4 +70,6 @@ async def dask_setup(worker):
         wrap_pysam()
         auditor.watch(wrap_hail_on_import())
         auditor.watch(wrap_pyspark_on_import())
+        auditor.watch(wrap_scipy_on_import())
+        wrap_multiprocessing()
     await worker.plugin_add(CellAttribution(_AUDITOR[0]), name=CellAttribution.name)
