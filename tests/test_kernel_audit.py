@@ -478,9 +478,19 @@ def test_more_readers_in_c_and_in_child_processes_are_recorded(kernel, stub, wor
                 pass
         assert dask.config.get("multiprocessing.context") == "fork"
         assert dask.bag.read_text({str(lines)!r}).count().compute(scheduler="processes") == 3
-        p = multiprocessing.get_context("spawn").Process(target=os.getpid)
+        import io
+        p = multiprocessing.get_context("spawn").Process(target=io.open, args=({str(data / "f4.txt")!r},))
         p.start()
         p.join()
+        assert p.exitcode == 0
+        from concurrent.futures import ProcessPoolExecutor
+        import pathlib
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver")) as pool:
+            assert pool.submit(pathlib.Path({str(data / "f3.txt")!r}).read_text).result().startswith("file 3")
+        pool = multiprocessing.get_context("spawn").Pool(1)
+        assert pool.apply(pathlib.Path({str(data / "f2.txt")!r}).read_text).startswith("file 2")
+        pool.terminate()  # SIGTERM: what the worker buffered still goes out
+        pool.join()
     """, timeout=120))
     mine = [x for x in stub.records if x["detail"].get("msg_id") == r["msg_id"]]
     data_opens = {(x["path"], x["detail"].get("entry_point")) for x in mine if x["action"] == "data.open"}
@@ -490,6 +500,8 @@ def test_more_readers_in_c_and_in_child_processes_are_recorded(kernel, stub, wor
     assert any(x["action"] == "file.open" and x["path"] == str(lines) for x in mine), "the forked child's open"
     starts = [x for x in mine if x["action"] == "process.exec" and x["detail"].get("event") == "ngp.process.start"]
     assert starts and any("spawn_main" in " ".join(x["detail"]["argv"]) for x in starts), starts
+    for name in ("f4.txt", "f3.txt", "f2.txt"):  # opened in a spawn, a forkserver and a terminated pool child
+        assert any(x["action"] == "file.open" and x["path"] == str(data / name) for x in mine), name
 
 
 def test_completion_and_inspection_are_recorded_before_they_run(kernel, stub, workdir):

@@ -97,10 +97,13 @@ recorded under that other path, outside the region's report: a link made by a st
 name is read as relative to the working folder; opening the dataset's folder for ``fd`` is
 reported). The cell's code, recorded before it ran, shows either.
 
+A Python child of the kernel keeps the hook: a forked one inherits it (and delivers each record before
+the access), and one that multiprocessing's ``spawn`` or ``forkserver`` method starts installs it
+before anything else (:mod:`.child`; its start is recorded too). A child of a forkserver started in
+one cell is attributed to that cell. A Python program started with ``subprocess`` does not.
+
 Opens in C or in a JVM are recorded only where :mod:`.entrypoints` wraps the library. Ones it does not
-see, found by experiment (2026-11-29): a Python child started by multiprocessing's ``spawn`` or
-``forkserver`` method runs without the hook (its start is recorded, ``ngp.process.start``; Dask's
-local process scheduler is set to fork, whose children keep the hook); SQLite's ``ATTACH DATABASE``
+see, found by experiment (2026-11-29): SQLite's ``ATTACH DATABASE``
 of another file; the files a samtools/bcftools list file names (``merge -b list.txt``; the list
 file is recorded); the reference a CRAM's header names when none is given; a path inside Spark
 SQL text; Python workers Spark's JVM starts for a UDF; Pillow's ``ImageFont.truetype`` and colour

@@ -43,7 +43,7 @@ def main(argv=None) -> None:
     auditor.watch(wrap_hail_on_import())  # Hail is wrapped when imported (importing it takes seconds)
     auditor.watch(wrap_pyspark_on_import())  # so are Spark's readers (Hail imports pyspark)
     auditor.watch(wrap_scipy_on_import())
-    wrap_multiprocessing()
+    wrap_multiprocessing(lambda: auditor.stats().get("current"))
     try:  # so that every execution can tag the Dask tasks it submits (see ngp_research.kernel.worker)
         import dask  # noqa: PLC0415
 

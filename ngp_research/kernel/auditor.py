@@ -1040,7 +1040,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
         with lock:
             out = {"pending": len(buffer), "posts": state["posts"], "delivered": state["records"],
                    "failures": state["failures"], "errors": state["errors"], "blocked": blocked(),
-                   "hook": state.get("hook"), "sender": "c" if c_queue else "python"}
+                   "hook": state.get("hook"), "sender": "c" if c_queue else "python", "current": current[0]}
         if c_queue:
             q = c_status()
             out.update(pending=out["pending"] + q["pending"], posts=out["posts"] + q["posts"],

@@ -246,11 +246,20 @@ def _audited_function(fn, name, parameters, library):
     return audited
 
 
-def wrap_multiprocessing() -> list[str]:
-    """Record the start of a Python child by multiprocessing's ``spawn`` or ``forkserver`` method
-    (``ngp.process.start``, stored as ``process.exec``): it is started with ``_posixsubprocess`` directly,
-    which raises no audit event, and runs without the audit hook, so its own opens are not recorded.
-    (A ``fork`` child keeps the hook; the kernel sets Dask's local process scheduler to fork.)"""
+#: The ``-c`` programs of multiprocessing's fresh interpreters that run the parent's code.
+_CHILD_PROGRAMS = ("from multiprocessing.spawn import spawn_main", "from multiprocessing.forkserver import main")
+
+
+def wrap_multiprocessing(current=None) -> list[str]:
+    """Audit the Python children multiprocessing's ``spawn`` and ``forkserver`` methods start.
+
+    They are started with ``_posixsubprocess`` directly, which raises no audit event, and are fresh
+    interpreters without the hook. The start is recorded (``ngp.process.start``, stored as
+    ``process.exec``), and the child's command runs :func:`ngp_research.kernel.child.start` first, so
+    the hook is in place before the parent's code runs there; its records are attributed to
+    ``current()``, the (msg_id, cell_id) of the execution that started it. (A ``fork`` child keeps the
+    parent's hook; the kernel also sets Dask's local process scheduler to fork.)
+    """
     import multiprocessing.util as util  # noqa: PLC0415
 
     fn = util.spawnv_passfds
@@ -262,7 +271,18 @@ def wrap_multiprocessing() -> list[str]:
 
     @functools.wraps(fn)
     def spawnv_passfds(path, args, passfds):
-        audit("ngp.process.start", path, list(args), None)
+        args = list(args)
+        audit("ngp.process.start", path, args, None)
+        if "-c" in args[:-1]:
+            i = args.index("-c") + 1
+            program = args[i]
+            if isinstance(program, str) and program.startswith(_CHILD_PROGRAMS):
+                ids = current() if current is not None else None
+                msg_id, cell_id = ids if isinstance(ids, tuple) and len(ids) == 2 else (None, None)
+                msg_id = msg_id if isinstance(msg_id, str) else None  # repr of a str or None: a plain literal
+                cell_id = cell_id if isinstance(cell_id, str) else None
+                args[i] = (f"from ngp_research.kernel.child import start as _ngp_start; "
+                           f"_ngp_start({msg_id!r}, {cell_id!r}); {program}")
         return fn(path, args, passfds)
 
     spawnv_passfds._ngp_audited = True
@@ -564,8 +584,8 @@ class _WrapAfterImport:
         if name != self.name:
             return None
         for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
+            if isinstance(finder, _WrapAfterImport) or not hasattr(finder, "find_spec"):
+                continue  # another of these would ask this one again, endlessly
             spec = finder.find_spec(name, path, target)
             if spec is not None and spec.loader is not None:
                 break

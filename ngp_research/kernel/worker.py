@@ -59,6 +59,11 @@ async def dask_setup(worker):
     if not url:
         return
     if not _AUDITOR:
+        from .child import installed
+
+        if installed() is not None:  # a spawned worker: the hook went in first thing (kernel.child)
+            _AUDITOR.append(installed())
+    if not _AUDITOR:
         from .auditor import install
         from .entrypoints import wrap_hail_on_import, wrap_multiprocessing, wrap_pysam, wrap_pyspark_on_import, \
             wrap_scipy_on_import
@@ -71,5 +76,5 @@ async def dask_setup(worker):
         auditor.watch(wrap_hail_on_import())
         auditor.watch(wrap_pyspark_on_import())
         auditor.watch(wrap_scipy_on_import())
-        wrap_multiprocessing()
+        wrap_multiprocessing(lambda: auditor.stats().get("current"))
     await worker.plugin_add(CellAttribution(_AUDITOR[0]), name=CellAttribution.name)
