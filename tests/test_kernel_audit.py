@@ -471,13 +471,14 @@ def test_more_readers_in_c_and_in_child_processes_are_recorded(kernel, stub, wor
         from pyspark.sql.readwriter import DataFrameReader
         from pyspark.sql.streaming.readwriter import DataStreamReader
         for call in (lambda: DataFrameReader.option(object(), "path", {str(data / "opt.csv")!r}),
+                     lambda: DataFrameReader.option(object(), key="path", value={str(data / "kw.csv")!r}),
+                     lambda: pyspark.SparkContext.textFile(object(), {str(data / "c1.txt")!r} + "," + {str(data / "c2.txt")!r}),
                      lambda: DataStreamReader.csv(object(), {str(data / "stream")!r})):
             try:
                 call()
             except Exception:
                 pass
-        assert dask.config.get("multiprocessing.context") == "fork"
-        assert dask.bag.read_text({str(lines)!r}).count().compute(scheduler="processes") == 3
+        assert dask.bag.read_text({str(lines)!r}).count().compute(scheduler="processes") == 3  # spawned children
         import io
         p = multiprocessing.get_context("spawn").Process(target=io.open, args=({str(data / "f4.txt")!r},))
         p.start()
@@ -495,9 +496,11 @@ def test_more_readers_in_c_and_in_child_processes_are_recorded(kernel, stub, wor
     mine = [x for x in stub.records if x["detail"].get("msg_id") == r["msg_id"]]
     data_opens = {(x["path"], x["detail"].get("entry_point")) for x in mine if x["action"] == "data.open"}
     for expected in ((str(mtx), "mmread"), (str(fa) + ".fai", "FastaFile"), (str(regions), "bcftools.view"),
-                     (str(data / "opt.csv"), "DataFrameReader.option"), (str(data / "stream"), "DataStreamReader.csv")):
+                     (str(data / "opt.csv"), "DataFrameReader.option"), (str(data / "kw.csv"), "DataFrameReader.option"),
+                     (str(data / "c1.txt"), "SparkContext.textFile"), (str(data / "c2.txt"), "SparkContext.textFile"),
+                     (str(data / "stream"), "DataStreamReader.csv")):
         assert expected in data_opens, (expected, sorted(data_opens))
-    assert any(x["action"] == "file.open" and x["path"] == str(lines) for x in mine), "the forked child's open"
+    assert any(x["action"] == "file.open" and x["path"] == str(lines) for x in mine), "dask's process child's open"
     starts = [x for x in mine if x["action"] == "process.exec" and x["detail"].get("event") == "ngp.process.start"]
     assert starts and any("spawn_main" in " ".join(x["detail"]["argv"]) for x in starts), starts
     for name in ("f4.txt", "f3.txt", "f2.txt"):  # opened in a spawn, a forkserver and a terminated pool child
@@ -780,3 +783,41 @@ def test_hails_file_reading_entry_points_record_every_file_they_name(monkeypatch
         ("/data/r/d/x.bgen", "import_bgen", "index_file_map"), ("/data/r/d/x.idx2", "import_bgen", "index_file_map"),
         ("/data/r/d/notes.txt", "hadoop_open", "path"), ("/data/r/d/e.he", "read_expression", "path")]
     assert calls[-2][1]["mode"] == "r" and all(d["library"] == "hail" for _, d in calls)
+
+
+def test_a_dask_cluster_in_the_kernels_own_process_runs_and_is_recorded(tmp_path, stub, workdir):
+    """``Client(processes=False)``: the worker preload runs in the kernel's process, after the first cell. It
+    must find the kernel's hook, not import anything that reads as tampering or install a second hook."""
+    k = Kernel(tmp_path, stub, workdir / "project",
+               env={"DASK_DISTRIBUTED__WORKER__PRELOAD": '["ngp_research.kernel.worker"]'})
+    try:
+        ok(k.run("x = 1"))
+        f = workdir / "data" / "f1.txt"
+        r = ok(k.run(f"""
+            import pathlib
+            from dask.distributed import Client
+            client = Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None)
+            assert client.submit(pathlib.Path({str(f)!r}).read_text).result().startswith("file 1")
+            client.close()
+        """, timeout=90))
+        after = ok(k.run("print('still runs')"))
+        assert any(o.get("text", "").strip() == "still runs" for o in after["outputs"])
+        assert not [t for t in stub.find("audit.tamper") if t["detail"].get("msg_id") in (r["msg_id"], after["msg_id"])]
+        assert any(x["path"] == str(f) for x in stub.find("file.open") if x["detail"].get("msg_id") == r["msg_id"])
+    finally:
+        k.close()
+
+
+def test_a_users_subclass_of_a_wrapped_pysam_class_is_an_ordinary_class(kernel, stub, workdir):
+    fa = workdir / "data" / "sub.fa"
+    fa.write_text(">chr1\nACGT\n")
+    r = ok(kernel.run(f"""
+        import pysam
+        pysam.faidx({str(fa)!r})
+        class MyFasta(pysam.FastaFile):
+            pass
+        plain, mine = pysam.FastaFile({str(fa)!r}), MyFasta({str(fa)!r})
+        print(isinstance(plain, pysam.FastaFile), isinstance(mine, pysam.FastaFile), isinstance(plain, MyFasta),
+              issubclass(pysam.FastaFile, MyFasta), isinstance(mine, MyFasta))
+    """))
+    assert r["outputs"][0]["text"].split() == ["True", "True", "False", "False", "True"], r["outputs"]

@@ -139,7 +139,8 @@ def _opened(path: str) -> str:
 #: user (see ngp_research.kernel), so such cells are flagged where the region admin reads them.
 TAMPERING_SIGNS = ("gc.", "get_objects", "get_referrers", "ctypes", "__closure__", "cell_contents", "__code__",
                    "addaudithook", "ngp_research.kernel", "_ngp", "/run/ngp", "sys.modules[", "__globals__",
-                   "_posixsubprocess",  # starting a program without subprocess's audit event
+                   "_posixsubprocess", "spawnv_passfds",  # starting a program without an audit event
+                   "__wrapped__",  # calling a library's function past the wrapper that records its files
                    "dup2", "fileno=",  # these two: taking over a connection to the audit service
                    "NGP_AUDIT")  # pointing what a cell starts (a Dask cluster, a server) at another service
 

@@ -97,10 +97,14 @@ recorded under that other path, outside the region's report: a link made by a st
 name is read as relative to the working folder; opening the dataset's folder for ``fd`` is
 reported). The cell's code, recorded before it ran, shows either.
 
-A Python child of the kernel keeps the hook: a forked one inherits it (and delivers each record before
-the access), and one that multiprocessing's ``spawn`` or ``forkserver`` method starts installs it
-before anything else (:mod:`.child`; its start is recorded too). A child of a forkserver started in
-one cell is attributed to that cell. A Python program started with ``subprocess`` does not.
+A Python child of the kernel keeps the hook: a forked one inherits it, and one that multiprocessing's
+``spawn`` or ``forkserver`` method starts installs it before anything else (:mod:`.child`; its start
+is recorded too). Both deliver each record before the access (slower for many small files, never
+lost). A pool or forkserver's children are attributed to the cell that started the pool or server,
+even when a later cell uses it. A Python program started with ``subprocess`` does not keep the hook.
+Paths given to Hail and Spark are recorded as given (a glob under ``/data`` also as what it
+matches; Spark's comma-separated lists split); a relative one is read against Python's working
+folder, while the JVM reads it against the folder it started in.
 
 Opens in C or in a JVM are recorded only where :mod:`.entrypoints` wraps the library. Ones it does not
 see, found by experiment (2026-11-29): SQLite's ``ATTACH DATABASE``

@@ -34,6 +34,9 @@ def main(argv=None) -> None:
     auditor = install(os.environ.get("NGP_AUDIT_URL"), os.environ.get("JUPYTERHUB_API_TOKEN"),
                       socket_path=audit_socket(), **options)
     atexit.register(auditor.close)  # what is buffered goes out; later opens (__del__, threads) go out first
+    from . import child  # noqa: PLC0415  (imported now: importing it after the first cell reads as tampering)
+
+    child.adopt(auditor)  # a Dask worker in this process, or forked from it, uses this hook
 
     from .entrypoints import (wrap_hail_on_import, wrap_multiprocessing, wrap_pysam,  # noqa: PLC0415
                               wrap_pyspark_on_import, wrap_scipy_on_import)
@@ -45,11 +48,7 @@ def main(argv=None) -> None:
     auditor.watch(wrap_scipy_on_import())
     wrap_multiprocessing(lambda: auditor.stats().get("current"))
     try:  # so that every execution can tag the Dask tasks it submits (see ngp_research.kernel.worker)
-        import dask  # noqa: PLC0415
-
-        # Dask's local process scheduler (dask.bag's default) spawns fresh interpreters, which have no audit
-        # hook; forked children keep it (and deliver each record before the access).
-        dask.config.set({"multiprocessing.context": "fork"})
+        import dask  # noqa: F401, PLC0415
     except ImportError:
         pass
 

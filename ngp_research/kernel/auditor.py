@@ -846,9 +846,11 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             record(action, path, {"event": event, "mode": _plain(args[1]), "flags": _plain(args[2])})
         elif event == "sqlite3.connect":
             database = args[0]
-            given = _text(database) if isinstance(database, str) else None
+            given = _text(database) if isinstance(database, (str, bytes, bytearray)) else None
             if given is not None and given[:5] == "file:":  # a URI (connect(..., uri=True)): its path part
                 parts = urlsplit(given)
+                if "mode=memory" in parts.query:
+                    return
                 database = unquote(parts.path) if parts.netloc in ("", "localhost") else given
             if database in ("", ":memory:"):  # no file: a database in memory or a temporary one
                 return
@@ -1015,6 +1017,8 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
                 with lock:
                     buffer.append(("r", rec, None, None, None))
                 wake.set()
+                if state["closed"]:  # no sender (a forked or spawned child, after close()): deliver it now
+                    _deliver(monotonic() + min(timeout, 2.0))
 
     def watch(check):
         checks.append(check)

@@ -5,23 +5,37 @@ no hook of its own: code it runs (a ``Pool`` task reading a dataset's file) woul
 :func:`~.entrypoints.wrap_multiprocessing` puts a call of :func:`start` in front of the child's
 command (``-c "...; spawn_main(...)"``), so the hook is installed before anything of the parent's
 is unpickled or run there. The child's records are attributed to the cell that started it (a Dask
-worker's then to each task's cell, see :mod:`.worker`). They are delivered as in a kernel, in
-batches; at a normal exit what is buffered goes out, and so it does when the child is ended with
-SIGTERM (``Pool.terminate``, a Nanny closing its worker) before it dies of the signal.
+worker's then to each task's cell, see :mod:`.worker`). Each is delivered before its access, as in a
+forked child: a child may end with SIGTERM (``Pool.terminate``) or ``os._exit``, and a child whose
+records cannot be delivered (no token, the service down) is refused the access, never left to run
+unrecorded.
+
+The kernel registers its own auditor here too (:func:`adopt`), so that code running in the kernel's
+process or in a child forked from it (a Dask worker of either kind) finds the hook that is there
+instead of installing a second one.
 """
 
 import os
-import signal
-import threading
 
-__all__ = ["start", "installed"]
+__all__ = ["start", "adopt", "installed", "in_kernel"]
 
-_AUDITOR = []
+_AUDITOR = []  # (auditor, pid of the process that installed it, whether that process is the kernel)
+
+
+def adopt(auditor, kernel: bool = True) -> None:
+    """Register the auditor installed in this process (the kernel's, from ``ngp_research.kernel.__main__``)."""
+    if not _AUDITOR:
+        _AUDITOR.append((auditor, os.getpid(), kernel))
 
 
 def installed():
-    """The auditor :func:`start` installed in this process, or None."""
-    return _AUDITOR[0] if _AUDITOR else None
+    """The auditor of this process (or of the process this one was forked from), or None."""
+    return _AUDITOR[0][0] if _AUDITOR else None
+
+
+def in_kernel() -> bool:
+    """Whether this is the kernel's own process."""
+    return bool(_AUDITOR) and _AUDITOR[0][2] and _AUDITOR[0][1] == os.getpid()
 
 
 def start(msg_id=None, cell_id=None) -> None:
@@ -35,22 +49,9 @@ def start(msg_id=None, cell_id=None) -> None:
 
     auditor = install(os.environ.get("NGP_AUDIT_URL"), os.environ.get("JUPYTERHUB_API_TOKEN"),
                       socket_path=audit_socket())
-    _AUDITOR.append(auditor)
-    import atexit
-
-    atexit.register(auditor.close)
-    auditor.begin(msg_id if isinstance(msg_id, str) else None, cell_id if isinstance(cell_id, str) else None)
-
-    def deliver_then_end(signum, frame):
-        # In a thread, bounded: the handler may have interrupted this thread inside the auditor's lock.
-        closing = threading.Thread(target=auditor.close, args=(3.0,), daemon=True)
-        closing.start()
-        closing.join(4.0)
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-
-    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-        signal.signal(signal.SIGTERM, deliver_then_end)
+    adopt(auditor, kernel=False)
+    auditor.begin(msg_id if type(msg_id) is str else None, cell_id if type(cell_id) is str else None)
+    auditor.close()  # from here on every record is delivered before its access
     wrap_pysam()
     auditor.watch(wrap_hail_on_import())
     auditor.watch(wrap_pyspark_on_import())

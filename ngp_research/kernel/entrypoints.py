@@ -22,6 +22,7 @@ by position or keyword, in a list, or in a BGEN index map. Hail's own internal c
 of their own (``import_csv`` calls ``import_table``).
 """
 
+import glob
 import os
 import sys
 
@@ -116,12 +117,14 @@ def _audited_subclass(base, fetch_names):
     region_of = describe_region
     filename_of = _filename
 
-    class _Meta(type):
+    class _Meta(type):  # only the wrapper answers for the original class, not a subclass a user makes of it
         def __instancecheck__(cls, obj):
-            return isinstance(obj, base)
+            return isinstance(obj, base) if cls is wrapper[0] else type.__instancecheck__(cls, obj)
 
         def __subclasscheck__(cls, sub):
-            return issubclass(sub, base)
+            return issubclass(sub, base) if cls is wrapper[0] else type.__subclasscheck__(cls, sub)
+
+    wrapper = []
 
     audit = _audit
     fetch_entry = f"{base.__name__}.fetch"
@@ -169,6 +172,7 @@ def _audited_subclass(base, fetch_names):
     if fetch_names is not None:
         ns["fetch"] = fetch
     cls = _Meta(base.__name__, (base,), ns)
+    wrapper.append(cls)
     cls._ngp_audited_base = base
     return cls
 
@@ -215,8 +219,9 @@ def wrap_pysam(pysam=None) -> list[str]:
     return wrapped
 
 
-def _audited_function(fn, name, parameters, library):
-    """``fn``, recording each file its ``parameters`` name (by position or keyword) before it runs."""
+def _audited_function(fn, name, parameters, library, split_commas=False):
+    """``fn``, recording each file its ``parameters`` name (by position or keyword) before it runs;
+    ``split_commas``: a str names several, separated by commas (Hadoop's input paths)."""
     import functools  # noqa: PLC0415
     import inspect  # noqa: PLC0415
 
@@ -232,10 +237,13 @@ def _audited_function(fn, name, parameters, library):
             bound = signature.bind_partial(*args, **kwargs).arguments if signature is not None else {}
         except TypeError:  # the function itself will refuse the call; record what can be told
             bound = {}
-        if not bound and args:
+        if args and not any(p in bound for p in parameters):  # a signature of (*args, **kwargs): the first
             bound = {parameters[0]: args[0]}
         for parameter in parameters:
-            for path in _named_files(bound.get(parameter)):
+            value = bound.get(parameter)
+            if split_commas and isinstance(value, str):  # Hadoop's list of paths: "a,b"
+                value = value.split(",")
+            for path in _named_files(value):
                 detail = {"library": library, "entry_point": name, "argument": parameter}
                 if name == "hadoop_open":
                     detail["mode"] = bound.get("mode", "r")
@@ -279,10 +287,11 @@ def wrap_multiprocessing(current=None) -> list[str]:
             if isinstance(program, str) and program.startswith(_CHILD_PROGRAMS):
                 ids = current() if current is not None else None
                 msg_id, cell_id = ids if isinstance(ids, tuple) and len(ids) == 2 else (None, None)
-                msg_id = msg_id if isinstance(msg_id, str) else None  # repr of a str or None: a plain literal
-                cell_id = cell_id if isinstance(cell_id, str) else None
+                # ascii() of an exact str (or None): a plain literal, whatever characters the ids hold
+                msg_id = ascii(str.__str__(msg_id)) if type(msg_id) is str else "None"
+                cell_id = ascii(str.__str__(cell_id)) if type(cell_id) is str else "None"
                 args[i] = (f"from ngp_research.kernel.child import start as _ngp_start; "
-                           f"_ngp_start({msg_id!r}, {cell_id!r}); {program}")
+                           f"_ngp_start({msg_id}, {cell_id}); {program}")
         return fn(path, args, passfds)
 
     spawnv_passfds._ngp_audited = True
@@ -363,7 +372,8 @@ HAIL_ENTRY_POINTS = {
     "get_vcf_header_info": ("path",),
     "experimental.import_gtf": ("path",),
     "experimental.read_expression": ("path",),
-    "vds.new_combiner": ("gvcf_paths", "vds_paths", "header_file"),
+    "vds.new_combiner": ("gvcf_paths", "vds_paths", "gvcf_external_header"),
+    "grep": ("path",),
 }
 
 #: Hail's methods that read files, as (module, class, method, the parameters that name files).
@@ -413,6 +423,8 @@ def _named_files(value):
         elif v.startswith("file:/"):
             v = v[len("file:"):]
         out.append(v)
+        if v.startswith("/data/") and any(c in v for c in "*?["):  # a glob (Hail, Spark): what it matches,
+            out.extend(glob.glob(v)[:1000])  # so each matching region's report shows it
     return out
 
 
@@ -458,7 +470,8 @@ def _wrap_methods(table, library) -> list[str]:
         fn = raw.__func__ if kind is not None else raw
         if fn is None or not callable(fn) or getattr(fn, "_ngp_audited", False):
             continue
-        audited = _audited_function(fn, f"{clsname}.{method}", parameters, library)
+        audited = _audited_function(fn, f"{clsname}.{method}", parameters, library,
+                                    split_commas=clsname == "SparkContext")
         setattr(cls, method, kind(audited) if kind is not None else audited)
         wrapped.append(f"{clsname}.{method}")
     return wrapped
@@ -533,6 +546,8 @@ def _audited_options(fn, name):
         given = dict(kwargs)
         if len(args) >= 2 and isinstance(args[0], str):
             given[args[0]] = args[1]
+        elif name.endswith(".option") and isinstance(given.get("key", args[0] if args else None), str):
+            given[given.pop("key", None) or args[0]] = given.pop("value", args[1] if len(args) > 1 else None)
         for key, value in given.items():
             if isinstance(key, str) and key.lower() in _SPARK_PATH_OPTIONS:
                 for path in _named_files(value.split(",") if isinstance(value, str) and key.lower() == "paths"

@@ -58,11 +58,12 @@ async def dask_setup(worker):
     url, token = os.environ.get("NGP_AUDIT_URL"), os.environ.get("JUPYTERHUB_API_TOKEN")
     if not url:
         return
-    if not _AUDITOR:
-        from .child import installed
+    from .child import in_kernel, installed
 
-        if installed() is not None:  # a spawned worker: the hook went in first thing (kernel.child)
-            _AUDITOR.append(installed())
+    if in_kernel():  # Client(processes=False): the kernel's own hook records; its cells attribute
+        return
+    if not _AUDITOR and installed() is not None:  # spawned (kernel.child) or forked from the kernel
+        _AUDITOR.append(installed())
     if not _AUDITOR:
         from .auditor import install
         from .entrypoints import wrap_hail_on_import, wrap_multiprocessing, wrap_pysam, wrap_pyspark_on_import, \
