@@ -266,7 +266,7 @@ def wrap_multiprocessing(current=None) -> list[str]:
     ``process.exec``), and the child's command runs :func:`ngp_research.kernel.child.start` first, so
     the hook is in place before the parent's code runs there; its records are attributed to
     ``current()``, the (msg_id, cell_id) of the execution that started it. (A ``fork`` child keeps the
-    parent's hook; the kernel also sets Dask's local process scheduler to fork.)
+    parent's hook. Dask's local process scheduler, dask.bag's default, spawns: covered here.)
     """
     import multiprocessing.util as util  # noqa: PLC0415
 
