@@ -821,3 +821,34 @@ def test_a_users_subclass_of_a_wrapped_pysam_class_is_an_ordinary_class(kernel, 
               issubclass(pysam.FastaFile, MyFasta), isinstance(mine, MyFasta))
     """))
     assert r["outputs"][0]["text"].split() == ["True", "True", "False", "False", "True"], r["outputs"]
+
+
+def test_a_spawned_dask_worker_delivers_each_tasks_records_in_batches_before_its_result(tmp_path, stub, workdir):
+    """A Nanny's worker is a spawned child: the hook goes in first thing, delivering each record before its
+    access; the worker preload then returns it to batches (the task's records before its result), so a task
+    that opens many files does not pay one round trip per open."""
+    many = workdir / "many"
+    many.mkdir(exist_ok=True)
+    for i in range(200):
+        (many / f"m{i:03d}.txt").write_text("x")
+    k = Kernel(tmp_path, stub, workdir / "project",
+               env={"DASK_DISTRIBUTED__WORKER__PRELOAD": '["ngp_research.kernel.worker"]'})
+    try:
+        ok(k.run("""
+            from dask.distributed import Client
+            client = Client(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
+        """, timeout=120))
+        posts_before = len(stub.posts)
+        r = ok(k.run(f"""
+            import os
+            def read_all(d):
+                return sum(len(open(os.path.join(d, n)).read()) for n in sorted(os.listdir(d)))
+            assert client.submit(read_all, {str(many)!r}).result() == 200
+        """, timeout=120))
+        opens = [x for x in stub.find("file.open") if x["path"].startswith(str(many) + "/")
+                 and x["detail"].get("msg_id") == r["msg_id"]]
+        assert len(opens) == 200, len(opens)  # all there when the cell's result came back, under its cell
+        assert len(stub.posts) - posts_before < 40, len(stub.posts) - posts_before
+        ok(k.run("client.close()", timeout=60))
+    finally:
+        k.close()

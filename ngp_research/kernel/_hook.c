@@ -1323,9 +1323,20 @@ install(PyObject *self, PyObject *args)
 }
 
 static PyObject *
-set_write_through(PyObject *self, PyObject *unused)
+set_write_through(PyObject *self, PyObject *args)
 {
-    (void)self; (void)unused;
+    int on = 1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "|p", &on))
+        return NULL;
+    if (!on) {  /* back to the queue: only where its sender thread runs (never in a forked child) */
+        if (!queue_mode || !sender_running) {
+            PyErr_SetString(PyExc_RuntimeError, "no audit sender thread in this process: events stay with the handler");
+            return NULL;
+        }
+        write_through = 0;
+        Py_RETURN_NONE;
+    }
     write_through = 1;
     Py_RETURN_NONE;
 }
@@ -1431,7 +1442,9 @@ done:
 
 static PyMethodDef methods[] = {
     {"install", install, METH_VARARGS, "Add the C audit hook (once per process)."},
-    {"write_through", set_write_through, METH_NOARGS, "From now on, hand every recorded event to the handler."},
+    {"write_through", set_write_through, METH_VARARGS,
+     "write_through(on=True): from now on, hand every recorded event to the handler (or, with False where the "
+     "sender thread runs, queue plain opens again)."},
     {"encode", encode, METH_VARARGS, "The POST body of buffered items: encode(items, dump, escape, record_text)."},
     {"start_sender", start_sender, METH_VARARGS,
      "start_sender(host, port (or a unix socket path and \"\"), request_head, linger, batch, max_post, capacity, timeout, dump, escape): "

@@ -152,6 +152,7 @@ class Auditor(NamedTuple):
     stats: Callable  # () -> dict
     watch: Callable  # (check) -> None: a () -> None | str integrity check the sender runs each round
     close: Callable  # (timeout) -> None | reason: flush, then deliver every later record before it happens
+    reopen: Callable = None  # () -> bool: after close(), batches again where the sender runs (a spawned Dask worker)
 
 
 _EMPTY = object()
@@ -1040,6 +1041,18 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             reason = c_wait(t) or reason
         return reason
 
+    def reopen():
+        """Undo :func:`close` in the process whose C sender runs: records go in batches again. For a spawned
+        Dask worker, which delivers each task's records before its result (see worker.py); False elsewhere."""
+        if getpid() != home_pid or not c_queue or not state["closed"]:
+            return False
+        try:
+            _hook.write_through(False)
+        except RuntimeError:
+            return False
+        state["closed"] = False
+        return True
+
     def stats():
         with lock:
             out = {"pending": len(buffer), "posts": state["posts"], "delivered": state["records"],
@@ -1103,9 +1116,9 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
         del buffer[:]
         state["closed"] = True
 
-    auditor = Auditor(write_ahead, flush, begin, end, blocked, tamper, record, stats, watch, close)
+    auditor = Auditor(write_ahead, flush, begin, end, blocked, tamper, record, stats, watch, close, reopen)
     guard = closure_guard([hook, _handle, _record_named, _arg, named_data_paths, _argv, _encodable, close, encode_items, _materialize, _body, _record_text, _encode_body, _pending, _drain, record, _path, _ignored, _post, _exchange, _deliver, _connection, write_ahead,
-                           flush, blocked, begin, end, tamper, watch, stats, _run_checks, sender])
+                           flush, blocked, begin, end, tamper, watch, stats, _run_checks, sender, reopen])
     checks.append(lambda: guard(restore=True))
     os.register_at_fork(after_in_child=_in_child)
     if add_hook:

@@ -8,7 +8,8 @@ is unpickled or run there. The child's records are attributed to the cell that s
 worker's then to each task's cell, see :mod:`.worker`). Each is delivered before its access, as in a
 forked child: a child may end with SIGTERM (``Pool.terminate``) or ``os._exit``, and a child whose
 records cannot be delivered (no token, the service down) is refused the access, never left to run
-unrecorded.
+unrecorded. A Dask worker's preload switches back to batches (``Auditor.reopen``): it delivers each
+task's records before the task's result goes out.
 
 The kernel registers its own auditor here too (:func:`adopt`), so that code running in the kernel's
 process or in a child forked from it (a Dask worker of either kind) finds the hook that is there

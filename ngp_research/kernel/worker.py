@@ -64,6 +64,9 @@ async def dask_setup(worker):
         return
     if not _AUDITOR and installed() is not None:  # spawned (kernel.child) or forked from the kernel
         _AUDITOR.append(installed())
+        # A spawned worker delivers each record before its access until here; from now on in batches, each
+        # task's before its result goes out (CellAttribution). A forked one has no sender: it stays so.
+        _AUDITOR[0].reopen()
     if not _AUDITOR:
         from .auditor import install
         from .entrypoints import wrap_hail_on_import, wrap_multiprocessing, wrap_pysam, wrap_pyspark_on_import, \
