@@ -430,6 +430,17 @@ cohort = Cohort.from_workspace(datasets=["syd-cohort", "norr-cohort"], workers=1
 freq = cohort.allele_frequencies(by="region")
 opened = cohort.client.submit(lambda p: len(open(p, "rb").read(16)),
                               "/data/uppsala/uppsala-cohort/uppsala-phenopackets.json").result()
+
+
+def more_reads_in_the_jvm():  # in the worker, whose Hail and Spark read files in their JVM
+    from ngp_research.cohort.engine import hail
+    hl = hail()
+    header = hl.get_vcf_metadata("/data/syd/syd-cohort/syd-cohort.vcf.gz")
+    lines = hl.spark_context().textFile("/data/uppsala/uppsala-cohort/uppsala-phenopackets.json").count()
+    return isinstance(header, dict) and lines > 0
+
+
+assert cohort.client.submit(more_reads_in_the_jvm).result()
 cohort.close()
 print(len(freq), sorted(c for c in freq.columns if c.startswith("af")), opened)
 """
@@ -459,6 +470,10 @@ def test_cohort_in_a_workspace_hail_and_dask_workers_leave_records_of_the_cell(a
     assert ("file.open", "/data/uppsala/uppsala-cohort/uppsala-phenopackets.json", "uppsala") in {
         (r.action, r.path, r.region) for r in mine}
     assert any(r.action == "data.open" and r.detail.get("via") == "ngp_research.cohort" for r in mine)
+    # real Hail and Spark in the worker: other readers record their files too, under the cell
+    jvm = {(r.detail.get("entry_point"), r.path, r.region) for r in mine if r.action == "data.open"}
+    assert ("get_vcf_metadata", "/data/syd/syd-cohort/syd-cohort.vcf.gz", "syd") in jvm, jvm
+    assert ("SparkContext.textFile", "/data/uppsala/uppsala-cohort/uppsala-phenopackets.json", "uppsala") in jvm, jvm
     assert not [r for r in new if r.action == "audit.tamper"]
 
 

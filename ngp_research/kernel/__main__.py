@@ -38,15 +38,10 @@ def main(argv=None) -> None:
 
     child.adopt(auditor)  # a Dask worker in this process, or forked from it, uses this hook
 
-    from .entrypoints import (wrap_hail_on_import, wrap_multiprocessing, wrap_pysam,  # noqa: PLC0415
-                              wrap_pyspark_on_import, wrap_scipy_on_import)
+    from .entrypoints import wrap_libraries  # noqa: PLC0415
     from .kernel import make_kernel_class  # noqa: PLC0415
 
-    wrap_pysam()
-    auditor.watch(wrap_hail_on_import())  # Hail is wrapped when imported (importing it takes seconds)
-    auditor.watch(wrap_pyspark_on_import())  # so are Spark's readers (Hail imports pyspark)
-    auditor.watch(wrap_scipy_on_import())
-    wrap_multiprocessing(lambda: auditor.stats().get("current"))
+    wrap_libraries(auditor)  # Hail is wrapped when imported (importing it takes seconds), and so on
     try:  # so that every execution can tag the Dask tasks it submits (see ngp_research.kernel.worker)
         import dask  # noqa: F401, PLC0415
     except ImportError:

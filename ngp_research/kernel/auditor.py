@@ -152,7 +152,7 @@ class Auditor(NamedTuple):
     stats: Callable  # () -> dict
     watch: Callable  # (check) -> None: a () -> None | str integrity check the sender runs each round
     close: Callable  # (timeout) -> None | reason: flush, then deliver every later record before it happens
-    reopen: Callable = None  # () -> bool: after close(), batches again where the sender runs (a spawned Dask worker)
+    reopen: Callable  # () -> bool: after close(), batches again where the sender runs (a spawned Dask worker)
 
 
 _EMPTY = object()

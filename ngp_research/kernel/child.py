@@ -45,16 +45,11 @@ def start(msg_id=None, cell_id=None) -> None:
         return
     from ..workspace.plan import audit_socket
     from .auditor import install
-    from .entrypoints import wrap_hail_on_import, wrap_multiprocessing, wrap_pysam, wrap_pyspark_on_import, \
-        wrap_scipy_on_import
+    from .entrypoints import wrap_libraries
 
     auditor = install(os.environ.get("NGP_AUDIT_URL"), os.environ.get("JUPYTERHUB_API_TOKEN"),
                       socket_path=audit_socket())
     adopt(auditor, kernel=False)
     auditor.begin(msg_id if type(msg_id) is str else None, cell_id if type(cell_id) is str else None)
     auditor.close()  # from here on every record is delivered before its access
-    wrap_pysam()
-    auditor.watch(wrap_hail_on_import())
-    auditor.watch(wrap_pyspark_on_import())
-    auditor.watch(wrap_scipy_on_import())
-    wrap_multiprocessing(lambda: auditor.stats().get("current"))
+    wrap_libraries(auditor)

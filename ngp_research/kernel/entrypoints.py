@@ -26,7 +26,7 @@ import glob
 import os
 import sys
 
-__all__ = ["record_data_access", "wrap_pysam", "wrap_hail", "wrap_hail_on_import", "wrap_pyspark",
+__all__ = ["record_data_access", "wrap_libraries", "wrap_pysam", "wrap_hail", "wrap_hail_on_import", "wrap_pyspark",
            "wrap_pyspark_on_import", "wrap_scipy", "wrap_scipy_on_import", "describe_region", "HAIL_ENTRY_POINTS",
            "HAIL_METHODS", "PYSPARK_ENTRY_POINTS", "SCIPY_ENTRY_POINTS"]
 
@@ -105,11 +105,9 @@ _PYSAM_CLASSES = (
 _PYSAM_OTHER_FILES = ("reference_filename", "index_filename", "filepath_index", "filepath_index_compressed",
                       "index")
 
-#: pysam's functions that read a file named by an argument, in C: (name, module, the path parameters)
-_PYSAM_FUNCTIONS = (
-    ("tabix_index", "pysam.libctabix", ("filename",)),
-    ("tabix_compress", "pysam.libctabix", ("filename_in",)),
-)
+#: pysam's functions that read a file named by an argument, in C (defined in ``pysam.libctabix``), and the
+#: parameters that name it.
+_PYSAM_FUNCTIONS = {"tabix_index": ("filename",), "tabix_compress": ("filename_in",)}
 
 
 def _audited_subclass(base, fetch_names):
@@ -203,15 +201,8 @@ def wrap_pysam(pysam=None) -> list[str]:
                 if getattr(mod, attr, None) is base:
                     setattr(mod, attr, cls)
         wrapped.append(name)
-    for name, modname, parameters in _PYSAM_FUNCTIONS:
-        fn = getattr(pysam, name, None)
-        if fn is None or getattr(fn, "_ngp_audited", False):
-            continue
-        audited = _audited_function(fn, name, parameters, "pysam")
-        for mod in (pysam, sys.modules.get(modname)):
-            if mod is not None and getattr(mod, name, None) is fn:
-                setattr(mod, name, audited)
-        wrapped.append(name)
+    wrapped += _wrap_functions(_PYSAM_FUNCTIONS, lambda name: getattr(pysam, name, None),
+                               (pysam, sys.modules.get("pysam.libctabix")), "pysam")
     dispatcher = getattr(getattr(pysam, "utils", None), "PysamDispatcher", None)
     if dispatcher is not None and not getattr(dispatcher.__call__, "_ngp_audited", False):
         dispatcher.__call__ = _audited_dispatch(dispatcher.__call__)
@@ -245,7 +236,7 @@ def _audited_function(fn, name, parameters, library, split_commas=False):
                 value = value.split(",")
             for path in _named_files(value):
                 detail = {"library": library, "entry_point": name, "argument": parameter}
-                if name == "hadoop_open":
+                if name == "hadoop_open":  # the one opener among them: its mode says read or write
                     detail["mode"] = bound.get("mode", "r")
                 record(path, **detail)
         return fn(*args, **kwargs)
@@ -437,26 +428,36 @@ def wrap_hail() -> list[str]:
             import hail  # noqa: PLC0415
         except ImportError:
             return []
-    modules = [m for m in (sys.modules.get(n) for n in _HAIL_MODULES) if m is not None]
-    wrapped = []
-    for name, parameters in HAIL_ENTRY_POINTS.items():
-        attr = name.rsplit(".", 1)[-1]
+    def find(name):
         home = getattr(hail, name.split(".", 1)[0], None) if "." in name else hail
-        fn = getattr(home, attr, None) if home is not None else None
+        return getattr(home, name.rsplit(".", 1)[-1], None)
+
+    return (_wrap_functions(HAIL_ENTRY_POINTS, find, [sys.modules.get(n) for n in _HAIL_MODULES], "hail")
+            + _wrap_methods(HAIL_METHODS, "hail"))
+
+
+def _wrap_functions(table, find, modules, library) -> list[str]:
+    """Wrap each function of ``table`` (``{name: parameters}``; ``find(name)`` gives the function, a dotted
+    name's last part is its attribute name) in every one of ``modules`` that holds it under that name;
+    returns the names wrapped (those found and not yet wrapped)."""
+    wrapped = []
+    for name, parameters in table.items():
+        attr = name.rsplit(".", 1)[-1]
+        fn = find(name)
         if fn is None or not callable(fn) or getattr(fn, "_ngp_audited", False):
             continue
-        audited = _audited_function(fn, attr, parameters, "hail")
+        audited = _audited_function(fn, attr, parameters, library)
         for module in modules:
-            if getattr(module, attr, None) is fn:
+            if module is not None and getattr(module, attr, None) is fn:
                 setattr(module, attr, audited)
         wrapped.append(name)
-    wrapped += _wrap_methods(HAIL_METHODS, "hail")
     return wrapped
 
 
-def _wrap_methods(table, library) -> list[str]:
+def _wrap_methods(table, library, split_commas=()) -> list[str]:
     """Wrap the methods of ``table`` ((module, class, method, parameters)) that exist and are not yet
-    wrapped: plain, class and static methods alike."""
+    wrapped: plain, class and static methods alike. The classes named in ``split_commas`` take several
+    paths in one str, separated by commas."""
     import importlib  # noqa: PLC0415
 
     wrapped = []
@@ -471,7 +472,7 @@ def _wrap_methods(table, library) -> list[str]:
         if fn is None or not callable(fn) or getattr(fn, "_ngp_audited", False):
             continue
         audited = _audited_function(fn, f"{clsname}.{method}", parameters, library,
-                                    split_commas=clsname == "SparkContext")
+                                    split_commas=clsname in split_commas)
         setattr(cls, method, kind(audited) if kind is not None else audited)
         wrapped.append(f"{clsname}.{method}")
     return wrapped
@@ -520,7 +521,7 @@ def wrap_pyspark() -> list[str]:
         return []
     import importlib  # noqa: PLC0415
 
-    wrapped = _wrap_methods(PYSPARK_ENTRY_POINTS, "pyspark")
+    wrapped = _wrap_methods(PYSPARK_ENTRY_POINTS, "pyspark", split_commas=("SparkContext",))  # Hadoop's "a,b"
     for modname, clsname in (("pyspark.sql.readwriter", "DataFrameReader"),
                              ("pyspark.sql.streaming.readwriter", "DataStreamReader")):
         try:
@@ -538,16 +539,21 @@ def wrap_pyspark() -> list[str]:
 def _audited_options(fn, name):
     """A Spark reader's ``option(key, value)``/``options(**kw)``, recording a ``path`` option's files."""
     import functools  # noqa: PLC0415
+    import inspect  # noqa: PLC0415
 
     record = record_data_access
+    signature = inspect.signature(fn)
 
     @functools.wraps(fn)
     def audited(self, *args, **kwargs):
-        given = dict(kwargs)
-        if len(args) >= 2 and isinstance(args[0], str):
-            given[args[0]] = args[1]
-        elif name.endswith(".option") and isinstance(given.get("key", args[0] if args else None), str):
-            given[given.pop("key", None) or args[0]] = given.pop("value", args[1] if len(args) > 1 else None)
+        try:
+            bound = signature.bind(self, *args, **kwargs).arguments
+        except TypeError:  # Spark refuses the call itself
+            bound = {}
+        if "key" in bound:  # option(key, value)
+            given = {bound["key"]: bound.get("value")}
+        else:  # options(**options)
+            given = dict(bound.get("options") or {})
         for key, value in given.items():
             if isinstance(key, str) and key.lower() in _SPARK_PATH_OPTIONS:
                 for path in _named_files(value.split(",") if isinstance(value, str) and key.lower() == "paths"
@@ -566,21 +572,11 @@ SCIPY_ENTRY_POINTS = {"mmread": ("source",), "mminfo": ("source",)}
 def wrap_scipy() -> list[str]:
     """Record the files ``scipy.io.mmread``/``mminfo`` read (a single-cell count matrix, ``matrix.mtx``): its
     fast reader opens them in C++, without an ``open`` event; returns the names wrapped (idempotent)."""
-    modules = [m for m in (sys.modules.get(n) for n in ("scipy.io", "scipy.io._fast_matrix_market", "scipy.io._mmio"))
-               if m is not None]
-    if not modules:
+    io = sys.modules.get("scipy.io")
+    if io is None:
         return []
-    wrapped = []
-    for name, parameters in SCIPY_ENTRY_POINTS.items():
-        fn = getattr(modules[0], name, None)
-        if fn is None or getattr(fn, "_ngp_audited", False):
-            continue
-        audited = _audited_function(fn, name, parameters, "scipy")
-        for module in modules:
-            if getattr(module, name, None) is fn:
-                setattr(module, name, audited)
-        wrapped.append(name)
-    return wrapped
+    modules = (io, sys.modules.get("scipy.io._fast_matrix_market"), sys.modules.get("scipy.io._mmio"))
+    return _wrap_functions(SCIPY_ENTRY_POINTS, lambda name: getattr(io, name, None), modules, "scipy")
 
 
 class _WrapAfterImport:
@@ -591,9 +587,9 @@ class _WrapAfterImport:
     module executes.
     """
 
-    def __init__(self, name="hail", wrap=None):
+    def __init__(self, name, wrap):
         self.name = name
-        self.wrap = wrap_hail if wrap is None else wrap
+        self.wrap = wrap
 
     def find_spec(self, name, path=None, target=None):
         if name != self.name:
@@ -607,7 +603,6 @@ class _WrapAfterImport:
         else:
             return None
         original = spec.loader.exec_module
-
         wrap = self.wrap
 
         def exec_module(module):
@@ -661,6 +656,16 @@ def wrap_scipy_on_import():
     True
     """
     return _wrap_on_import("scipy.io", wrap_scipy, "scipy's Matrix Market readers")
+
+
+def wrap_libraries(auditor) -> None:
+    """Wrap, for ``auditor``, every library that reads files where the hook cannot see it: pysam now; Hail,
+    pyspark and scipy now or when imported (their integrity checks go to ``auditor.watch``); and
+    multiprocessing's spawned children, attributed to the execution ``auditor`` attributes to."""
+    wrap_pysam()
+    for check in (wrap_hail_on_import(), wrap_pyspark_on_import(), wrap_scipy_on_import()):
+        auditor.watch(check)
+    wrap_multiprocessing(lambda: auditor.stats().get("current"))
 
 
 def wrap_hail_on_import():

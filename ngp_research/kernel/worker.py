@@ -55,30 +55,17 @@ class CellAttribution(WorkerPlugin):
 
 async def dask_setup(worker):
     """Install the audit hook in this worker process (a no-op outside a workspace)."""
-    url, token = os.environ.get("NGP_AUDIT_URL"), os.environ.get("JUPYTERHUB_API_TOKEN")
-    if not url:
+    if not os.environ.get("NGP_AUDIT_URL"):
         return
-    from .child import in_kernel, installed
+    from . import child
 
-    if in_kernel():  # Client(processes=False): the kernel's own hook records; its cells attribute
+    if child.in_kernel():  # Client(processes=False): the kernel's own hook records; its cells attribute
         return
-    if not _AUDITOR and installed() is not None:  # spawned (kernel.child) or forked from the kernel
-        _AUDITOR.append(installed())
+    if not _AUDITOR:
+        if child.installed() is None:  # started some other way (dask-worker): as a spawned child is
+            child.start()
+        _AUDITOR.append(child.installed())
         # A spawned worker delivers each record before its access until here; from now on in batches, each
         # task's before its result goes out (CellAttribution). A forked one has no sender: it stays so.
         _AUDITOR[0].reopen()
-    if not _AUDITOR:
-        from .auditor import install
-        from .entrypoints import wrap_hail_on_import, wrap_multiprocessing, wrap_pysam, wrap_pyspark_on_import, \
-            wrap_scipy_on_import
-
-        from ..workspace.plan import audit_socket
-
-        auditor = install(url, token, socket_path=audit_socket())
-        _AUDITOR.append(auditor)
-        wrap_pysam()
-        auditor.watch(wrap_hail_on_import())
-        auditor.watch(wrap_pyspark_on_import())
-        auditor.watch(wrap_scipy_on_import())
-        wrap_multiprocessing(lambda: auditor.stats().get("current"))
     await worker.plugin_add(CellAttribution(_AUDITOR[0]), name=CellAttribution.name)

@@ -115,20 +115,18 @@ def _contents_manager_class():
         async def resolve(self, host, port, family=socket.AF_UNSPEC):
             return [(socket.AF_UNIX, self.path)]
 
-    clients = {}
+    clients = []  # the client on the service's socket, made on first use (the path is looked up once)
 
     def audit_client():
         """The HTTP client for the audit service: on its unix socket when ``NGP_AUDIT_SOCKET`` names one
         (in a workspace: bound read-only from outside, so no process in the sandbox can stand in for the
         service, as one could on a loopback port), else the shared client for ``NGP_AUDIT_URL``."""
-        from ngp_research.workspace.plan import audit_socket
+        if not clients:
+            from ngp_research.workspace.plan import audit_socket
 
-        path = audit_socket()
-        if not path:
-            return AsyncHTTPClient()
-        if path not in clients:
-            clients[path] = AsyncHTTPClient(force_instance=True, resolver=ServiceSocket(path=path))
-        return clients[path]
+            path = audit_socket()
+            clients.append(AsyncHTTPClient(force_instance=True, resolver=ServiceSocket(path=path)) if path else None)
+        return clients[0] or AsyncHTTPClient()
 
     class WorkspaceContentsManager(AsyncLargeFileManager):
         """Lists only /data, /home and /project at the root of the file browser, and records every file
