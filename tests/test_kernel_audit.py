@@ -852,3 +852,83 @@ def test_a_spawned_dask_worker_delivers_each_tasks_records_in_batches_before_its
         ok(k.run("client.close()", timeout=60))
     finally:
         k.close()
+
+
+def test_a_python_program_a_cell_starts_records_its_own_opens(kernel, stub, workdir):
+    """``subprocess.run([sys.executable, script])`` and the same through a shell: the program installs the hook
+    before its own code runs (the environment's ``ngp_research_audit.pth``), so the files it opens are recorded,
+    attributed to the cell that started it. Neither the script nor the shell command names the file."""
+    data = workdir / "data"
+    script = workdir / "project" / "reads_f1.py"
+    script.write_text(f"print(open({str(data / 'f1.txt')!r}).read().strip())\n")
+    other = workdir / "project" / "reads_f2.py"
+    other.write_text(f"print(open({str(data / 'f2.txt')!r}).read().strip())\n")
+    r = ok(kernel.run(f"""
+        import subprocess, sys
+        print(subprocess.run([sys.executable, {str(script)!r}], capture_output=True, text=True, check=True).stdout)
+        print(subprocess.run(sys.executable + " " + {str(other)!r}, shell=True, capture_output=True, text=True,
+                             check=True).stdout)
+    """, cell_id="cell-python-child", timeout=60))
+    out = "".join(o.get("text", "") for o in r["outputs"])
+    assert "file 1" in out and "file 2" in out, r
+    for name in ("f1.txt", "f2.txt"):
+        opens = [x for x in stub.find("file.open") if x["path"] == str(data / name)
+                 and x["detail"].get("msg_id") == r["msg_id"]]
+        assert opens, name
+        assert opens[0]["detail"]["cell_id"] == "cell-python-child"
+    assert any(x["path"] == str(script) for x in stub.find("file.open", msg_id=r["msg_id"])), "the script's own file"
+
+
+def test_a_cell_cannot_start_a_program_exempt_from_the_hook(workdir, stub):
+    """``NGP_AUDIT_EXEMPT`` (what the workspace's server runs with) is refused in a program's environment and in
+    the kernel's own; each attempt is recorded as tampering, and the program never runs."""
+    k = Kernel(workdir, stub, workdir / "project", env={"NGP_AUDIT_EXEMPT": "inherited from the server"})
+    try:
+        marker = workdir / "exempt-ran"
+        r = ok(k.run(f"""
+            import os, subprocess, sys
+            print("inherited:", os.environ.get("NGP_AUDIT_EXEMPT"))
+            program = [sys.executable, "-c", "open({str(marker)!r}, 'w').close()"]
+            outcome = []
+            for start in (lambda: subprocess.run(program, env={{**os.environ, "NGP_AUDIT_EXEMPT": "1"}}),
+                          lambda: subprocess.run(program, env={{b"NGP_AUDIT_EXEMPT": b"1", b"PATH": b"/bin"}}),
+                          lambda: os.environ.__setitem__("NGP_AUDIT_EXEMPT", "1"),
+                          lambda: os.putenv("NGP_AUDIT_EXEMPT", "1")):
+                try:
+                    start()
+                    outcome.append("done")
+                except PermissionError:
+                    outcome.append("refused")
+            print(outcome, os.environ.get("NGP_AUDIT_EXEMPT"))
+        """, cell_id="cell-exempt", timeout=60))
+        out = "".join(o.get("text", "") for o in r["outputs"])
+        assert "inherited: None" in out, out  # the kernel dropped the server's exemption before any cell
+        assert "['refused', 'refused', 'refused', 'refused'] None" in out, out
+        assert not marker.exists()
+        tampers = wait_for(lambda: len(stub.find("audit.tamper", cell_id="cell-exempt")) >= 1 and
+                           stub.find("audit.tamper", cell_id="cell-exempt"))
+        assert tampers and "NGP_AUDIT_EXEMPT" in tampers[0]["detail"]["what"], tampers
+        assert k.run("1")["reply"]["status"] == "error"  # tampering: no further cell runs
+    finally:
+        k.close()
+
+
+def test_what_a_spark_udf_opens_in_sparks_python_worker_is_recorded(kernel, stub, workdir):
+    """Spark's JVM, started from the cell, starts Python workers of its own for a UDF: they install the hook
+    too (see test_a_python_program_a_cell_starts_records_its_own_opens), so the file a ``map`` function
+    opens there is recorded, under the cell that started the JVM."""
+    data = workdir / "data"
+    r = ok(kernel.run(f"""
+        import os, sys
+        os.environ["PYSPARK_PYTHON"] = sys.executable  # what PATH gives in a workspace (its env's bin first)
+        from pyspark import SparkConf, SparkContext
+        conf = SparkConf().setMaster("local[1]").setAppName("ngp-udf").set("spark.ui.enabled", "false")
+        sc = SparkContext(conf=conf)
+        try:
+            assert sc.parallelize([{str(data / "f3.txt")!r}], 1).map(lambda p: open(p).read()).collect() == ["file 3\\n"]
+        finally:
+            sc.stop()
+    """, cell_id="cell-spark-udf", timeout=240))
+    opens = [x for x in stub.find("file.open") if x["path"] == str(data / "f3.txt")
+             and x["detail"].get("msg_id") == r["msg_id"]]
+    assert opens and opens[0]["detail"]["cell_id"] == "cell-spark-udf", opens

@@ -543,6 +543,28 @@ def test_a_cell_cannot_point_what_it_starts_at_another_audit_service(workspace, 
     assert "possible tampering" in rec.detail["flag"]
 
 
+def test_a_python_program_a_cell_starts_in_the_sandbox_records_its_own_opens(workspace, kernel):
+    """A Python program a cell starts inside the sandbox installs the hook before its code runs (the
+    environment's ``.pth``): its own open of a dataset's file reaches the service under the region and the
+    cell. Started without the kernel's environment (``env={}``), it has no token: it stops before its code
+    runs instead of reading unrecorded."""
+    script = workspace["home"].parent.parent / "shared" / "child_reads.py"
+    script.write_text("open('/data/syd/syd-cohort/syd-cohort.vcf.gz', 'rb').read(2)\nprint('child ran')\n")
+    code = ("import subprocess, sys\n"
+            "p = subprocess.run([sys.executable, '/project/child_reads.py'], capture_output=True, text=True)\n"
+            "q = subprocess.run([sys.executable, '/project/child_reads.py'], capture_output=True, text=True, env={})\n"
+            "print(p.returncode, p.stdout.strip(), '|', q.returncode, q.stdout.strip(), '|', q.stderr.strip()[-300:])\n")
+    out, error = kernel["ws"].execute(code)
+    assert error is None, error
+    assert out.startswith("0 child ran | 126  |") and "audit hook" in out, out
+    catalog = workspace["catalog"]
+    [query] = [r for r in catalog.audit.records(action="query.execute") if r.detail.get("code") == code]
+    opens = [a for r in catalog.audit.records(action="file.open", actor="alice") for a in r.accesses()
+             if a.path == "/data/syd/syd-cohort/syd-cohort.vcf.gz" and a.detail.get("msg_id") == query.detail["msg_id"]]
+    assert len(opens) == 1, opens  # the first program's; the second never reached its code
+    assert (opens[0].project, opens[0].region, opens[0].dataset) == ("cardio-gwas", "syd", "syd-cohort")
+
+
 def test_a_restarted_audit_service_is_reached_again_through_the_bound_folder(workspace, kernel):
     """A restarted service binds a new socket at the same path: the sandbox, which binds the folder and
     not the socket, reaches it, for the kernel's records and the server's alike."""

@@ -101,7 +101,17 @@ A Python child of the kernel keeps the hook: a forked one inherits it, and one t
 ``spawn`` or ``forkserver`` method starts installs it before anything else (:mod:`.child`; its start
 is recorded too). Both deliver each record before the access (slower for many small files, never
 lost). A pool or forkserver's children are attributed to the cell that started the pool or server,
-even when a later cell uses it. A Python program started with ``subprocess`` does not keep the hook.
+even when a later cell uses it. Any other Python program a cell starts (``!python analysis.py``,
+``subprocess``, a shell script, a Dask worker started by hand, the Python workers Spark's JVM starts)
+installs the hook itself before its own code runs (:mod:`.autostart`, through a ``.pth`` file of the
+workspace environment), attributed to the execution that started it (``NGP_AUDIT_CELL``, which the
+kernel updates before each execution; a program started by a process the kernel started earlier,
+such as a JVM, is attributed to the execution current when that process started), and delivers each
+record before the access. Only the workspace's server and its relays are exempt
+(``NGP_AUDIT_EXEMPT``); the kernel drops that variable at start and refuses, as tampering, a cell that
+sets it or starts a program with it. Programs that skip the environment's ``site`` module run without
+the hook, their start recorded like a compiled program's: ``python -S``, and an interpreter outside
+the workspace environment (``/usr/bin/python3`` by its full path).
 Paths given to Hail and Spark are recorded as given (a glob under ``/data`` also as what it
 matches; Spark's comma-separated lists split); a relative one is read against Python's working
 folder, while the JVM reads it against the folder it started in.
@@ -110,6 +120,6 @@ Opens in C or in a JVM are recorded only where :mod:`.entrypoints` wraps the lib
 see, found by experiment (2026-11-29): SQLite's ``ATTACH DATABASE``
 of another file; the files a samtools/bcftools list file names (``merge -b list.txt``; the list
 file is recorded); the reference a CRAM's header names when none is given; a path inside Spark
-SQL text; Python workers Spark's JVM starts for a UDF; Pillow's ``ImageFont.truetype`` and colour
+SQL text; Pillow's ``ImageFont.truetype`` and colour
 profiles; ``dbm.ndbm.open`` called directly.
 """

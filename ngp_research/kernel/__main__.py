@@ -18,6 +18,9 @@ def main(argv=None) -> None:
     # No member-written file runs before or around the hook: no PYTHONSTARTUP, and an IPYTHONDIR of
     # our own (profile config and startup files are read from it).
     os.environ.pop("PYTHONSTARTUP", None)
+    # The workspace's server is exempt from the audit hook of the Python programs it starts (see
+    # .autostart); the programs a cell starts are not: nothing started here inherits the exemption.
+    os.environ.pop("NGP_AUDIT_EXEMPT", None)
     ipython_dir = tempfile.mkdtemp(prefix="ngp-ipython-")
     os.environ["IPYTHONDIR"] = ipython_dir
     atexit.register(shutil.rmtree, ipython_dir, True)

@@ -17,10 +17,12 @@ and inspection requests (they can run user code: properties, ``__getattr__``, ``
 debugger is off.
 """
 
-import sys
 import json
+import os
+import sys
 
 from .auditor import UNREACHABLE, closure_guard
+from .autostart import CELL
 
 ENAME = "AuditUnavailable"
 ACK_TIMEOUT = 5.0
@@ -50,8 +52,19 @@ def make_kernel_class(auditor, timeout: float = ACK_TIMEOUT):
     base_execute_request = IPythonKernel.__dict__["execute_request"]
     base_do_complete = IPythonKernel.do_complete
     base_do_inspect = IPythonKernel.do_inspect
-    end = auditor.end
     dumps = json.dumps
+    environ = os.environ  # held: a cell that rebinds os.environ does not move where the execution is told
+
+    def attribute(msg_id, cell_id):
+        """Records from here on belong to this execution: the kernel's own, and (``NGP_AUDIT_CELL``, read by
+        :mod:`.autostart`) those of the Python programs it starts. Returns what was current before."""
+        prev = begin(msg_id, cell_id)
+        try:
+            environ[CELL] = dumps([msg_id if type(msg_id) is str else None, cell_id if type(cell_id) is str else None])
+        except (TypeError, ValueError, OSError):  # an id the environment cannot hold: the programs get none
+            environ.pop(CELL, None)
+        return prev
+
     instances = []  # the one kernel instance, once created
     comm_wrappers = {}
 
@@ -117,7 +130,7 @@ def make_kernel_class(auditor, timeout: float = ACK_TIMEOUT):
             if reason is not None:
                 kernel.log.error("%s: %s; the %s was not handled", ENAME, _evalue(reason), msg_type)
                 return None
-            begin(header.get("msg_id"), None)
+            attribute(header.get("msg_id"), None)
             return handler(stream, ident, msg)
 
         handle.__name__ = f"audited_{msg_type}"
@@ -160,7 +173,7 @@ def make_kernel_class(auditor, timeout: float = ACK_TIMEOUT):
             reason = write_ahead(record, timeout)
             if reason is not None:
                 return self._ngp_refuse(reason, silent)
-            begin(msg_id, cell_id)
+            attribute(msg_id, cell_id)
             annotation = annotate_dask(msg_id, cell_id)
             try:
                 reply = await base_do_execute(self, code, silent, store_history, user_expressions, allow_stdin,
@@ -189,14 +202,14 @@ def make_kernel_class(auditor, timeout: float = ACK_TIMEOUT):
             reason = write_ahead(record, timeout)
             if reason is not None:
                 return {"status": "error", "ename": ENAME, "evalue": _evalue(reason), "traceback": []}
-            prev = begin(header.get("msg_id"), None)
+            prev = attribute(header.get("msg_id"), None)
             try:
                 reply = base(self, code, cursor_pos, *args)
                 if hasattr(reply, "__await__"):
                     reply = await reply
                 return reply
             finally:
-                end(prev)
+                attribute(*prev)
 
         async def do_complete(self, code, cursor_pos):
             reply = await self._ngp_introspect("complete_request", base_do_complete, code, cursor_pos)
@@ -231,6 +244,6 @@ def make_kernel_class(auditor, timeout: float = ACK_TIMEOUT):
     guard = []  # the closure guard, made once the instance (and its comm wrappers) exist
 
     def _guard_now():
-        guard.append(closure_guard([*originals.values(), check, audited_comm, *comm_wrappers.values()]))
+        guard.append(closure_guard([*originals.values(), check, audited_comm, attribute, *comm_wrappers.values()]))
     AuditedKernel.__module__ = __name__
     return AuditedKernel

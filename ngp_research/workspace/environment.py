@@ -9,6 +9,8 @@ It holds JupyterHub's single-user server, JupyterLab, ipykernel, numpy, pysam an
 - ``share/jupyter/kernels/ngp-python/kernel.json``: the only kernelspec, written from the template
   ``kernels/ngp-python/kernel.json`` with this environment's python; ipykernel's own ``python3``
   kernelspec is removed;
+- ``ngp_research_audit.pth`` in its site-packages: the Python programs a kernel starts install the
+  audit hook (:mod:`ngp_research.kernel.autostart`);
 - ``etc/ngp-jupyter/``: the platform's Jupyter config (from ``spawner/jupyter/``), found through
   ``JUPYTER_CONFIG_DIR``;
 - only JupyterLab's server-extension switch under ``etc/jupyter/jupyter_server_config.d``.
@@ -98,6 +100,24 @@ def write_kernelspec(env: str, template: Path) -> str:
     return str(target / "kernel.json")
 
 
+def write_audit_pth(python: str) -> str:
+    """Put :data:`~ngp_research.kernel.autostart.PTH_NAME` in the environment's site-packages: every Python
+    program a workspace's kernel starts installs the audit hook before its own code runs (see
+    :mod:`ngp_research.kernel.autostart`). Returns the file's path."""
+    from ..kernel.autostart import PTH_LINE, PTH_NAME  # noqa: PLC0415
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NGP_AUDIT")}
+    env["NGP_AUDIT_EXEMPT"] = "build"  # an earlier build's file is there already: not for this one
+    purelib = Path(subprocess.run([python, "-I", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                                  check=True, capture_output=True, text=True, env=env).stdout.strip())
+    prefix = Path(python).parent.parent
+    if prefix not in purelib.parents:  # never into another Python's site-packages
+        raise RuntimeError(f"{python}: site-packages {purelib} is outside the environment {prefix}")
+    path = purelib / PTH_NAME
+    path.write_text(PTH_LINE)
+    return str(path)
+
+
 def _prune(env: Path) -> None:
     """Remove every kernelspec but ours and every server-extension switch but JupyterLab's."""
     kernels = env / "share" / "jupyter" / "kernels"
@@ -144,6 +164,7 @@ def build_workspace_env(path: str | None = None, repo: str | os.PathLike | None 
     try:
         _run([python, "-m", "pip", "install", "-q", *PACKAGES])
         _install_project(python, repo)
+        write_audit_pth(python)
         _prune(env)
         write_kernelspec(str(env), repo / "kernels" / KERNEL_NAME / "kernel.json")
         cfg = Path(config_dir(str(env)))
