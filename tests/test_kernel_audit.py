@@ -879,38 +879,46 @@ def test_a_python_program_a_cell_starts_records_its_own_opens(kernel, stub, work
     assert any(x["path"] == str(script) for x in stub.find("file.open", msg_id=r["msg_id"])), "the script's own file"
 
 
-def test_a_cell_cannot_start_a_program_exempt_from_the_hook(workdir, stub):
-    """``NGP_AUDIT_EXEMPT`` (what the workspace's server runs with) is refused in a program's environment and in
-    the kernel's own; each attempt is recorded as tampering, and the program never runs."""
-    k = Kernel(workdir, stub, workdir / "project", env={"NGP_AUDIT_EXEMPT": "inherited from the server"})
-    try:
-        marker = workdir / "exempt-ran"
-        r = ok(k.run(f"""
-            import os, subprocess, sys
-            print("inherited:", os.environ.get("NGP_AUDIT_EXEMPT"))
-            program = [sys.executable, "-c", "open({str(marker)!r}, 'w').close()"]
-            outcome = []
-            for start in (lambda: subprocess.run(program, env={{**os.environ, "NGP_AUDIT_EXEMPT": "1"}}),
-                          lambda: subprocess.run(program, env={{b"NGP_AUDIT_EXEMPT": b"1", b"PATH": b"/bin"}}),
-                          lambda: os.environ.__setitem__("NGP_AUDIT_EXEMPT", "1"),
-                          lambda: os.putenv("NGP_AUDIT_EXEMPT", "1")):
-                try:
-                    start()
-                    outcome.append("done")
-                except PermissionError:
-                    outcome.append("refused")
-            print(outcome, os.environ.get("NGP_AUDIT_EXEMPT"))
-        """, cell_id="cell-exempt", timeout=60))
-        out = "".join(o.get("text", "") for o in r["outputs"])
-        assert "inherited: None" in out, out  # the kernel dropped the server's exemption before any cell
-        assert "['refused', 'refused', 'refused', 'refused'] None" in out, out
-        assert not marker.exists()
-        tampers = wait_for(lambda: len(stub.find("audit.tamper", cell_id="cell-exempt")) >= 1 and
-                           stub.find("audit.tamper", cell_id="cell-exempt"))
-        assert tampers and "NGP_AUDIT_EXEMPT" in tampers[0]["detail"]["what"], tampers
-        assert k.run("1")["reply"]["status"] == "error"  # tampering: no further cell runs
-    finally:
-        k.close()
+def test_a_program_cannot_start_without_the_hook_or_run_code_before_it(kernel, stub, workdir):
+    """What a cell can set for a program it starts does not get the program's code past the hook:
+
+    - a ``PYTHONPATH`` with an ``ngp_research`` (and a ``json``) of its own: the hook is installed from the
+      environment's own files, and the program's open is recorded;
+    - a bytecode cache prefix (``PYTHONPYCACHEPREFIX``) is not read while the hook is installed;
+    - the kernel's own command line with an option that runs code (``exec_lines``) does not start;
+    - ``python -i -m ngp_research.kernel`` with a setting that fails: the program stops (126) before the
+      interactive prompt could run anything."""
+    data = workdir / "data"
+    shadow = workdir / "shadow"
+    marker = workdir / "shadow-ran"
+    r = ok(kernel.run(f"""
+        import os, subprocess, sys
+        shadow = {str(shadow)!r}
+        os.makedirs(shadow + "/ngp_research/kernel", exist_ok=True)
+        for name in ("ngp_research/__init__.py", "ngp_research/kernel/__init__.py", "ngp_research/kernel/autostart.py",
+                     "json.py"):
+            with open(os.path.join(shadow, name), "w") as f:
+                f.write("open({str(marker)!r}, 'w').close()\\ndef main(): pass\\n")
+        env = {{**os.environ, "PYTHONPATH": shadow, "PYTHONPYCACHEPREFIX": shadow + "/cache"}}
+        p = subprocess.run([sys.executable, "-c", "print(open({str(data / 'f4.txt')!r}).read().strip())"], env=env,
+                           capture_output=True, text=True)
+        print("shadowed:", p.returncode, p.stdout.strip(), os.path.exists({str(marker)!r}))
+        k = subprocess.run([sys.executable, "-m", "ngp_research.kernel", "-f", shadow + "/k.json",
+                            "--IPKernelApp.exec_lines=['open({str(marker)!r}, \\'w\\').close()']"],
+                           capture_output=True, text=True, timeout=60)
+        print("exec_lines:", k.returncode, "only its connection file" in k.stderr)
+        i = subprocess.run([sys.executable, "-i", "-m", "ngp_research.kernel", "-f", shadow + "/k.json"],
+                           env={{**os.environ, "NGP_AUDIT_LINGER": "soon"}}, input="open({str(marker)!r}, 'w').close()\\n",
+                           capture_output=True, text=True, timeout=60)
+        print("interactive:", i.returncode, os.path.exists({str(marker)!r}))
+    """, cell_id="cell-no-way-around", timeout=120))
+    out = "".join(o.get("text", "") for o in r["outputs"])
+    assert "shadowed: 0 file 4 False" in out, out
+    assert "exec_lines: 2 True" in out, out
+    assert "interactive: 126 False" in out, out
+    assert not marker.exists()
+    opens = [x for x in stub.find("file.open") if x["path"] == str(data / "f4.txt") and x["detail"].get("msg_id") == r["msg_id"]]
+    assert opens and opens[0]["detail"]["cell_id"] == "cell-no-way-around", opens
 
 
 def test_what_a_spark_udf_opens_in_sparks_python_worker_is_recorded(kernel, stub, workdir):

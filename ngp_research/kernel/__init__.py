@@ -104,14 +104,15 @@ lost). A pool or forkserver's children are attributed to the cell that started t
 even when a later cell uses it. Any other Python program a cell starts (``!python analysis.py``,
 ``subprocess``, a shell script, a Dask worker started by hand, the Python workers Spark's JVM starts)
 installs the hook itself before its own code runs (:mod:`.autostart`, through a ``.pth`` file of the
-workspace environment), attributed to the execution that started it (``NGP_AUDIT_CELL``, which the
-kernel updates before each execution; a program started by a process the kernel started earlier,
-such as a JVM, is attributed to the execution current when that process started), and delivers each
-record before the access. Only the workspace's server and its relays are exempt
-(``NGP_AUDIT_EXEMPT``); the kernel drops that variable at start and refuses, as tampering, a cell that
-sets it or starts a program with it. Programs that skip the environment's ``site`` module run without
-the hook, their start recorded like a compiled program's: ``python -S``, and an interpreter outside
-the workspace environment (``/usr/bin/python3`` by its full path).
+workspace environment, which the kernel's own interpreter and the workspace's server run too),
+attributed to the execution that started it (``NGP_AUDIT_CELL``, which the kernel updates before each
+execution; a program started by a process the kernel started earlier, such as a JVM, is attributed
+to the execution current when that process started), and delivers each record before the access.
+Programs that skip the environment's ``site`` module run without the hook, their start recorded like
+a compiled program's: ``python -S``, an interpreter outside the workspace environment
+(``/usr/bin/python3`` by its full path) or given another standard library (``PYTHONHOME``). A cell
+can also start a program with an ``NGP_AUDIT_CELL`` of its choosing, so that the program's records
+name another cell (the cell's code, recorded before it ran, shows it, flagged).
 Paths given to Hail and Spark are recorded as given (a glob under ``/data`` also as what it
 matches; Spark's comma-separated lists split); a relative one is read against Python's working
 folder, while the JVM reads it against the folder it started in.

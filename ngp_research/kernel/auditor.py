@@ -39,8 +39,6 @@ import urllib.parse
 from itertools import groupby
 from typing import Callable, NamedTuple
 
-from .autostart import EXEMPT
-
 try:  # the hot path in C, built with the package (setup.py); the Python hook does the same, slower
     from . import _hook
 except ImportError:  # pragma: no cover - a build without a C compiler
@@ -79,15 +77,9 @@ EVENT_ACTIONS = {
     "ngp.data.open": "data.open",  # raised by ngp_research.kernel.entrypoints.record_data_access
     "ngp.review.mark": "review.mark",  # raised by ngp_research.widgets.VariantReview (a review marked)
     "sys.addaudithook": "audit.tamper",
-    "os.putenv": "audit.tamper",  # only NGP_AUDIT_EXEMPT: refused (see autostart); every other variable passes
     "cpython.PyInterpreterState_New": "process.exec",  # refused: a subinterpreter has no audit hook
     "import": "audit.tamper",  # only for (re)imports of ngp_research.kernel after start
 }
-
-# EXEMPT exempts the workspace's server from the audit hook of the Python programs it starts
-# (:mod:`.autostart`): nothing in an audited process may set it, or start a program with it.
-#: Where a program's environment is in the arguments of the events that start one.
-_ENV_AT = {"subprocess.Popen": 3, "os.exec": 2, "os.posix_spawn": 2, "os.spawn": 3}
 
 #: Paths always recorded, whatever the ignore list says.
 ALWAYS = ("/data", "/project", "/home")
@@ -832,20 +824,6 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
         for p, how in named_in([*words, *(v for v in values if "data" in v)], cwd, datasets, 256, tools):
             record("process.exec", p, {"event": event, "program": program, "named": how})
 
-    def _refuse_exemption(event, env):
-        """A program started with NGP_AUDIT_EXEMPT in its environment would run without the audit hook:
-        refused, and recorded as tampering (``env`` None is the process's own, which cannot hold it)."""
-        if env is environ:
-            exempt = EXEMPT in env
-        elif env.__class__ is dict:
-            exempt = EXEMPT in env or EXEMPT.encode() in env
-        else:
-            exempt = False  # a mapping of another kind: reading it could run its code
-        if exempt:
-            tamper(f"a program was started with {EXEMPT}", event=event)
-            raise AuditUnavailable(f"{EXEMPT} is not allowed here: the program would run without the audit hook; "
-                                   "it was not started")
-
     def _arg(a):
         """A program's argument (or folder) as text; a path-like of another kind is refused: its
         ``__fspath__`` could name one path here and give the program another."""
@@ -903,9 +881,6 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
                 return
             record(action, path, {"event": event, "args": [_text(a) for a in args[1:]]})
         elif action == "process.exec":
-            at = _ENV_AT.get(event)
-            if at is not None:
-                _refuse_exemption(event, args[at] if len(args) > at else None)
             if event == "subprocess.Popen":
                 executable, argv, cwd = args[0], _argv(args[1]), args[2]
                 path = _arg(executable) if executable is not None else (argv[0] if argv else "")
@@ -952,11 +927,6 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
                 tamper("import", module=name)
         elif event == "sys.addaudithook":
             record(action, None, {"what": "sys.addaudithook"})
-        elif event == "os.putenv":
-            if args and _text(args[0]) == EXEMPT:
-                tamper(f"{EXEMPT} was set", event=event)
-                raise AuditUnavailable(f"{EXEMPT} cannot be set here: the programs this process starts would run "
-                                       "without the audit hook")
 
     def hook(event, args):
         if event not in events:  # nearly every event: one set lookup
@@ -1020,11 +990,12 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
 
     # -- executions and integrity ------------------------------------------------------------------
 
-    def begin(msg_id, cell_id):
+    def begin(msg_id, cell_id, arm=True):
         with lock:
             prev = current[0]
             current[0] = (msg_id, cell_id)
-            state["armed"] = True  # from the first execution on, (re)loading our modules is tampering
+            if arm:  # from the kernel's first execution on, (re)loading our modules is tampering
+                state["armed"] = True
         return prev
 
     def end(prev):

@@ -1,106 +1,118 @@
-"""The audit hook in every Python program a workspace's kernel starts.
+"""The audit hook in every Python program of a workspace, installed before the program's own code runs.
 
 A cell that runs ``!python analysis.py``, ``subprocess.run([sys.executable, "x.py"])`` or a shell
-script that calls Python starts a fresh interpreter: without this module it has no audit hook, so
-the files the program opens would leave no record (only its start and the paths its command line
-names would). The workspace environment carries ``ngp_research_audit.pth`` in its site-packages,
-one line that imports this module and calls :func:`main`: the ``site`` module runs it while the interpreter
-starts, before any of the program's own code, and this module then installs the hook with
-:func:`.child.start` (each record delivered before its access, as in multiprocessing's children),
-attributed to the execution that started the program (``NGP_AUDIT_CELL``, which the kernel sets
-before each execution: ``[msg_id, cell_id]`` in JSON).
+script that calls Python starts a fresh interpreter. Without this module it would have no audit
+hook: only its start and the paths its command line names would be recorded, not the files it opens.
 
-Which interpreters install it (:func:`wanted`):
+The workspace environment carries :data:`PTH_NAME` in its site-packages (written by
+:func:`~ngp_research.workspace.environment.write_audit_pth`), one line made by :func:`pth_line`.
+The ``site`` module runs it while the interpreter starts, before the program's own code and before
+any other ``.pth`` file of the environment (the name sorts first). The line runs this file
+from its absolute path, which is read-only inside the sandbox. That code (:func:`_boot`) then
+imports this module, and the auditor behind it, from the environment's own site-packages and the
+standard library only: a ``PYTHONPATH`` or ``PYTHONPYCACHEPREFIX`` a cell sets for the program
+cannot put its own ``ngp_research`` (or ``json``) there. If installing fails in any way, the
+program stops before its code runs (exit status 126, the reason on stderr): ``site`` would
+otherwise report the error and run the program without the hook.
 
-- not the workspace's Jupyter server and its relays: the spawner starts them with
-  ``NGP_AUDIT_EXEMPT`` set (the server's own file events are recorded by its contents manager).
-  The kernel removes that variable from its environment before it runs anything, so nothing the
-  kernel starts inherits it, and its hook refuses a cell that sets it again (``os.putenv``) or
-  starts a program with it in the program's environment;
-- not the audited kernel itself (``python ... -m ngp_research.kernel``), which installs its own
-  hook first thing (a kernel a cell starts, such as papermill's);
-- every other interpreter inside a workspace (its ``/run/ngp/audit`` folder exists), and, outside
-  one, an interpreter started from an audited kernel (``NGP_AUDIT_URL`` is set).
+:func:`main` installs the hook with :func:`.child.start` when :func:`wanted`: in every interpreter
+inside a workspace (its ``/run/ngp/audit`` folder exists, bound read-only from outside), and, outside
+one, in an interpreter that has an audit service to report to (``NGP_AUDIT_URL``, as the audited
+kernel and what it starts have), attributed to the execution that started the program
+(``NGP_AUDIT_CELL``: ``[msg_id, cell_id]`` in JSON, which the kernel updates before each execution).
+A program delivers each record before its access; the long-running processes
+(:func:`delivers_in_batches`) deliver in batches, as the kernel always has. That covers:
+
+- the audited kernel itself: its ``__main__`` claims this hook (see :mod:`ngp_research.kernel.__main__`);
+- the workspace's Jupyter server and the relays of its launcher (their records carry no cell; the
+  server's own file operations are also recorded by its contents manager);
+- every Python program a cell starts, and what those start in turn: Dask workers started by
+  hand, Spark's Python workers, a kernel started through jupyter_client.
 
 A program started without the kernel's environment (``env={}``) inside a workspace still installs
-the hook; it lacks the token, so the service refuses its records and the program's recorded accesses
-are refused: nothing runs unrecorded. If the hook cannot be installed at all, the program stops
-before its code runs (exit status 126, the reason on stderr): ``site`` would otherwise report the
-error and go on without the hook.
+the hook; it lacks the token, so the service refuses its records and the program stops at its first
+recorded access, or at start: nothing runs unrecorded.
 
-``python -S`` (no ``site``) skips ``.pth`` files: such a program runs without the hook, like a
-compiled one. Its start is recorded by the kernel, under each dataset its command line names.
+What still runs without the hook: ``python -S`` (no ``site``), an interpreter outside the workspace
+environment (``/usr/bin/python3`` by its full path, a venv a cell makes), and one given another
+standard library (``PYTHONHOME``); their start is recorded like a compiled program's. A cell can also
+set ``NGP_AUDIT_CELL`` for a program it starts, so that the program's records name another cell
+than the one that started it (that cell's code, recorded before it ran, shows it; the service
+flags code that names ``NGP_AUDIT``).
 """
 
 import os
 import sys
 
-__all__ = ["EXEMPT", "CELL", "PTH_NAME", "PTH_LINE", "wanted", "starts_kernel", "cell_ids", "main"]
+__all__ = ["CELL", "PTH_NAME", "pth_line", "wanted", "delivers_in_batches", "cell_ids", "main"]
 
-#: Set by the spawner for the workspace's server and relays: they do not install the hook.
-EXEMPT = "NGP_AUDIT_EXEMPT"
 #: ``[msg_id, cell_id]`` (JSON) of the kernel's current execution, set by the kernel.
 CELL = "NGP_AUDIT_CELL"
-KERNEL_MODULE = "ngp_research.kernel"
-#: The file in the workspace environment's site-packages, and its one line (``site`` runs lines that start
-#: with ``import``).
-PTH_NAME = "ngp_research_audit.pth"
-PTH_LINE = "import ngp_research.kernel.autostart as _ngp_audit; _ngp_audit.main()\n"
+#: The file in the workspace environment's site-packages. ``site`` runs its ``.pth`` files in name order;
+#: this one runs first.
+PTH_NAME = "00_ngp_research_audit.pth"
 WORKSPACE_AUDIT_DIR = "/run/ngp/audit"  # = dirname(workspace.plan.INSIDE_AUDIT_SOCKET), not imported here
+_BOOT_NAME = "_ngp_research_autostart_boot"
+EXIT_STATUS = 126
 
-_FLAG_OPTIONS = frozenset("bBdEhiIOPqsSuvV")  # options that take no value; -c, -m, -W and -X do
 
+def pth_line(autostart_path: str) -> str:
+    """The ``.pth`` line that runs the file ``autostart_path`` (this module, installed) at interpreter start.
 
-def starts_kernel(argv) -> bool:
-    """Whether the command line ``argv`` (``sys.orig_argv``) runs ``-m ngp_research.kernel``.
+    ``site`` runs a ``.pth`` line that starts with ``import``; only builtins are used before this
+    file's code takes over (nothing of the program has run yet to change them).
 
-    Only flag options may come before ``-m``; anything else (a script, ``-c``, an option with a
-    value) means it is not the kernel.
-
-    >>> starts_kernel(["/e/bin/python", "-P", "-s", "-m", "ngp_research.kernel", "-f", "c.json"])
+    >>> line = pth_line("/e/lib/python3.11/site-packages/ngp_research/kernel/autostart.py")
+    >>> line.startswith("import sys;") and line.endswith("\\n") and line.count("\\n") == 1
     True
-    >>> starts_kernel(["python", "-Ps", "-mngp_research.kernel"]), starts_kernel(["python", "-sm", "ngp_research.kernel"])
-    (True, True)
-    >>> starts_kernel(["python", "-m", "ngp_research.kernel.child"]), starts_kernel(["python", "-m"])
+    """
+    path = repr(str(autostart_path))
+    return (f"import sys; exec(compile(open({path}, 'rb').read(), {path}, 'exec'), "
+            f"{{'__name__': {_BOOT_NAME!r}, '__file__': {path}}})\n")
+
+
+def wanted(environ, in_workspace: bool) -> bool:
+    """Whether this interpreter installs the hook (see the module docstring).
+
+    >>> wanted({}, in_workspace=True), wanted({}, in_workspace=False)
+    (True, False)
+    >>> wanted({"NGP_AUDIT_URL": "http://127.0.0.1:8082/services/audit/"}, in_workspace=False)
+    True
+    """
+    return bool(in_workspace or environ.get("NGP_AUDIT_URL"))
+
+
+#: Long-running processes, which deliver in batches: ``-m`` modules, and the Jupyter server's scripts.
+BATCH_MODULES = ("ngp_research.kernel", "ngp_research.workspace.launch")
+BATCH_SCRIPTS = ("jupyterhub-singleuser", "jupyter-server", "jupyter-lab", "jupyter-notebook")
+_FLAG_OPTIONS = frozenset("bBdEhiIOPqsSuvV")  # options without a value; -c, -m, -W and -X take one
+
+
+def delivers_in_batches(argv) -> bool:
+    """Whether the command line ``argv`` (``sys.orig_argv``) starts a long-running process of the workspace.
+
+    Those deliver their records in batches (a few milliseconds late, as the kernel does); every other
+    program delivers each record before its access. Either way every access is recorded.
+
+    >>> delivers_in_batches(["/e/bin/python", "-P", "-s", "-m", "ngp_research.kernel", "-f", "k.json"])
+    True
+    >>> delivers_in_batches(["/e/bin/python", "/e/bin/jupyterhub-singleuser", "--sock=/run/ngp/server/server.sock"])
+    True
+    >>> delivers_in_batches(["python", "analysis.py"]), delivers_in_batches(["python", "-c", "import x"])
     (False, False)
-    >>> starts_kernel(["python", "-c", "import x", "-m", "ngp_research.kernel"])
-    False
-    >>> starts_kernel(["python", "-W", "ignore", "-m", "ngp_research.kernel"])
+    >>> delivers_in_batches(["python", "-W", "ignore", "-m", "ngp_research.kernel"])
     False
     """
     words = list(argv[1:])
     for i, word in enumerate(words):
-        if not word.startswith("-") or word.startswith("--") or len(word) < 2:
-            return False
+        if not word.startswith("-") or word == "-":
+            return os.path.basename(word) in BATCH_SCRIPTS
         flags, m, module = word[1:].partition("m")
-        if not set(flags) <= _FLAG_OPTIONS:
+        if word.startswith("--") or not set(flags) <= _FLAG_OPTIONS:
             return False
         if m:
-            if not module:
-                module = words[i + 1] if i + 1 < len(words) else ""
-            return module == KERNEL_MODULE
+            return (module or (words[i + 1] if i + 1 < len(words) else "")) in BATCH_MODULES
     return False
-
-
-def wanted(environ, argv, in_workspace: bool) -> bool:
-    """Whether this interpreter installs the hook (see the module docstring).
-
-    >>> wanted({}, ["python", "x.py"], in_workspace=True)
-    True
-    >>> wanted({"NGP_AUDIT_EXEMPT": "server"}, ["python", "x.py"], in_workspace=True)
-    False
-    >>> wanted({}, ["python", "-P", "-s", "-m", "ngp_research.kernel", "-f", "c.json"], in_workspace=True)
-    False
-    >>> wanted({}, ["python", "x.py"], in_workspace=False)
-    False
-    >>> wanted({"NGP_AUDIT_URL": "http://127.0.0.1:8082/"}, ["python", "x.py"], in_workspace=False)
-    True
-    """
-    if environ.get(EXEMPT):
-        return False
-    if starts_kernel(argv):
-        return False
-    return bool(in_workspace or environ.get("NGP_AUDIT_URL"))
 
 
 def cell_ids(environ) -> tuple:
@@ -120,19 +132,45 @@ def cell_ids(environ) -> tuple:
     return (None, None)
 
 
-def main() -> None:
-    """Install the hook here when :func:`wanted`; stop the program if that fails."""
+def _stop(e: BaseException) -> None:
     try:
-        if not wanted(os.environ, getattr(sys, "orig_argv", sys.argv), os.path.isdir(WORKSPACE_AUDIT_DIR)):
+        sys.stderr.write(f"ngp: this Python program cannot run with the audit hook ({type(e).__name__}: {e}); "
+                         "it was not run\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(EXIT_STATUS)
+
+
+def main() -> None:
+    """Install the hook in this process when :func:`wanted`; stop the program if that fails."""
+    try:
+        if not wanted(os.environ, os.path.isdir(WORKSPACE_AUDIT_DIR)):
             return
         from .child import start  # noqa: PLC0415
 
-        start(*cell_ids(os.environ))
+        start(*cell_ids(os.environ), batches=delivers_in_batches(getattr(sys, "orig_argv", sys.argv)))
     except BaseException as e:  # noqa: BLE001 - whatever it is, the program must not run without the hook
-        try:
-            sys.stderr.write(f"ngp: the audit hook could not be installed in this Python program "
-                             f"({type(e).__name__}: {e}); it was not run\n")
-            sys.stderr.flush()
-        finally:
-            os._exit(126)
+        _stop(e)
 
+
+def _boot(path: str) -> None:
+    """Run by the ``.pth`` line: import this module from the environment and the standard library only, then
+    :func:`main`. ``sys.path`` and the bytecode cache prefix are put back afterwards."""
+    saved_path, saved_prefix = sys.path[:], getattr(sys, "pycache_prefix", None)
+    try:
+        site_packages = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path))))
+        stdlib = os.path.dirname(os.__file__)  # os came from the standard library before site ran
+        sys.path[:] = [p for p in saved_path if p == stdlib or p.startswith(stdlib + os.sep)] + [site_packages]
+        sys.pycache_prefix = None
+        from ngp_research.kernel import autostart  # noqa: PLC0415
+
+        autostart.main()
+    except BaseException as e:  # noqa: BLE001
+        _stop(e)
+    finally:
+        sys.path[:] = saved_path
+        sys.pycache_prefix = saved_prefix
+
+
+if __name__ == _BOOT_NAME:
+    _boot(__file__)

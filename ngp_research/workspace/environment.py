@@ -102,19 +102,22 @@ def write_kernelspec(env: str, template: Path) -> str:
 
 def write_audit_pth(python: str) -> str:
     """Put :data:`~ngp_research.kernel.autostart.PTH_NAME` in the environment's site-packages: every Python
-    program a workspace's kernel starts installs the audit hook before its own code runs (see
+    program of a workspace installs the audit hook before its own code runs (see
     :mod:`ngp_research.kernel.autostart`). Returns the file's path."""
-    from ..kernel.autostart import PTH_LINE, PTH_NAME  # noqa: PLC0415
+    from ..kernel.autostart import PTH_NAME, pth_line  # noqa: PLC0415
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NGP_AUDIT")}
-    env["NGP_AUDIT_EXEMPT"] = "build"  # an earlier build's file is there already: not for this one
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NGP_AUDIT")}  # no audit service here
     purelib = Path(subprocess.run([python, "-I", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                                   check=True, capture_output=True, text=True, env=env).stdout.strip())
     prefix = Path(python).parent.parent
     if prefix not in purelib.parents:  # never into another Python's site-packages
         raise RuntimeError(f"{python}: site-packages {purelib} is outside the environment {prefix}")
+    autostart = purelib / "ngp_research" / "kernel" / "autostart.py"
+    if not autostart.is_file():
+        raise RuntimeError(f"{autostart} is missing: install the project into the environment first")
+    (purelib / "ngp_research_audit.pth").unlink(missing_ok=True)  # the name an earlier build used
     path = purelib / PTH_NAME
-    path.write_text(PTH_LINE)
+    path.write_text(pth_line(str(autostart)))
     return str(path)
 
 

@@ -57,9 +57,6 @@ def singleuser_environment(plan_user: str, workspace_env: str) -> dict:
         "PYTHONDONTWRITEBYTECODE": "1",
         "PATH": f"{env}/bin:/usr/local/bin:/usr/bin:/bin",
         "HOME": home,
-        # The server and its relays do not install the audit hook of the Python programs a kernel starts
-        # (ngp_research.kernel.autostart); the kernel drops this before running anything.
-        "NGP_AUDIT_EXEMPT": "server",
     }
 
 
