@@ -856,7 +856,7 @@ def test_a_spawned_dask_worker_delivers_each_tasks_records_in_batches_before_its
 
 def test_a_python_program_a_cell_starts_records_its_own_opens(kernel, stub, workdir):
     """``subprocess.run([sys.executable, script])`` and the same through a shell: the program installs the hook
-    before its own code runs (the environment's ``ngp_research_audit.pth``), so the files it opens are recorded,
+    before its own code runs (the environment's ``00_ngp_research_audit.pth``), so the files it opens are recorded,
     attributed to the cell that started it. Neither the script nor the shell command names the file."""
     data = workdir / "data"
     script = workdir / "project" / "reads_f1.py"
@@ -884,10 +884,9 @@ def test_a_program_cannot_start_without_the_hook_or_run_code_before_it(kernel, s
 
     - a ``PYTHONPATH`` with an ``ngp_research`` (and a ``json``) of its own: the hook is installed from the
       environment's own files, and the program's open is recorded;
-    - a bytecode cache prefix (``PYTHONPYCACHEPREFIX``) is not read while the hook is installed;
     - the kernel's own command line with an option that runs code (``exec_lines``) does not start;
-    - ``python -i -m ngp_research.kernel`` with a setting that fails: the program stops (126) before the
-      interactive prompt could run anything."""
+    - ``python -i -m ngp_research.kernel`` with such an option does not fall into an interactive prompt;
+    - ``python -i`` with a setting that fails stops (126) before the prompt could run anything."""
     data = workdir / "data"
     shadow = workdir / "shadow"
     marker = workdir / "shadow-ran"
@@ -899,7 +898,7 @@ def test_a_program_cannot_start_without_the_hook_or_run_code_before_it(kernel, s
                      "json.py"):
             with open(os.path.join(shadow, name), "w") as f:
                 f.write("open({str(marker)!r}, 'w').close()\\ndef main(): pass\\n")
-        env = {{**os.environ, "PYTHONPATH": shadow, "PYTHONPYCACHEPREFIX": shadow + "/cache"}}
+        env = {{**os.environ, "PYTHONPATH": shadow}}
         p = subprocess.run([sys.executable, "-c", "print(open({str(data / 'f4.txt')!r}).read().strip())"], env=env,
                            capture_output=True, text=True)
         print("shadowed:", p.returncode, p.stdout.strip(), os.path.exists({str(marker)!r}))
@@ -911,11 +910,15 @@ def test_a_program_cannot_start_without_the_hook_or_run_code_before_it(kernel, s
                            env={{**os.environ, "NGP_AUDIT_LINGER": "soon"}}, input="open({str(marker)!r}, 'w').close()\\n",
                            capture_output=True, text=True, timeout=60)
         print("interactive:", i.returncode, os.path.exists({str(marker)!r}))
+        j = subprocess.run([sys.executable, "-i", "-m", "ngp_research.kernel", "-f", shadow + "/k.json", "--x=1"],
+                           input="open({str(marker)!r}, 'w').close()\\n", capture_output=True, text=True, timeout=60)
+        print("prompt:", j.returncode, os.path.exists({str(marker)!r}))
     """, cell_id="cell-no-way-around", timeout=120))
     out = "".join(o.get("text", "") for o in r["outputs"])
     assert "shadowed: 0 file 4 False" in out, out
     assert "exec_lines: 2 True" in out, out
     assert "interactive: 126 False" in out, out
+    assert "prompt: 2 False" in out, out
     assert not marker.exists()
     opens = [x for x in stub.find("file.open") if x["path"] == str(data / "f4.txt") and x["detail"].get("msg_id") == r["msg_id"]]
     assert opens and opens[0]["detail"]["cell_id"] == "cell-no-way-around", opens

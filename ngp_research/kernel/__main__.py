@@ -42,9 +42,11 @@ def kernel_arguments(args) -> list | None:
 def main(argv=None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
     launch = kernel_arguments(args)
-    if launch is None:
-        sys.stderr.write(f"ngp: the audited kernel takes only its connection file ({USAGE}); it did not start\n")
-        sys.exit(2)
+    if launch is None or sys.flags.inspect:
+        sys.stderr.write(f"ngp: the audited kernel takes only its connection file ({USAGE}), and no -i; "
+                         "it did not start\n")
+        sys.stderr.flush()
+        os._exit(2)  # not SystemExit: under -i (or PYTHONINSPECT) that would open an interactive prompt
     if sys.path and sys.path[0] in ("", os.getcwd()):  # without -P: keep the working directory out
         del sys.path[0]
     from . import child  # noqa: PLC0415  (imported now: importing it after the first cell reads as tampering)

@@ -753,8 +753,10 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
                     state["blocked"] = state["blocked"] or reason
                 raise AuditUnavailable(f"{UNREACHABLE.split(';')[0]}; this access was refused ({reason})")
             return
+        # Full: wait for room, unless an earlier wait already failed (a long outage must not stall every access of
+        # a long-running process, the server's, by a whole timeout); the sender keeps retrying meanwhile.
         if c_queue:  # into the C queue (a record that cannot be encoded is kept as what can)
-            if c_status()["pending"] < capacity or _drain(monotonic() + timeout) is None:
+            if c_status()["pending"] < capacity or (not state["blocked"] and _drain(monotonic() + timeout) is None):
                 try:
                     c_put(rec)
                 except (TypeError, ValueError):
@@ -765,7 +767,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             if n == 0 or n + 1 == batch:
                 wake.set()
             return
-        elif _deliver(monotonic() + timeout) is None:  # full: make room now, or the access does not happen
+        elif not state["blocked"] and _deliver(monotonic() + timeout) is None:  # full: make room now, or refuse
             buffer.append(("r", rec, None, None, None))
             return
         with lock:
@@ -1115,6 +1117,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
         send_lock._at_fork_reinit()
         conn_box[0] = None
         del buffer[:]
+        busy.clear()  # the parent's sender threads are gone; a thread of the child's may reuse their idents
         state["closed"] = True
 
     auditor = Auditor(write_ahead, flush, begin, end, blocked, tamper, record, stats, watch, close, reopen)

@@ -34,8 +34,10 @@ the hook; it lacks the token, so the service refuses its records and the program
 recorded access, or at start: nothing runs unrecorded.
 
 What still runs without the hook: ``python -S`` (no ``site``), an interpreter outside the workspace
-environment (``/usr/bin/python3`` by its full path, a venv a cell makes), and one given another
-standard library (``PYTHONHOME``); their start is recorded like a compiled program's. A cell can also
+environment (``/usr/bin/python3`` by its full path, a venv a cell makes), one given another
+standard library (``PYTHONHOME``), and one whose ``PYTHONPATH`` (or bytecode cache prefix) shadows a
+module the interpreter imports before ``site`` runs (the ``encodings`` package); their start is
+recorded like a compiled program's. A cell can also
 set ``NGP_AUDIT_CELL`` for a program it starts, so that the program's records name another cell
 than the one that started it (that cell's code, recorded before it ran, shows it; the service
 flags code that names ``NGP_AUDIT``).
@@ -85,7 +87,8 @@ def wanted(environ, in_workspace: bool) -> bool:
 #: Long-running processes, which deliver in batches: ``-m`` modules, and the Jupyter server's scripts.
 BATCH_MODULES = ("ngp_research.kernel", "ngp_research.workspace.launch")
 BATCH_SCRIPTS = ("jupyterhub-singleuser", "jupyter-server", "jupyter-lab", "jupyter-notebook")
-_FLAG_OPTIONS = frozenset("bBdEhiIOPqsSuvV")  # options without a value; -c, -m, -W and -X take one
+_FLAG_OPTIONS = frozenset("bBdEhIOPqsSuvV")  # options without a value (-c, -m, -W, -X take one; -i is not
+# one a long-running process uses: an interactive prompt delivers each record before its access)
 
 
 def delivers_in_batches(argv) -> bool:
@@ -96,8 +99,11 @@ def delivers_in_batches(argv) -> bool:
 
     >>> delivers_in_batches(["/e/bin/python", "-P", "-s", "-m", "ngp_research.kernel", "-f", "k.json"])
     True
-    >>> delivers_in_batches(["/e/bin/python", "/e/bin/jupyterhub-singleuser", "--sock=/run/ngp/server/server.sock"])
+    >>> import sys
+    >>> delivers_in_batches([sys.executable, sys.prefix + "/bin/jupyter-server", "--sock=/run/ngp/server/server.sock"])
     True
+    >>> delivers_in_batches(["python", "/tmp/jupyter-server"]), delivers_in_batches(["python", "-i", "-m", "ngp_research.kernel"])
+    (False, False)
     >>> delivers_in_batches(["python", "analysis.py"]), delivers_in_batches(["python", "-c", "import x"])
     (False, False)
     >>> delivers_in_batches(["python", "-W", "ignore", "-m", "ngp_research.kernel"])
@@ -105,8 +111,10 @@ def delivers_in_batches(argv) -> bool:
     """
     words = list(argv[1:])
     for i, word in enumerate(words):
-        if not word.startswith("-") or word == "-":
-            return os.path.basename(word) in BATCH_SCRIPTS
+        if not word.startswith("-") or word == "-":  # the environment's own script, not a copy elsewhere
+            name = os.path.basename(word)
+            return name in BATCH_SCRIPTS and \
+                os.path.realpath(word) == os.path.realpath(os.path.join(sys.prefix, "bin", name))
         flags, m, module = word[1:].partition("m")
         if word.startswith("--") or not set(flags) <= _FLAG_OPTIONS:
             return False

@@ -78,8 +78,9 @@ def start(msg_id=None, cell_id=None, batches: bool = False) -> None:
     from .auditor import install
     from .entrypoints import wrap_libraries
 
-    auditor = install(os.environ.get("NGP_AUDIT_URL"), os.environ.get("JUPYTERHUB_API_TOKEN"),
-                      socket_path=audit_socket(), **tuning(os.environ))
+    url, token = os.environ.get("NGP_AUDIT_URL"), os.environ.get("JUPYTERHUB_API_TOKEN")
+    batches = batches and bool(url and token)  # without them nothing could be delivered: refuse each access now
+    auditor = install(url, token, socket_path=audit_socket(), **tuning(os.environ))
     adopt(auditor, kernel=False)
     # Not armed: only the kernel's own executions make a later import of ngp_research.kernel tampering.
     auditor.begin(msg_id if type(msg_id) is str else None, cell_id if type(cell_id) is str else None, arm=False)

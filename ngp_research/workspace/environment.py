@@ -9,8 +9,8 @@ It holds JupyterHub's single-user server, JupyterLab, ipykernel, numpy, pysam an
 - ``share/jupyter/kernels/ngp-python/kernel.json``: the only kernelspec, written from the template
   ``kernels/ngp-python/kernel.json`` with this environment's python; ipykernel's own ``python3``
   kernelspec is removed;
-- ``ngp_research_audit.pth`` in its site-packages: the Python programs a kernel starts install the
-  audit hook (:mod:`ngp_research.kernel.autostart`);
+- ``00_ngp_research_audit.pth`` in its site-packages: every Python program of a workspace installs
+  the audit hook before its own code runs (:mod:`ngp_research.kernel.autostart`);
 - ``etc/ngp-jupyter/``: the platform's Jupyter config (from ``spawner/jupyter/``), found through
   ``JUPYTER_CONFIG_DIR``;
 - only JupyterLab's server-extension switch under ``etc/jupyter/jupyter_server_config.d``.
