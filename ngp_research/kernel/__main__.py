@@ -2,9 +2,9 @@
 
 Order matters: the audit hook goes in first (before IPython, ipykernel or any startup file). In the
 workspace environment it is already there when this runs (:mod:`.autostart` installs it while the
-interpreter starts, delivering in batches); the kernel claims it. Then IPython is pointed at a fresh, empty, private IPYTHONDIR, the libraries that open
-files in C are wrapped, and only then does ipykernel's app start with
-:func:`~.kernel.make_kernel_class`'s class. Command-line options other than the connection file are
+interpreter starts, delivering in batches, and wraps the libraries that open files in C); the
+kernel claims it. Then IPython is pointed at a fresh, empty, private IPYTHONDIR, and only then does
+ipykernel's app start with :func:`~.kernel.make_kernel_class`'s class. Command-line options other than the connection file are
 refused: they could run code before the first recorded execution.
 """
 
@@ -55,12 +55,14 @@ def main(argv=None) -> None:
     if auditor is None:  # not started through the workspace environment's .pth (see .autostart): install here
         from ..workspace.plan import audit_socket  # noqa: PLC0415
         from .auditor import install  # noqa: PLC0415
+        from .entrypoints import wrap_libraries  # noqa: PLC0415
 
         auditor = install(os.environ.get("NGP_AUDIT_URL"), os.environ.get("JUPYTERHUB_API_TOKEN"),
                           socket_path=audit_socket(), **child.tuning(os.environ))
         child.adopt(auditor)  # a Dask worker in this process, or forked from it, uses this hook
-    else:  # installed by .autostart: in batches already, unless this command line was not recognised there
-        auditor.reopen()
+        wrap_libraries(auditor)  # Hail is wrapped when imported (importing it takes seconds), and so on
+    else:  # installed by .autostart, libraries wrapped: in batches already, unless .autostart did not
+        auditor.reopen()  # recognise this command line
     atexit.register(auditor.close)  # what is buffered goes out; later opens (__del__, threads) go out first
     # No member-written file runs before or around the hook: no PYTHONSTARTUP, and an IPYTHONDIR of
     # our own (profile config and startup files are read from it).
@@ -69,10 +71,8 @@ def main(argv=None) -> None:
     os.environ["IPYTHONDIR"] = ipython_dir
     atexit.register(shutil.rmtree, ipython_dir, True)
 
-    from .entrypoints import wrap_libraries  # noqa: PLC0415
     from .kernel import make_kernel_class  # noqa: PLC0415
 
-    wrap_libraries(auditor)  # Hail is wrapped when imported (importing it takes seconds), and so on
     try:  # so that every execution can tag the Dask tasks it submits (see ngp_research.kernel.worker)
         import dask  # noqa: F401, PLC0415
     except ImportError:

@@ -80,6 +80,9 @@ def wanted(environ, in_workspace: bool) -> bool:
     (True, False)
     >>> wanted({"NGP_AUDIT_URL": "http://127.0.0.1:8082/services/audit/"}, in_workspace=False)
     True
+    >>> from ngp_research.workspace.plan import INSIDE_AUDIT_SOCKET  # the folder a workspace binds
+    >>> os.path.dirname(INSIDE_AUDIT_SOCKET) == WORKSPACE_AUDIT_DIR
+    True
     """
     return bool(in_workspace or environ.get("NGP_AUDIT_URL"))
 

@@ -90,4 +90,4 @@ def start(msg_id=None, cell_id=None, batches: bool = False) -> None:
         atexit.register(auditor.close)
     else:
         auditor.close()  # from here on every record is delivered before its access
-    wrap_libraries(auditor, pysam_now=False)
+    wrap_libraries(auditor)

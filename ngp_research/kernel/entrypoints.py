@@ -658,25 +658,13 @@ def wrap_scipy_on_import():
     return _wrap_on_import("scipy.io", wrap_scipy, "scipy's Matrix Market readers")
 
 
-_WRAPPED_FOR = []  # the auditor wrap_libraries wrapped this process's libraries for
-
-
-def wrap_libraries(auditor, pysam_now: bool = True) -> None:
-    """Wrap, for ``auditor``, every library that reads files where the hook cannot see it: pysam now (or, with
-    ``pysam_now`` false, when it is imported: a program that never uses it does not pay for importing it);
-    Hail, pyspark and scipy now or when imported (their integrity checks go to ``auditor.watch``); and
-    multiprocessing's spawned children, attributed to the execution ``auditor`` attributes to.
-    A second call for the same auditor only wraps pysam now if asked."""
-    if _WRAPPED_FOR and _WRAPPED_FOR[0] is auditor:
-        if pysam_now:
-            wrap_pysam()
-        return
-    _WRAPPED_FOR.append(auditor)
-    checks = [wrap_hail_on_import(), wrap_pyspark_on_import(), wrap_scipy_on_import()]
-    if pysam_now:
-        wrap_pysam()
-    else:
-        checks.append(_wrap_on_import("pysam", wrap_pysam, "pysam's readers"))
+def wrap_libraries(auditor) -> None:
+    """Wrap, for ``auditor`` (once per process), every library that reads files where the hook cannot see it:
+    pysam, Hail, pyspark and scipy now if imported, else when they are (a program that never uses them does
+    not pay for importing them; their integrity checks go to ``auditor.watch``); and multiprocessing's
+    spawned children, attributed to the execution ``auditor`` attributes to."""
+    checks = (_wrap_on_import("pysam", wrap_pysam, "pysam's readers"), wrap_hail_on_import(),
+              wrap_pyspark_on_import(), wrap_scipy_on_import())
     for check in checks:
         auditor.watch(check)
     wrap_multiprocessing(lambda: auditor.stats().get("current"))

@@ -115,7 +115,6 @@ def write_audit_pth(python: str) -> str:
     autostart = purelib / "ngp_research" / "kernel" / "autostart.py"
     if not autostart.is_file():
         raise RuntimeError(f"{autostart} is missing: install the project into the environment first")
-    (purelib / "ngp_research_audit.pth").unlink(missing_ok=True)  # the name an earlier build used
     path = purelib / PTH_NAME
     path.write_text(pth_line(str(autostart)))
     return str(path)
