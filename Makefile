@@ -15,7 +15,7 @@ STAMP    := $(VENV)/.installed
 APT_STAMP := $(VENV)/.system-packages
 
 # Debian packages the platform and its tests need.
-APT_PACKAGES := postgresql bubblewrap python3-venv python3-dev gcc chromium plink2 bcftools tabix
+APT_PACKAGES := postgresql bubblewrap python3-venv python3-dev libsqlite3-dev gcc chromium plink2 bcftools tabix
 
 .PHONY: demo test bench bench-cohort install system-packages clean
 

@@ -60,7 +60,7 @@ def run_case(body: str, hook: str, tmp_path, python=sys.executable) -> dict:
     env = {**os.environ, "HOOK": hook, "D": str(tmp_path)}
     proc = subprocess.run([python, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "stderr": proc.stderr}
 
 
 OPERATIONS = r'''
@@ -240,6 +240,33 @@ def test_with_the_buffer_full_and_no_service_an_open_is_refused(files):
         assert out["opened"] <= 5 and "audit buffer full" in out["refused"], out
         assert not out["exists"]  # the refused open did not happen
         assert out["stats"]["blocked"]
+
+
+def test_a_database_sqlite_opens_for_a_statement_is_refused_when_it_cannot_be_recorded(files):
+    """``ATTACH DATABASE`` opens its file in C (``_hook.watch_sqlite`` raises ``ngp.sqlite3.open`` for it): with
+    the buffer full and no service, the attach fails and SQLite never opens, or creates, the file."""
+    body = r'''
+    import sqlite3
+    a = auditor.install("http://127.0.0.1:9/", "tok", capacity=3, timeout=0.2)
+    d = os.environ["D"]
+    con = sqlite3.connect(":memory:")
+    attached, refused = 0, None
+    for i in range(20):
+        try:
+            con.execute(f"ATTACH DATABASE ? AS a{i}", (f"{d}/attached-{i}.db",))
+            attached += 1
+        except sqlite3.OperationalError as e:
+            refused = str(e)
+            break
+    print(json.dumps({"attached": attached, "refused": refused, "stats": a.stats(),
+                      "exists": os.path.exists(f"{d}/attached-{attached}.db")}))
+    '''
+    for hook in ("c", "c-python-sender"):
+        out = run_case(body, hook, files)
+        assert out["attached"] <= 3 and out["refused"].startswith("unable to open database"), out
+        assert not out["exists"]  # refused before SQLite opened (and so created) it
+        assert out["stats"]["blocked"]
+        assert f"SQLite may not open {files}/attached-{out['attached']}.db: the audit service cannot be reached" in out["stderr"]
 
 
 @pytest.mark.skipif(not is_built(default_workspace_env()), reason="needs the workspace environment")

@@ -391,6 +391,40 @@ def test_a_sqlite_database_opened_in_c_is_recorded(kernel, stub, workdir):
     opened = [x for x in stub.find("file.open", msg_id=r["msg_id"]) if x["detail"].get("event") == "sqlite3.connect"]
     assert [x["path"] for x in opened] == [str(db)] * 3, opened
     assert opened[1]["detail"]["as_given"] == f"file:{db}?mode=ro"
+    assert not [x for x in stub.find("file.open", msg_id=r["msg_id"]) if x["detail"].get("event") == "ngp.sqlite3.open"]
+
+
+def test_a_sqlite_database_a_statement_opens_is_recorded(kernel, stub, workdir):
+    """SQLite also opens files a statement names, in C and without any Python event: ``ATTACH DATABASE``
+    and ``VACUUM INTO``, through any of SQLite's VFSes (``?vfs=`` in a URI). Each is recorded as the
+    open of that file (``ngp.sqlite3.open``) before SQLite opens it; the connection's own database
+    once, at ``sqlite3.connect``."""
+    import sqlite3
+
+    data = workdir / "data"
+    main, other = data / "main.db", data / "cohort-attached.db"
+    for db in (main, other):
+        with sqlite3.connect(db) as con:
+            con.execute("CREATE TABLE IF NOT EXISTS t (x)")
+        con.close()
+    copy = workdir / "project" / "vacuumed.db"
+    copy.parent.mkdir(exist_ok=True)
+    r = ok(kernel.run(f"""
+        import sqlite3
+        con = sqlite3.connect({str(main)!r})
+        con.execute("ATTACH DATABASE ? AS other", ({str(other)!r},))
+        n = con.execute("SELECT count(*) FROM other.t").fetchone()
+        con.execute("VACUUM other INTO ?", ({str(copy)!r},))
+        con.close()
+        con = sqlite3.connect("file:" + {str(main)!r} + "?vfs=unix-none", uri=True)
+        con.execute("ATTACH DATABASE 'file:' || ? || '?vfs=unix-dotfile' AS o2", ({str(other)!r},))
+        con.close()
+    """))
+    found = stub.find("file.open", msg_id=r["msg_id"])
+    by_statement = [x["path"] for x in found if x["detail"].get("event") == "ngp.sqlite3.open"]
+    assert by_statement == [str(other), str(copy), str(other)], found
+    connected = [x["path"] for x in found if x["detail"].get("event") == "sqlite3.connect"]
+    assert connected == [str(main)] * 2, found  # the connection's own database: not a second time
 
 
 def test_pysams_other_c_readers_and_its_samtools_and_bcftools_are_recorded(kernel, stub, workdir):

@@ -13,7 +13,9 @@ request's path) and never falls back to the URL's port, where a process of the m
   ``os.listdir``/``os.scandir``, ``os.symlink``/``os.link`` (recorded under what the link leads
   to, so a region sees a link into its data even though later opens through it name the link),
   ``shutil`` copies, ``sqlite3.connect`` (SQLite opens its database in C: recorded as the open of
-  that file), ``subprocess.Popen``, ``os.system``,
+  that file; a database a statement opens, ``ATTACH DATABASE`` or ``VACUUM INTO``, through any of
+  SQLite's VFSes, is recorded by the VFS ``_hook.watch_sqlite`` puts in front of each, and refused
+  when it cannot be), ``subprocess.Popen``, ``os.system``,
   ``os.exec*``/``os.posix_spawn`` (a started program is also recorded under each dataset its
   arguments, shell command, environment or working folder name literally, globs and region
   folders expanded against the mounted datasets: ``cat /data/...`` reaches the region's report),
@@ -118,8 +120,7 @@ matches; Spark's comma-separated lists split); a relative one is read against Py
 folder, while the JVM reads it against the folder it started in.
 
 Opens in C or in a JVM are recorded only where :mod:`.entrypoints` wraps the library. Ones it does not
-see, found by experiment (2026-11-29): SQLite's ``ATTACH DATABASE``
-of another file; the files a samtools/bcftools list file names (``merge -b list.txt``; the list
+see, found by experiment (2026-11-29): the files a samtools/bcftools list file names (``merge -b list.txt``; the list
 file is recorded); the reference a CRAM's header names when none is given; a path inside Spark
 SQL text; Pillow's ``ImageFont.truetype`` and colour
 profiles; ``dbm.ndbm.open`` called directly.

@@ -38,6 +38,11 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/un.h>
+#include <dlfcn.h>
+#if __has_include(<sqlite3.h>)
+#include <sqlite3.h>
+#define NGP_SQLITE 1
+#endif
 
 #define MAX_PREFIXES 64
 #define MAX_EVENTS 64
@@ -1440,6 +1445,173 @@ done:
     return result;
 }
 
+/* -- SQLite's own opens ----------------------------------------------------------------------------
+ *
+ * SQLite opens files in C. Python raises ``sqlite3.connect`` for a connection's database, but nothing
+ * for a database a statement opens: ``ATTACH DATABASE 'f'``, ``VACUUM INTO 'f'``. watch_sqlite()
+ * puts a VFS in front of every VFS the process's SQLite has (same names, so ``?vfs=`` in a URI picks
+ * a wrapped one too; the default stays the default). Each passes every call on to the VFS it wraps;
+ * its xOpen first raises the audit event ``ngp.sqlite3.open`` (path, flags) for a database file
+ * (SQLITE_OPEN_MAIN_DB: a connection's, an attached one), taking the GIL as Python's own SQLite
+ * callbacks do. When a hook refuses the event, the open fails (SQLITE_CANTOPEN): nothing is read
+ * unrecorded. A connection's own database was recorded at ``sqlite3.connect``: sqlite_expect(path)
+ * names it for the calling thread, and its open is not raised a second time.
+ *
+ * The SQLite is the shared library the interpreter's _sqlite3 module loaded (libsqlite3.so.0, found
+ * with RTLD_NOLOAD); where _sqlite3 has its own copy linked in, nothing is wrapped and watch_sqlite()
+ * returns False.
+ */
+#ifdef NGP_SQLITE
+typedef struct {
+    sqlite3_vfs base;
+    sqlite3_vfs *orig;
+} ngp_vfs_t;
+
+#define ORIG(v) (((ngp_vfs_t *)(v))->orig)
+static __thread char *sqlite_expected = NULL;  /* the database the thread's sqlite3.connect recorded */
+static unsigned long sqlite_raised = 0;
+
+static int
+vfs_open(sqlite3_vfs *v, const char *name, sqlite3_file *f, int flags, int *out)
+{
+    sqlite3_vfs *o = ORIG(v);
+    if (name != NULL && (flags & SQLITE_OPEN_MAIN_DB) && !_Py_IsFinalizing()) {
+        char *expected = sqlite_expected;
+        sqlite_expected = NULL;  /* only the thread's next database open can be the connection's own */
+        if (expected == NULL || strcmp(expected, name) != 0) {
+            PyGILState_STATE g = PyGILState_Ensure();
+            PyObject *path = PyUnicode_DecodeFSDefault(name);
+            int rc = path == NULL ? -1 : PySys_Audit("ngp.sqlite3.open", "Oi", path, flags);
+            Py_XDECREF(path);
+            if (rc < 0) {  /* SQLite reports only that the open failed: say why on stderr */
+                PyObject *type, *value, *tb, *why;
+                PyErr_Fetch(&type, &value, &tb);
+                why = value != NULL ? PyObject_Str(value) : NULL;
+                if (why != NULL && PyUnicode_Check(why))
+                    PySys_WriteStderr("SQLite may not open %.500s: %.500s\n", name, PyUnicode_AsUTF8(why));
+                Py_XDECREF(why);
+                Py_XDECREF(type); Py_XDECREF(value); Py_XDECREF(tb);
+                PyErr_Clear();
+            }
+            else
+                sqlite_raised++;
+            PyGILState_Release(g);
+            if (rc < 0) {
+                free(expected);
+                return SQLITE_CANTOPEN;
+            }
+        }
+        free(expected);
+    }
+    return o->xOpen(o, name, f, flags, out);
+}
+
+static int vfs_delete(sqlite3_vfs *v, const char *n, int sync) { return ORIG(v)->xDelete(ORIG(v), n, sync); }
+static int vfs_access(sqlite3_vfs *v, const char *n, int fl, int *r) { return ORIG(v)->xAccess(ORIG(v), n, fl, r); }
+static int vfs_full(sqlite3_vfs *v, const char *n, int k, char *o) { return ORIG(v)->xFullPathname(ORIG(v), n, k, o); }
+static void *vfs_dlopen(sqlite3_vfs *v, const char *n) { return ORIG(v)->xDlOpen(ORIG(v), n); }
+static void vfs_dlerror(sqlite3_vfs *v, int k, char *m) { ORIG(v)->xDlError(ORIG(v), k, m); }
+static void (*vfs_dlsym(sqlite3_vfs *v, void *h, const char *s))(void) { return ORIG(v)->xDlSym(ORIG(v), h, s); }
+static void vfs_dlclose(sqlite3_vfs *v, void *h) { ORIG(v)->xDlClose(ORIG(v), h); }
+static int vfs_random(sqlite3_vfs *v, int k, char *o) { return ORIG(v)->xRandomness(ORIG(v), k, o); }
+static int vfs_sleep(sqlite3_vfs *v, int us) { return ORIG(v)->xSleep(ORIG(v), us); }
+static int vfs_time(sqlite3_vfs *v, double *t) { return ORIG(v)->xCurrentTime(ORIG(v), t); }
+static int vfs_lasterr(sqlite3_vfs *v, int k, char *m) { return ORIG(v)->xGetLastError(ORIG(v), k, m); }
+static int vfs_time64(sqlite3_vfs *v, sqlite3_int64 *t) { return ORIG(v)->xCurrentTimeInt64(ORIG(v), t); }
+static int vfs_setsys(sqlite3_vfs *v, const char *n, sqlite3_syscall_ptr p) { return ORIG(v)->xSetSystemCall(ORIG(v), n, p); }
+static sqlite3_syscall_ptr vfs_getsys(sqlite3_vfs *v, const char *n) { return ORIG(v)->xGetSystemCall(ORIG(v), n); }
+static const char *vfs_nextsys(sqlite3_vfs *v, const char *n) { return ORIG(v)->xNextSystemCall(ORIG(v), n); }
+
+static int sqlite_watched = 0;  /* 1 wrapped, -1 cannot be (no shared libsqlite3) */
+
+static PyObject *
+watch_sqlite(PyObject *self, PyObject *unused)
+{
+    void *lib;
+    sqlite3_vfs *(*find)(const char *);
+    int (*reg)(sqlite3_vfs *, int);
+    sqlite3_vfs *orig[32], *dflt;
+    int n = 0;
+    (void)self; (void)unused;
+    if (sqlite_watched)
+        return PyBool_FromLong(sqlite_watched > 0);
+    sqlite_watched = -1;
+    lib = dlopen("libsqlite3.so.0", RTLD_NOW | RTLD_NOLOAD);
+    if (lib == NULL)
+        Py_RETURN_FALSE;
+    find = (sqlite3_vfs *(*)(const char *))dlsym(lib, "sqlite3_vfs_find");
+    reg = (int (*)(sqlite3_vfs *, int))dlsym(lib, "sqlite3_vfs_register");
+    if (find == NULL || reg == NULL || (dflt = find(NULL)) == NULL)
+        Py_RETURN_FALSE;
+    for (sqlite3_vfs *v = dflt; v != NULL && n < 32; v = v->pNext)
+        orig[n++] = v;
+    for (int i = 0; i < n; i++) {  /* the default first: the others go in just after it, before their originals */
+        sqlite3_vfs *o = orig[i];
+        ngp_vfs_t *w = calloc(1, sizeof *w);  /* held for the life of the process */
+        if (w == NULL)
+            return PyErr_NoMemory();
+        w->base = *o;
+        w->base.pNext = NULL;
+        w->orig = o;
+        w->base.xOpen = vfs_open;
+        w->base.xDelete = o->xDelete ? vfs_delete : NULL;
+        w->base.xAccess = o->xAccess ? vfs_access : NULL;
+        w->base.xFullPathname = o->xFullPathname ? vfs_full : NULL;
+        w->base.xDlOpen = o->xDlOpen ? vfs_dlopen : NULL;
+        w->base.xDlError = o->xDlError ? vfs_dlerror : NULL;
+        w->base.xDlSym = o->xDlSym ? vfs_dlsym : NULL;
+        w->base.xDlClose = o->xDlClose ? vfs_dlclose : NULL;
+        w->base.xRandomness = o->xRandomness ? vfs_random : NULL;
+        w->base.xSleep = o->xSleep ? vfs_sleep : NULL;
+        w->base.xCurrentTime = o->xCurrentTime ? vfs_time : NULL;
+        w->base.xGetLastError = o->xGetLastError ? vfs_lasterr : NULL;
+        if (o->iVersion >= 2)
+            w->base.xCurrentTimeInt64 = o->xCurrentTimeInt64 ? vfs_time64 : NULL;
+        if (o->iVersion >= 3) {
+            w->base.xSetSystemCall = o->xSetSystemCall ? vfs_setsys : NULL;
+            w->base.xGetSystemCall = o->xGetSystemCall ? vfs_getsys : NULL;
+            w->base.xNextSystemCall = o->xNextSystemCall ? vfs_nextsys : NULL;
+        }
+        if (reg(&w->base, o == dflt) != SQLITE_OK)
+            Py_RETURN_FALSE;
+    }
+    sqlite_watched = 1;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+sqlite_expect(PyObject *self, PyObject *arg)
+{
+    PyObject *b;
+    (void)self;
+    free(sqlite_expected);
+    sqlite_expected = NULL;
+    if (arg == Py_None)
+        Py_RETURN_NONE;
+    if (!PyUnicode_FSConverter(arg, &b))
+        return NULL;
+    sqlite_expected = strdup(PyBytes_AS_STRING(b));
+    Py_DECREF(b);
+    if (sqlite_expected == NULL)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+#else
+static PyObject *
+watch_sqlite(PyObject *self, PyObject *unused)
+{
+    (void)self; (void)unused;
+    Py_RETURN_FALSE;
+}
+
+static PyObject *
+sqlite_expect(PyObject *self, PyObject *arg)
+{
+    (void)self; (void)arg;
+    Py_RETURN_NONE;
+}
+#endif
+
 static PyMethodDef methods[] = {
     {"install", install, METH_VARARGS, "Add the C audit hook (once per process)."},
     {"write_through", set_write_through, METH_VARARGS,
@@ -1453,6 +1625,10 @@ static PyMethodDef methods[] = {
     {"wait", queue_wait, METH_O, "wait(timeout) -> None | reason: until everything queued now is acknowledged."},
     {"sender_status", queue_status, METH_NOARGS, "The queue and the sender: pending, posts, failures, last_error."},
     {"stats", stats, METH_NOARGS, "Whether the hook is installed; opens taken by the fast path; events handed on."},
+    {"watch_sqlite", watch_sqlite, METH_NOARGS,
+     "Raise ngp.sqlite3.open for every database file SQLite opens (ATTACH, VACUUM INTO); True if it can."},
+    {"sqlite_expect", sqlite_expect, METH_O,
+     "sqlite_expect(path or None): the calling thread's next database open is this one, already recorded."},
     {NULL, NULL, 0, NULL},
 };
 

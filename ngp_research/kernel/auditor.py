@@ -59,6 +59,7 @@ EVENT_ACTIONS = {
     "os.scandir": "file.list",
     "shutil.copyfile": "file.open",
     "sqlite3.connect": "file.open",  # SQLite opens the database in C: no "open" event of its own
+    "ngp.sqlite3.open": "file.open",  # raised by _hook.watch_sqlite: a database a statement opens (ATTACH)
     "os.symlink": "file.link",  # a link into /data would make later opens through it look outside every region
     "os.link": "file.link",
     "shutil.copytree": "file.list",
@@ -462,7 +463,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
     getpid = os.getpid
     current = [(None, None)]  # (msg_id, cell_id) of the execution records are attributed to
     state = {"armed": False, "blocked": None, "tampered": None, "posts": 0, "records": 0,
-             "failures": 0, "errors": 0, "closed": False}
+             "failures": 0, "errors": 0, "closed": False, "sqlite": False}
     checks = []
     conn_box = [None]
     socket_ids = {}  # id(bare socket) -> its (st_dev, st_ino) when connected
@@ -483,6 +484,8 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
     c_status = _hook.sender_status if c_queue else None
     encode_string = json.encoder.encode_basestring_ascii
     c_encode = _hook.encode if _hook is not None else None
+    sqlite_watch = getattr(_hook, "watch_sqlite", None) if add_hook else None
+    sqlite_expect = getattr(_hook, "sqlite_expect", None)
 
     # -- delivery ---------------------------------------------------------------------------------
 
@@ -848,6 +851,11 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
                 return
             record(action, path, {"event": event, "mode": _plain(args[1]), "flags": _plain(args[2])})
         elif event == "sqlite3.connect":
+            if sqlite_watch is not None:
+                sqlite_expect(None)
+                if not state["sqlite"]:  # ATTACH and VACUUM INTO open files in C too: see _hook.watch_sqlite
+                    state["sqlite"] = True
+                    sqlite_watch()
             database = args[0]
             given = _text(database) if isinstance(database, (str, bytes, bytearray)) else None
             if given is not None and given[:5] == "file:":  # a URI (connect(..., uri=True)): its path part
@@ -858,9 +866,16 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             if database in ("", ":memory:"):  # no file: a database in memory or a temporary one
                 return
             path = _path(database)
+            if sqlite_watch is not None and path is not None:
+                sqlite_expect(path)  # recorded here: its open is not raised again
             if path is None or _ignored(path):
                 return
             record(action, path, {"event": event, "as_given": given if given is not None else _text(args[0])})
+        elif event == "ngp.sqlite3.open":
+            path = _path(args[0])
+            if path is None or _ignored(path):
+                return
+            record(action, path, {"event": event, "flags": _plain(args[1])})
         elif action == "file.list":
             path = _path(args[0] if args and args[0] is not None else ".")
             if path is None or _ignored(path):
