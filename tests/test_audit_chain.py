@@ -84,7 +84,8 @@ def test_rewritten_chain_is_caught_by_the_signed_checkpoint(store):
             conn.execute(text("update audit_records set actor=:a, prev_hash=:p, hash=:h where seq=:s"),
                          {"a": content["actor"], "p": prev, "h": h, "s": r.seq})
             prev = h
-    assert "record 20 differs from its signed checkpoint (the chain was rewritten)" in problems(store)
+    assert "record 20 differs from its signed checkpoint (the chain was rewritten): one of records 1 to 20 was changed" \
+        in problems(store)
 
 
 def test_removed_record_is_detected(store):
@@ -127,7 +128,49 @@ def test_inserted_record_is_detected(store):
 def test_truncated_chain_is_detected_against_the_last_checkpoint(store):
     fill(store)
     sql(store, "delete from audit_records where seq>15")
-    assert "the chain ends at record 15 but a signed checkpoint covers record 20 (truncated)" in problems(store)
+    assert "the chain ends at record 15 but a signed checkpoint covers record 20: records 16 to 20 are missing (truncated)" \
+        in problems(store)
+
+
+def test_a_record_edited_with_its_hash_recomputed_is_named(store):
+    """The record's own hash matches again, but the next record was chained to the original: the edited
+    record is the one named."""
+    fill(store)
+    row = store.records()[6]
+    content = {**row.content(), "actor": "mallory"}
+    sql(store, "update audit_records set actor='mallory', hash=:h where seq=7", h=record_hash(content))
+    p = problems(store)
+    assert "record 8 does not link to record 7 before it: record 7 was replaced (edited and rehashed)" in p
+
+
+def test_each_copy_of_a_checkpoint_is_checked_against_its_signature(store):
+    """A checkpoint's time or key id edited in the database (its copy in the log untouched) is caught."""
+    fill(store)
+    sql(store, "update audit_checkpoints set signed_at='2020-01-01T00:00:00+00:00' where seq=20")
+    assert "checkpoint at record 20 has an invalid signature (forged or altered)" in problems(store)
+
+
+@pytest.mark.parametrize("edit", ["update audit_records set seq='abc' where seq=5",
+                                  "update audit_checkpoints set seq='x' where seq=20",
+                                  "update audit_checkpoints set head_hash=X'FF' where seq=20",
+                                  "update audit_records set path=CAST(X'2FFF' AS TEXT) where seq=5"])
+def test_values_of_the_wrong_type_fail_verification_without_a_crash(store, edit):
+    if "X'" in edit or "'abc'" in edit or "'x'" in edit:
+        if store.engine.dialect.name != "sqlite":
+            pytest.skip("PostgreSQL's columns refuse values of another type")
+    fill(store)
+    sql(store, edit)
+    assert problems(store)
+
+
+def test_an_empty_store_without_a_key_verifies(platform):
+    """A new platform: nothing recorded yet, no key made yet. Nothing can be wrong."""
+    store = AuditStore.for_platform(platform, create_key=False)
+    try:
+        report = store.verify()
+        assert report.ok and report.records == 0, report.problems
+    finally:
+        store.engine.dispose()
 
 
 def test_truncation_with_checkpoint_rows_removed_is_caught_by_the_checkpoint_log(store):

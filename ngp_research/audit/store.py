@@ -533,37 +533,73 @@ class AuditStore:
         # While the service appends: the log is read before the database's snapshot (each of its lines
         # was committed before it was written, so the snapshot holds it) and again after it (to look
         # for the snapshot's checkpoints, which may have been logged meanwhile).
-        log_cps, log_problems = self._logged_checkpoints()
+        try:
+            log_cps, log_problems = self._logged_checkpoints()
+        except (OSError, ValueError) as e:  # a folder, unreadable or not text: nothing in it can be trusted
+            log_cps, log_problems = [], [f"the checkpoint log cannot be read ({e.__class__.__name__}: {e})"]
         for p in log_problems:
             problem(p)
         hash_at: dict[int, str] = {}
         expected_seq, prev_hash, count = 1, GENESIS, 0
-        with self._snapshot() as conn:
-            db_cps = self.checkpoints(conn)
-            all_cps = {(c.seq, c.head_hash, c.signature): c for c in db_cps + log_cps}.values()
-            wanted = {c.seq for c in all_cps}
-            for rec in self._iter_rows(conn):
-                count += 1
-                if rec.seq != expected_seq:
-                    if rec.seq > expected_seq:
-                        problem(f"records {expected_seq} to {rec.seq - 1} are missing (removed)")
-                    else:
-                        problem(f"record {rec.seq} appears out of order after record {expected_seq - 1}")
-                expected_hash = self._hash_of_row(rec)
-                if expected_hash is None:
-                    problem(f"record {rec.seq} has a detail that is not its canonical encoding (edited)")
-                elif expected_hash != rec.hash:
-                    problem(f"record {rec.seq} does not match its hash (edited)")
-                if rec.prev_hash != prev_hash:
-                    problem(
-                        f"record {rec.seq} does not link to the record before it "
-                        "(a record was removed, inserted or reordered, or the chain was rewritten)"
-                    )
-                if rec.seq in wanted:
-                    hash_at[rec.seq] = rec.hash
-                prev_hash = rec.hash
-                expected_seq = rec.seq + 1
-        log_after, _ = self._logged_checkpoints()
+        prev_seq, prev_intact = None, True
+        try:
+            with self._snapshot() as conn:
+                db_cps = self.checkpoints(conn)
+                for c in db_cps:
+                    if not (isinstance(c.seq, int) and all(isinstance(v, str) for v in
+                                                           (c.head_hash, c.signed_at, c.key_id, c.signature))):
+                        problem(f"checkpoint {c.seq!r} holds values of the wrong type (edited)")
+                db_cps = [c for c in db_cps if isinstance(c.seq, int)]
+                # Every field of each copy, the database's and the log's, is checked against its signature.
+                all_cps = {(c.seq, c.head_hash, c.signed_at, c.key_id, c.signature): c for c in db_cps + log_cps}.values()
+                wanted = {c.seq for c in all_cps}
+                for rec in self._iter_rows(conn):
+                    count += 1
+                    if not isinstance(rec.seq, int):
+                        problem(f"the record after record {expected_seq - 1} has a sequence number that is not "
+                                f"a number ({rec.seq!r}: edited)")
+                        prev_hash, prev_intact = rec.hash, False
+                        continue
+                    if rec.seq != expected_seq:
+                        if rec.seq > expected_seq:
+                            problem(f"records {expected_seq} to {rec.seq - 1} are missing (removed)")
+                        else:
+                            problem(f"record {rec.seq} appears out of order after record {expected_seq - 1}")
+                    try:
+                        expected_hash = self._hash_of_row(rec)
+                    except Exception as e:  # a value of a type no writer stores
+                        expected_hash = f"unhashable: {e.__class__.__name__}"
+                    intact = expected_hash == rec.hash
+                    if expected_hash is None:
+                        problem(f"record {rec.seq} has a detail that is not its canonical encoding (edited)")
+                    elif not intact:
+                        problem(f"record {rec.seq} does not match its hash (edited)")
+                    if rec.prev_hash != prev_hash:
+                        if prev_seq is not None and prev_intact and intact and rec.seq == prev_seq + 1:
+                            # Both records match their own hashes, but this one was chained to another record
+                            # before it: the one before was replaced (edited with its hash recomputed), or
+                            # a record between them was removed, or they were reordered.
+                            problem(f"record {rec.seq} does not link to record {prev_seq} before it: record "
+                                    f"{prev_seq} was replaced (edited and rehashed), or a record between them was "
+                                    "removed, inserted or reordered")
+                        else:
+                            problem(
+                                f"record {rec.seq} does not link to the record before it "
+                                "(a record was removed, inserted or reordered, or the chain was rewritten)"
+                            )
+                    if rec.seq in wanted:
+                        hash_at[rec.seq] = rec.hash
+                    prev_hash, prev_seq, prev_intact = rec.hash, rec.seq, intact
+                    expected_seq = rec.seq + 1
+        except Exception as e:  # the database itself cannot be read as a store (edited columns, not text, ...)
+            problem(f"the audit store cannot be read after record {expected_seq - 1} "
+                    f"({e.__class__.__name__}: {str(e)[:200]})")
+            db_cps = locals().get("db_cps") or []
+            all_cps = {(c.seq, c.head_hash, c.signed_at, c.key_id, c.signature): c for c in db_cps + log_cps}.values()
+        try:
+            log_after, _ = self._logged_checkpoints()
+        except (OSError, ValueError):
+            log_after = []
         db_keys = {(c.seq, c.head_hash, c.signature) for c in db_cps}
         for c in log_cps:
             if (c.seq, c.head_hash, c.signature) not in db_keys:
@@ -573,7 +609,8 @@ class AuditStore:
         last_seq = expected_seq - 1
 
         if self.signer is None:
-            problem("the audit signing key is missing, so no checkpoint can be checked")
+            if last_seq > 0 or db_cps or log_cps or self.trusted_key_id:
+                problem("the audit signing key is missing, so no checkpoint can be checked")
         elif self.trusted_key_id and self.signer.key_id != self.trusted_key_id:
             problem(f"the signing key in the state folder ({self.signer.key_id}) is not the trusted key "
                     f"({self.trusted_key_id}): the key was replaced")
@@ -586,20 +623,33 @@ class AuditStore:
                 if c is newest and 0 < newest_logged < c.seq:
                     continue  # committed, its log line not yet written (see _transaction); an empty log is not allowed
                 problem(f"checkpoint at record {c.seq} is missing from the checkpoint log (log truncated or edited)")
+        valid = set()
         for c in all_cps:
             if self.signer is None:
                 break
-            if c.key_id != self.signer.key_id or not self.signer.verify(c.statement(), c.signature):
+            try:
+                good = c.key_id == self.signer.key_id and self.signer.verify(c.statement(), c.signature)
+            except Exception:  # values of the wrong type: no signature can cover them
+                good = False
+            if not good:
                 problem(f"checkpoint at record {c.seq} has an invalid signature (forged or altered)")
                 continue
+            if c.seq in valid:
+                continue  # the same checkpoint in the database and in the log
+            valid.add(c.seq)
             report.checkpoints += 1
             report.last_checkpoint_seq = max(report.last_checkpoint_seq, c.seq)
             if c.seq > last_seq:
                 problem(
-                    f"the chain ends at record {last_seq} but a signed checkpoint covers record {c.seq} (truncated)"
+                    f"the chain ends at record {last_seq} but a signed checkpoint covers record {c.seq}: "
+                    f"records {last_seq + 1} to {c.seq} are missing (truncated)"
                 )
             elif c.seq in hash_at and hash_at[c.seq] != c.head_hash:
-                problem(f"record {c.seq} differs from its signed checkpoint (the chain was rewritten)")
+                # the change lies after the newest earlier checkpoint the chain still matches
+                held = max((d.seq for d in all_cps if d.seq < c.seq and hash_at.get(d.seq) == d.head_hash),
+                           default=0)
+                problem(f"record {c.seq} differs from its signed checkpoint (the chain was rewritten): one of "
+                        f"records {held + 1} to {c.seq} was changed")
         if last_seq > 0 and report.checkpoints == 0:
             problem("no valid signed checkpoint covers the chain (checkpoints removed or never signed)")
         elif last_seq - report.last_checkpoint_seq > self.checkpoint_interval:
