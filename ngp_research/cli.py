@@ -11,8 +11,8 @@ import os
 import sys
 from datetime import date, datetime
 
-from .audit.report import EARLIEST, LATEST, parse_time  # the report page reads times the same way
-from .errors import AuditIntegrityError, NGPError
+from .audit.report import EARLIEST, LATEST, parse_time, printable  # the report page reads times the same way
+from .errors import AuditIntegrityError, NGPError, RefusedError
 
 EXIT_OK = 0
 EXIT_REFUSED = 2
@@ -36,6 +36,14 @@ def _date(text: str) -> date:
 def _datetime(text: str) -> datetime:
     try:
         return parse_time(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _until(text: str) -> datetime:
+    """An exclusive upper bound; a date alone includes that whole day."""
+    try:
+        return parse_time(text, end=True)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -175,9 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmd(audit, "checkpoint", "sign the chain head now")
     c = cmd(audit, "report", "a region's access report: who accessed which of its datasets, when, with which code")
     c.add_argument("--region", required=True)
-    c.add_argument("--as", dest="actor", required=True, metavar="ADMIN")
-    c.add_argument("--since", type=_datetime)
-    c.add_argument("--until", type=_datetime)
+    c.add_argument("--as", dest="actor", default=os.environ.get("NGP_USER") or _login_name(), metavar="ADMIN",
+                   help="the region admin asking (default $NGP_USER, else your login name)")
+    c.add_argument("--since", type=_datetime, help="from this time on (ISO 8601; UTC unless a zone is given)")
+    c.add_argument("--until", type=_until, help="before this time; a date alone includes that day")
     c.add_argument("--user")
     c.add_argument("--dataset")
     c.add_argument("--format", default="table", choices=["table", "csv", "json", "html"])
@@ -199,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dataset")
     c.add_argument("--action")
     c.add_argument("--since", type=_datetime)
-    c.add_argument("--until", type=_datetime)
+    c.add_argument("--until", type=_until)
     c.add_argument("--limit", type=_count, help="show at most this many entries, oldest first")
     return parser
 
@@ -207,8 +216,17 @@ def build_parser() -> argparse.ArgumentParser:
 # -- output ------------------------------------------------------------------
 
 
+def _login_name() -> str | None:
+    try:
+        import getpass
+
+        return getpass.getuser()
+    except Exception:  # no login name (a container without a passwd entry): --as is then needed
+        return None
+
+
 def _table(rows, headers) -> str:
-    rows = [[("" if v is None else str(v)) for v in r] for r in rows]
+    rows = [[("" if v is None else printable(str(v))) for v in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     out = [line(headers), line(["-" * w for w in widths])]
@@ -354,10 +372,13 @@ def run(args) -> int:
         if g == "audit" and c == "report":
             from .audit.report import region_report, render
 
+            if not args.actor:
+                raise RefusedError("say which region admin is asking: --as ADMIN (or set NGP_USER)")
             rows = region_report(catalog.audit, catalog, args.actor, args.region, since=args.since,
                                  until=args.until, user=args.user, dataset=args.dataset)
             fmt = "json" if getattr(args, "json", False) else args.format
-            print(render(rows, fmt, args.region))
+            text = render(rows, fmt, args.region)
+            sys.stdout.write(text if text.endswith("\n") else text + "\n")  # CSV ends its own last line
         elif g == "audit" and c == "checkpoint":
             cp = catalog.audit.checkpoint()
             _emit(args, cp.to_json() if cp else None,

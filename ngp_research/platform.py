@@ -16,7 +16,7 @@ give the defaults, so the CLI needs no configuration file.
 import os
 from pathlib import Path
 
-from traitlets import Integer, List, Unicode, default
+from traitlets import Float, Integer, List, Unicode, default
 from traitlets.config import Configurable
 
 DEFAULT_REGIONS = ("norr", "uppsala", "orebro", "stockholm", "ost", "vast", "syd")
@@ -81,6 +81,13 @@ class Platform(Configurable):
         "(and always when a store is closed).",
     ).tag(config=True)
 
+    audit_checkpoint_seconds = Float(
+        60.0,
+        help="The audit service also signs the chain head this often (seconds) when records were added "
+        "since its last checkpoint, and when it starts: records acknowledged before a service was "
+        "killed are signed then. 0: by count only. $NGP_AUDIT_CHECKPOINT_SECONDS.",
+    ).tag(config=True)
+
     audit_trusted_key_id = Unicode(
         help="Key id of the audit signing key that checkpoints must be signed with "
         "(printed by `ngp audit verify`; $NGP_AUDIT_TRUSTED_KEY). Record it somewhere the "
@@ -90,6 +97,10 @@ class Platform(Configurable):
     @default("audit_trusted_key_id")
     def _default_trusted_key(self):
         return os.environ.get("NGP_AUDIT_TRUSTED_KEY", "")
+
+    @default("audit_checkpoint_seconds")
+    def _default_checkpoint_seconds(self):
+        return float(os.environ.get("NGP_AUDIT_CHECKPOINT_SECONDS", "60"))
 
     workspace_uid_base = Integer(
         200000,

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from ngp_research.audit import AuditStore
+from ngp_research.audit import AuditRecord, AuditStore
 from ngp_research.audit.report import region_report, render
 from ngp_research.audit.service import (GROUP_MIN, Caller, ServiceContext, build_record, build_records, identity_from_model,
                                         listen_unix, make_app)
@@ -155,6 +155,8 @@ def test_a_forged_identity_is_stored_under_the_real_one_and_flagged(service, sto
     ("tok-alice", [{"action": "file.open", "path": "/project/x", "paths": ["/project/y"]}], None, 400),
     ("tok-alice", [{"action": "file.open", "paths": ["/project/x"] * 5001}], None, 400),
     ("tok-alice", [{"action": "file.open", "paths": ["/project/x"]}, {"action": "rm -rf"}], None, 400),
+    ("tok-alice", None, b'{"records": [{"action": "data.open", "path": "/project/x", "detail": {"start": NaN}}]}', 400),
+    ("tok-alice", None, b'{"records": [{"action": "file.open", "path": "/project/x", "detail": {"n": -Infinity}}]}', 400),
 ])
 def test_bad_requests_are_refused_and_store_nothing(service, store, token, records, raw, status):
     got, body = post(service.url, records, token=token, raw=raw)
@@ -175,7 +177,7 @@ def test_a_record_with_paths_is_stored_as_one_record_per_path_in_order(service, 
     assert [r.action for r in recs] == ["query.execute"] + ["file.open"] * 5 + ["file.list"]
     opens = recs[1:6]
     assert [r.path for r in opens] == paths
-    assert [(r.region, r.dataset) for r in opens] == [("syd", "syd-cohort")] * 3 + [(None, None)] * 2
+    assert [(r.region, r.dataset) for r in opens] == [("syd", "syd-cohort")] * 3 + [(None, None), ("syd", None)]
     assert all(r.actor == "alice" and r.project == "cardio-gwas" for r in opens)
     assert all(r.detail["msg_id"] == "m1" and "payload claimed user 'bob'" in r.detail["flag"] for r in opens)
     assert store.verify().ok
@@ -557,13 +559,72 @@ def test_report_from_the_command_line(reported):
     p = subprocess.run(ngp + ["--region", "syd", "--as", "admin-syd", "--format", "csv"], env=env,
                        capture_output=True, text=True)
     assert p.returncode == 0 and "syd-cohort" in p.stdout and "norr-cohort" not in p.stdout
+    assert list(csv.reader(io.StringIO(p.stdout)))[-1][1] == "alice"  # no blank row after the last
     p = subprocess.run(ngp + ["--region", "syd", "--as", "alice"], env=env, capture_output=True, text=True)
     assert p.returncode == 2 and "alice is not an admin of region 'syd'" in p.stderr
+    # Without --as: NGP_USER says who asks
+    p = subprocess.run(ngp + ["--region", "syd", "--format", "json"], env={**env, "NGP_USER": "admin-syd"},
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and {r["dataset"] for r in json.loads(p.stdout)} == {"syd-cohort"}
+
+
+def test_a_date_alone_as_until_includes_that_day(reported):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NGP_")}
+    env["NGP_HOME"] = str(reported.platform.home_path)
+    ngp = [sys.executable, "-m", "ngp_research.cli", "audit", "report", "--region", "syd", "--as", "admin-syd",
+           "--format", "json"]
+    day = json.loads(subprocess.run(ngp, env=env, capture_output=True, text=True, check=True).stdout)[0]["time"][:10]
+    for since, until, n in ((day, day, 1), (day, day + "T00:00:00", 0)):
+        p = subprocess.run(ngp + ["--since", since, "--until", until], env=env, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        assert len(json.loads(p.stdout)) == n, (since, until)
+
+
+def test_the_table_report_shows_control_characters_escaped(reported):
+    """A member's code or file name cannot drive the region admin's terminal (move the cursor, hide text)."""
+    alice = Caller("alice", "cardio-gwas")
+    reported.audit.append_many(build_records(alice, [
+        {"action": "query.execute", "detail": {"msg_id": "m-esc", "code": "x = 1\r\x1b[8mhidden"}},
+        {"action": "file.open", "path": "/data/syd/syd-cohort/a\x1b[2Jb", "detail": {"msg_id": "m-esc"}}], None))
+    table = render(region_report(reported.audit, reported, "admin-syd", "syd"), "table", "syd")
+    assert "\x1b" not in table and "\r" not in table
+    assert "a\\x1b[2Jb" in table and "x = 1\\r\\x1b[8mhidden" in table
+
+
+def test_a_listing_of_a_regions_folder_is_reported_to_that_region(reported):
+    """``/data/syd`` shows which of syd's datasets the workspace has: syd's admin sees who listed it."""
+    alice = Caller("alice", "cardio-gwas")
+    reported.audit.append_many(build_records(alice, [
+        {"action": "file.list", "path": "/data/syd", "detail": {"msg_id": "m1", "event": "os.listdir"}},
+        {"action": "file.list", "path": "/data", "detail": {"msg_id": "m1", "event": "os.listdir"}}], None))
+    rows = [r for r in region_report(reported.audit, reported, "admin-syd", "syd") if r["action"] == "file.list"]
+    assert [(r["path"], r["region"], r["dataset"]) for r in rows] == [("/data/syd", "syd", None)]
+    assert not [r for r in region_report(reported.audit, reported, "admin-norr", "norr") if r["path"] == "/data/syd"]
+
+
+def test_the_service_signs_the_head_at_intervals(store):
+    """Records acknowledged since the last checkpoint are signed within the interval, not only every
+    ``audit_checkpoint_interval`` records or at shutdown."""
+    from ngp_research.audit.service import sign_at_intervals
+
+    async def run():
+        task = asyncio.ensure_future(sign_at_intervals(store, 0.05, lambda text: None))
+        store.append(AuditRecord("file.open", "alice", path="/project/a"))  # the first append: anchored
+        store.append_many([AuditRecord("file.open", "alice", path=f"/project/{i}") for i in range(3)])
+        assert store.checkpoints()[-1].seq == 1
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if store.checkpoints()[-1].seq == 4:
+                break
+        task.cancel()
+
+    asyncio.run(run())
+    assert store.checkpoints()[-1].seq == 4 and store.verify().ok
 
 
 SERVICE_SCRIPT = r"""
 import asyncio, os, sys
-from ngp_research.audit import AuditStore
+from ngp_research.audit import AuditRecord, AuditStore
 from ngp_research.audit.service import Caller, ServiceContext, listen_unix, make_app
 from ngp_research.platform import Platform
 

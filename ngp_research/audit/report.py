@@ -11,7 +11,7 @@ import csv
 import html
 import io
 import json
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 
 from .records import AuditRecord
 
@@ -21,11 +21,16 @@ COLUMNS = ("time", "user", "project", "region", "dataset", "action", "path", "de
 EARLIEST, LATEST = date(1900, 1, 1), date(9000, 12, 31)  # what --since and --until accept
 
 
-def parse_time(text: str) -> datetime:
+def parse_time(text: str, end: bool = False) -> datetime:
     """``text`` as an aware datetime (ISO 8601; UTC when it names no zone); ValueError saying why not.
+
+    With ``end`` (an ``--until``, which is exclusive), a date alone stands for the whole of that day:
+    the bound is the next midnight.
 
     >>> parse_time("2026-11-29"), parse_time("2026-11-29T10:00:00+01:00").utcoffset().seconds
     (datetime.datetime(2026, 11, 29, 0, 0, tzinfo=datetime.timezone.utc), 3600)
+    >>> parse_time("2026-11-29", end=True), parse_time("2026-11-29T10:00", end=True).hour
+    (datetime.datetime(2026, 11, 30, 0, 0, tzinfo=datetime.timezone.utc), 10)
     >>> parse_time("yesterday")
     Traceback (most recent call last):
     ...
@@ -37,7 +42,22 @@ def parse_time(text: str) -> datetime:
         raise ValueError(f"{text!r} is not a date or time (ISO 8601)") from None
     if not EARLIEST <= t.date() <= LATEST:
         raise ValueError(f"{text!r} is out of range ({EARLIEST} to {LATEST})")
+    if end and "T" not in text.upper() and " " not in text.strip() and t.date() < LATEST:
+        t += timedelta(days=1)  # a date alone: until the end of that day
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def printable(text: str) -> str:
+    """``text`` for a terminal: line breaks as spaces, other control characters escaped, so a member's
+    code or file name cannot move the cursor or hide what follows.
+
+    >>> printable("a\\nb\\x1b[8mhidden\\rX")
+    'a b\\\\x1b[8mhidden\\\\rX'
+    """
+    text = text.replace("\n", " ")
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 def csv_cell(value):
@@ -123,7 +143,7 @@ def render(rows: list[dict], fmt: str, region: str) -> str:
         return out.getvalue()
     if fmt == "table":
         head = ["time", "user", "project", "dataset", "action", "path", "code"]
-        cells = [[str(r[k] or "")[:60].replace("\n", " ") for k in head] for r in rows]
+        cells = [[printable(str(r[k] or ""))[:60] for k in head] for r in rows]
         widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(head)]
         line = lambda xs: "  ".join(x.ljust(w) for x, w in zip(xs, widths)).rstrip()  # noqa: E731
         return "\n".join([line(head), line(["-" * w for w in widths])] + [line(c) for c in cells])
@@ -165,7 +185,7 @@ def report_handlers(prefix: str, ctx):
             for name in ("since", "until"):
                 text = self.get_argument(name, None)
                 try:
-                    when[name] = parse_time(text) if text else None
+                    when[name] = parse_time(text, end=name == "until") if text else None
                 except ValueError as e:
                     raise web.HTTPError(400, f"{name}: {e}") from None
             try:

@@ -90,9 +90,14 @@ def resolve(path):
     >>> resolve("/data/syd/syd-cohort/syd-cohort.vcf.gz")
     ('syd', 'syd-cohort')
     >>> resolve("/project/notes.txt"), resolve("/data/syd/"), resolve("/project/../data/syd/ds/x")
-    ((None, None), (None, None), ('syd', 'ds'))
+    ((None, None), ('syd', None), ('syd', 'ds'))
     >>> resolve("//data/syd/ds/x")  # the kernel opens /data/syd/ds/x
     ('syd', 'ds')
+
+    A region's own folder (listing it shows which of its datasets the workspace has) is the region's:
+
+    >>> resolve("/data/syd"), resolve("/data"), resolve("/data/")
+    (('syd', None), (None, None), (None, None))
     """
     if not isinstance(path, str):
         return None, None
@@ -103,6 +108,8 @@ def resolve(path):
     parts = path.split("/", 4)
     if len(parts) >= 4 and parts[2] and parts[3] and len(parts[2]) <= 64 and len(parts[3]) <= 128:
         return parts[2], parts[3]
+    if len(parts) == 3 and parts[2] and len(parts[2]) <= 64:
+        return parts[2], None
     return None, None
 
 
@@ -564,6 +571,11 @@ class _Base(web.RequestHandler):
         self.finish(json.dumps(obj))
 
 
+def _no_constant(name):
+    """``NaN`` and ``Infinity`` are not JSON: a record holding one could not be reported as JSON."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
 class RecordsHandler(_Base):
     async def post(self):
         token = self.request.headers.get("Authorization", "")
@@ -576,7 +588,7 @@ class RecordsHandler(_Base):
         if len(self.request.body) > MAX_BODY:
             return self.write_json(413, {"error": "request too large"})
         try:
-            body = json.loads(self.request.body or b"{}")
+            body = json.loads(self.request.body or b"{}", parse_constant=_no_constant)
             raw = body["records"]
             if not isinstance(raw, list) or not raw or len(raw) > MAX_RECORDS_PER_REQUEST:
                 raise ValueError(f"records: a list of 1 to {MAX_RECORDS_PER_REQUEST} records")
@@ -725,6 +737,21 @@ def listen_unix(path: str):
     return bind_unix_socket(path, mode=0o666)
 
 
+async def sign_at_intervals(store, seconds: float, log) -> None:
+    """Sign the chain head every ``seconds`` when records were added since the last checkpoint (in a
+    thread: the commit waits for the disk). A failure is logged and tried again at the next interval."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            cp = await loop.run_in_executor(None, store.checkpoint)
+        except Exception as e:
+            log(f"could not sign a checkpoint: {e!r}")
+        else:
+            if cp is not None:
+                log(f"signed a checkpoint at record {cp.seq}")
+
+
 def main():
     """Run as a JupyterHub-managed service (the hub sets JUPYTERHUB_* variables)."""
     from tornado.httpserver import HTTPServer
@@ -738,6 +765,8 @@ def main():
     platform = Platform()
     store = AuditStore.for_platform(platform)
     store.recover_log()  # a checkpoint committed but not logged when the service was last killed
+    store.checkpoint()  # records acknowledged before the service was last killed, unsigned until now
+    every = platform.audit_checkpoint_seconds
     catalog = Catalog.open(platform)
     ctx = ServiceContext(store, hub_authenticator(), catalog)
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/")
@@ -758,7 +787,10 @@ def main():
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        signer = asyncio.ensure_future(sign_at_intervals(store, every, ctx.log)) if every > 0 else None
         await stop.wait()
+        if signer is not None:
+            signer.cancel()
         server.stop()
         if socket_path:
             with contextlib.suppress(FileNotFoundError):
