@@ -157,6 +157,9 @@ def test_a_forged_identity_is_stored_under_the_real_one_and_flagged(service, sto
     ("tok-alice", [{"action": "file.open", "paths": ["/project/x"]}, {"action": "rm -rf"}], None, 400),
     ("tok-alice", None, b'{"records": [{"action": "data.open", "path": "/project/x", "detail": {"start": NaN}}]}', 400),
     ("tok-alice", None, b'{"records": [{"action": "file.open", "path": "/project/x", "detail": {"n": -Infinity}}]}', 400),
+    ("tok-alice", None, b'{"records": [{"action": "file.open", "path": "/project/x", "detail": {"n": 1e400}}]}', 400),
+    ("tok-alice", None, b'{"records": [{"action": "file.open", "path": "/project/x", "detail": ' + b'{"a": ' * 2000
+     + b'1' + b'}' * 2000 + b'}]}', 400),
 ])
 def test_bad_requests_are_refused_and_store_nothing(service, store, token, records, raw, status):
     got, body = post(service.url, records, token=token, raw=raw)
@@ -600,6 +603,39 @@ def test_a_listing_of_a_regions_folder_is_reported_to_that_region(reported):
     rows = [r for r in region_report(reported.audit, reported, "admin-syd", "syd") if r["action"] == "file.list"]
     assert [(r["path"], r["region"], r["dataset"]) for r in rows] == [("/data/syd", "syd", None)]
     assert not [r for r in region_report(reported.audit, reported, "admin-norr", "norr") if r["path"] == "/data/syd"]
+
+
+def test_other_names_of_a_datasets_file_are_reported_to_its_region(reported):
+    """A process's root folder (``/proc/self/root``, mounted in the sandbox), a ``file:`` URL, and a name
+    with a NUL (C reads up to it) all open the region's file: its admin sees each, flagged with the path
+    it opens. A path through a process's working folder or open file is flagged where it is stored."""
+    alice = Caller("alice", "cardio-gwas")
+    f = "/data/syd/syd-cohort/syd-cohort.vcf.gz"
+    odd = ["/proc/self/root" + f, "/proc/1/root/proc/thread-self/root" + f, "file://" + f, "file:" + f,
+           f + "\x00/../../../norr/norr-cohort/x"]
+    reported.audit.append_many(build_records(alice, [
+        *({"action": "file.open", "path": p, "detail": {"msg_id": "m1"}} for p in odd),
+        {"action": "file.open", "paths": odd + [f], "detail": {"msg_id": "m1"}},
+        {"action": "file.open", "path": "/proc/self/cwd/x", "detail": {"msg_id": "m1"}},
+        {"action": "file.open", "path": "/dev/fd/3/x", "detail": {"msg_id": "m1"}}], None))
+    rows = [r for r in region_report(reported.audit, reported, "admin-syd", "syd") if r["action"] == "file.open"]
+    assert len(rows) == 1 + 2 * len(odd) + 1  # the fixture's open, each odd name twice, the plain one
+    assert all(r["dataset"] == "syd-cohort" for r in rows)
+    assert all(f"it opens {f}" in (r["flag"] or "") for r in rows if r["path"].replace("\\x00", "\x00") in odd)
+    assert not [r for r in region_report(reported.audit, reported, "admin-norr", "norr") if "syd-cohort" in r["path"]]
+    stored = {r.path: r for r in reported.audit.records() if r.path in ("/proc/self/cwd/x", "/dev/fd/3/x")}
+    assert all("where it leads is not known" in r.detail["flag"] for r in stored.values()) and len(stored) == 2
+
+
+def test_a_claim_in_the_detail_is_flagged_whatever_the_top_level_says(service, store):
+    for record in ({"action": "file.open", "path": "/project/a", "user": "alice", "detail": {"user": "bob"}},
+                   {"action": "file.open", "path": "/project/b", "user": None, "project": None,
+                    "detail": {"user": "bob", "project": "rare-disease"}}):
+        status, _ = post(service.url, [record])
+        assert status == 200
+    a, b = store.records()
+    assert "payload claimed user 'bob'" in a.detail["flag"] and a.actor == "alice"
+    assert "payload claimed user 'bob'" in b.detail["flag"] and "payload claimed project 'rare-disease'" in b.detail["flag"]
 
 
 def test_the_service_signs_the_head_at_intervals(store):

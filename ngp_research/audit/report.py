@@ -7,6 +7,7 @@ else is refused. Each file or data record is joined to the write-ahead
 recorded (``report.read``).
 """
 
+import asyncio
 import csv
 import html
 import io
@@ -99,9 +100,8 @@ def region_report(store, catalog, actor: str, region: str, since: datetime | Non
             if key in wanted:
                 queries.setdefault(key, []).append(q)
     for r in records:
-        cell_queries = queries.get(_cell(r), [])
-        candidates = [q for q in cell_queries if q.seq < r.seq]
-        first = candidates[0] if candidates else None
+        cell_queries = queries.get(_cell(r), [])  # in chain order: the first one, if it precedes this access
+        first = cell_queries[0] if cell_queries and cell_queries[0].seq < r.seq else None
         flags = [r.detail.get("flag")] if r.detail.get("flag") else []
         if first is not None and first.detail.get("flag"):
             flags.append("cell: " + first.detail["flag"])
@@ -172,7 +172,7 @@ def report_handlers(prefix: str, ctx):
 
     class ReportHandler(HubOAuthenticated, web.RequestHandler):
         @web.authenticated
-        def get(self):
+        async def get(self):
             user = self.get_current_user()["name"]
             region = self.get_argument("region", None)
             admin_of = _regions_administered(ctx.catalog, user)
@@ -188,11 +188,14 @@ def report_handlers(prefix: str, ctx):
                     when[name] = parse_time(text, end=name == "until") if text else None
                 except ValueError as e:
                     raise web.HTTPError(400, f"{name}: {e}") from None
+            filters = dict(user=self.get_argument("user", None), dataset=self.get_argument("dataset", None), **when)
+
+            def build():  # in a thread: the service's event loop keeps acknowledging records meanwhile
+                rows = region_report(ctx.store, ctx.catalog, user, region, **filters)
+                return render(rows, fmt if fmt in ("html", "json", "csv") else "html", region)
+
             try:
-                rows = region_report(ctx.store, ctx.catalog, user, region,
-                                     user=self.get_argument("user", None),
-                                     dataset=self.get_argument("dataset", None), **when)
-                text = render(rows, fmt if fmt in ("html", "json", "csv") else "html", region)
+                text = await asyncio.get_running_loop().run_in_executor(None, build)
             except NGPError as e:
                 raise web.HTTPError(403, str(e)) from None
             self.set_header("Content-Type", {"json": "application/json", "csv": "text/csv"}.get(fmt, "text/html"))

@@ -45,6 +45,7 @@ import re
 import signal
 import socket
 import time
+import urllib.parse
 from dataclasses import dataclass
 
 from tornado import web
@@ -98,17 +99,28 @@ def resolve(path):
 
     >>> resolve("/data/syd"), resolve("/data"), resolve("/data/")
     (('syd', None), (None, None), (None, None))
+
+    Other names of the same file: a process's root (``/proc/self/root``), a ``file:`` URL (pysam and
+    Hail take them), and a name cut at a NUL (where C stops reading it):
+
+    >>> resolve("/proc/self/root/data/syd/ds/x"), resolve("/proc/42/root/proc/self/root/data/syd/ds")
+    (('syd', 'ds'), ('syd', 'ds'))
+    >>> resolve("file:///data/syd/ds/x"), resolve("file://localhost/data/syd/ds/x"), resolve("file:/data/syd/ds")
+    (('syd', 'ds'), ('syd', 'ds'), ('syd', 'ds'))
+    >>> resolve("/data/syd/ds/x\\x00/../../../norr/e/y")
+    ('syd', 'ds')
     """
     if not isinstance(path, str):
         return None, None
-    if "/." in path or "//" in path or path.endswith("/") or not path.startswith("/"):
+    if ("/." in path or "//" in path or path.endswith("/") or not path.startswith("/") or "\x00" in path
+            or path.startswith(_INDIRECT)):
         path = _opened(path)
     if not path.startswith("/data/"):
         return None, None
     parts = path.split("/", 4)
-    if len(parts) >= 4 and parts[2] and parts[3] and len(parts[2]) <= 64 and len(parts[3]) <= 128:
+    if len(parts) >= 4 and parts[2] and parts[3] and len(parts[2]) <= 128 and len(parts[3]) <= 128:
         return parts[2], parts[3]
-    if len(parts) == 3 and parts[2] and len(parts[2]) <= 64:
+    if len(parts) == 3 and parts[2] and len(parts[2]) <= 128:
         return parts[2], None
     return None, None
 
@@ -126,20 +138,42 @@ def path_note(path: str) -> str | None:
     >>> path_note("notes.txt")
     'the path is not absolute'
     """
+    if _PROC_LINK.match(path):
+        return "the path goes through a process's working folder or open file: where it leads is not known"
+    if path.startswith("file:"):
+        return f"the path is a file: URL (it opens {_opened(path)})"
     if not path.startswith("/"):
         return "the path is not absolute"
-    if "/." in path or "//" in path or (path.endswith("/") and path != "/"):
+    if "/." in path or "//" in path or (path.endswith("/") and path != "/") or path.startswith("/proc/"):
         norm = _opened(path)
         if norm != path:
             return f"the path is not in normal form (it opens {norm})"
     return None
 
 
+#: Path prefixes that name a file through another name: a ``file:`` URL, a process's root folder.
+_INDIRECT = ("file:", "/proc/")
+_PROC_ROOT = re.compile(r"/proc/(?:self|thread-self|[0-9]+)/root(?=/|$)")
+#: Paths through a process's working folder or open files: where they lead cannot be known here.
+_PROC_LINK = re.compile(r"^(?:/proc/(?:self|thread-self|[0-9]+)/(?:cwd|fd/[0-9]+|task/[0-9]+/(?:cwd|fd/[0-9]+))|/dev/fd/[0-9]+)(?:/|$)")
+
+
 def _opened(path: str) -> str:
-    """The path Linux opens for ``path``: normalised, and ``//`` as ``/`` (normpath keeps two leading
-    slashes, as POSIX allows)."""
-    path = os.path.normpath(path)
-    return path[1:] if path.startswith("//") else path
+    """The path Linux opens for ``path``: cut at a NUL (where C stops), a ``file:`` URL's path,
+    normalised, ``//`` as ``/`` (normpath keeps two leading slashes, as POSIX allows), and a
+    process's root (``/proc/self/root/x``) as ``/x``."""
+    path = path.split("\x00", 1)[0]
+    if path.startswith("file:"):
+        parts = urllib.parse.urlsplit(path)
+        if parts.netloc in ("", "localhost"):
+            path = urllib.parse.unquote(parts.path)
+    while True:
+        path = os.path.normpath(path)
+        path = path[1:] if path.startswith("//") else path
+        m = _PROC_ROOT.match(path)
+        if not m:
+            return path
+        path = path[m.end():] or "/"
 
 
 #: Code that reaches into the interpreter or the audit machinery: in-process auditing cannot stop a determined
@@ -222,9 +256,10 @@ def _checked(caller: Caller, raw: dict, members: set | None) -> tuple[str, dict,
         flags.append("detail.msg_id was not a string (kept as its JSON text)")
         detail["msg_id"] = json.dumps(msg_id, sort_keys=True, default=repr)
     for key, real in (("user", caller.user), ("actor", caller.user), ("project", caller.project)):
-        claimed = raw.get(key, detail.get(key))
-        if claimed is not None and claimed != real:
-            flags.append(f"payload claimed {key} {claimed!r}")
+        for claimed in (raw.get(key), detail.get(key)):  # each place on its own: one cannot mask the other
+            flag = f"payload claimed {key} {claimed!r}"
+            if claimed is not None and claimed != real and flag not in flags:
+                flags.append(flag)
         detail.pop(key, None)
     return action, detail, flags
 
@@ -251,10 +286,10 @@ def build_record(caller: Caller, raw: dict, visible: set | None, members: set | 
     path = raw.get("path")
     if path is not None and not isinstance(path, str):
         raise ValueError("path must be a string")
+    region, dataset = resolve(path)  # where the path as sent leads (before NUL or surrogates are escaped)
     path, note = _stored_path(path) if path is not None else (None, None)
     if note:
         flags = [*flags, note]
-    region, dataset = resolve(path)
     return AuditRecord(action, caller.user, project=caller.project, region=region, dataset=dataset, path=path,
                        detail=_located(detail, flags, region, dataset, visible))
 
@@ -409,8 +444,8 @@ def _storable_as_is(value) -> bool:
 def _runs_path_by_path(paths: list) -> list:
     runs = []
     for path in paths:
-        path, note = _stored_path(path)
         where = resolve(path)
+        path, note = _stored_path(path)
         if runs and runs[-1][0] == where and runs[-1][1] == note:
             runs[-1][2].append(path)
         else:
@@ -445,7 +480,8 @@ def runs_of_places(paths: list) -> list:
     """
     text = "\n".join(paths)
     plain = (text[:1] == "/" and "\x00" not in text and "/." not in text and "//" not in text
-             and "/\n" not in text and text[-1:] != "/" and text.count("\n") == text.count("\n/") == len(paths) - 1)
+             and "/\n" not in text and text[-1:] != "/" and text.count("\n") == text.count("\n/") == len(paths) - 1
+             and "/proc/" not in text and "/dev/fd/" not in text)
     if plain and not text.isascii():
         try:
             text.encode("utf-8")  # lone surrogates (undecodable file names) cannot be: storable escapes them
@@ -576,6 +612,14 @@ def _no_constant(name):
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite(text):
+    """A JSON number as a float; one too large for a float (``1e400``) would be stored as infinity."""
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text[:40]} is too large a number")
+    return value
+
+
 class RecordsHandler(_Base):
     async def post(self):
         token = self.request.headers.get("Authorization", "")
@@ -588,7 +632,7 @@ class RecordsHandler(_Base):
         if len(self.request.body) > MAX_BODY:
             return self.write_json(413, {"error": "request too large"})
         try:
-            body = json.loads(self.request.body or b"{}", parse_constant=_no_constant)
+            body = json.loads(self.request.body or b"{}", parse_constant=_no_constant, parse_float=_finite)
             raw = body["records"]
             if not isinstance(raw, list) or not raw or len(raw) > MAX_RECORDS_PER_REQUEST:
                 raise ValueError(f"records: a list of 1 to {MAX_RECORDS_PER_REQUEST} records")
@@ -597,7 +641,9 @@ class RecordsHandler(_Base):
                 raise ValueError(f"records: at most {MAX_RECORDS_PER_REQUEST} records per request, paths counted")
             records = build_records(caller, raw, self.ctx.visible(caller), self.ctx.members(caller))
         except (ValueError, KeyError, TypeError) as e:
-            return self.write_json(400, {"error": str(e)})
+            return self.write_json(400, {"error": str(e) if not isinstance(e, KeyError) else f"missing key {e}"})
+        except RecursionError:
+            return self.write_json(400, {"error": "the request is nested too deeply"})
         try:
             stored = await self.ctx.committer.submit(records)
         except Exception as e:

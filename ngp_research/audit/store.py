@@ -404,7 +404,7 @@ class AuditStore:
     def _stored(row) -> StoredRecord:
         try:
             detail = json.loads(row.detail)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):
             detail = {"unreadable_detail": str(row.detail)}
         return StoredRecord(
             seq=row.seq,

@@ -78,8 +78,20 @@ def describe_region(args, kwargs, names=("contig", "start", "stop")) -> dict:
 
 
 def _filename(obj):
+    """The file ``obj`` names, absolute; a ``file:`` URL (htslib opens ``file:///x`` as ``/x``) as its
+    path; another URL as given.
+
+    >>> _filename("file:///data/syd/ds/x.vcf.gz"), _filename("file://localhost/data/x"), _filename("s3://b/k")
+    ('/data/syd/ds/x.vcf.gz', '/data/x', 's3://b/k')
+    """
     if isinstance(obj, (str, bytes, os.PathLike)):
         p = os.fsdecode(os.fspath(obj))
+        if p.startswith("file://"):
+            rest = p[len("file://"):]
+            if rest.startswith("localhost/"):
+                rest = rest[len("localhost"):]
+            if rest.startswith("/"):
+                return os.path.normpath(rest)
         return p if p == "-" or "://" in p else os.path.abspath(p)
     if isinstance(obj, int):
         return None
