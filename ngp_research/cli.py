@@ -33,19 +33,16 @@ def _date(text: str) -> date:
     return d
 
 
-def _datetime(text: str) -> datetime:
+def _datetime(text: str, end: bool = False) -> datetime:
     try:
-        return parse_time(text)
+        return parse_time(text, end)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _until(text: str) -> datetime:
     """An exclusive upper bound; a date alone includes that whole day."""
-    try:
-        return parse_time(text, end=True)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    return _datetime(text, end=True)
 
 
 def _count(text: str) -> int:
@@ -183,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd(audit, "checkpoint", "sign the chain head now")
     c = cmd(audit, "report", "a region's access report: who accessed which of its datasets, when, with which code")
     c.add_argument("--region", required=True)
-    c.add_argument("--as", dest="actor", default=os.environ.get("NGP_USER") or _login_name(), metavar="ADMIN",
+    c.add_argument("--as", dest="actor", metavar="ADMIN",
                    help="the region admin asking (default $NGP_USER, else your login name)")
     c.add_argument("--since", type=_datetime, help="from this time on (ISO 8601; UTC unless a zone is given)")
     c.add_argument("--until", type=_until, help="before this time; a date alone includes that day")
@@ -372,6 +369,7 @@ def run(args) -> int:
         if g == "audit" and c == "report":
             from .audit.report import region_report, render
 
+            args.actor = args.actor or os.environ.get("NGP_USER") or _login_name()
             if not args.actor:
                 raise RefusedError("say which region admin is asking: --as ADMIN (or set NGP_USER)")
             rows = region_report(catalog.audit, catalog, args.actor, args.region, since=args.since,

@@ -155,9 +155,8 @@ def test_each_copy_of_a_checkpoint_is_checked_against_its_signature(store):
                                   "update audit_checkpoints set head_hash=X'FF' where seq=20",
                                   "update audit_records set path=CAST(X'2FFF' AS TEXT) where seq=5"])
 def test_values_of_the_wrong_type_fail_verification_without_a_crash(store, edit):
-    if "X'" in edit or "'abc'" in edit or "'x'" in edit:
-        if store.engine.dialect.name != "sqlite":
-            pytest.skip("PostgreSQL's columns refuse values of another type")
+    if store.engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL's columns refuse values of another type")
     fill(store)
     sql(store, edit)
     assert problems(store)

@@ -446,6 +446,9 @@ def test_pysams_other_c_readers_and_its_samtools_and_bcftools_are_recorded(kerne
             assert f.read().startswith(b"@r1")
         gz = pysam.tabix_index({str(vcf)!r}, preset="vcf", force=True)
         assert len(pysam.bcftools.view("-H", gz).splitlines()) == 2
+        import inspect  # nothing leads past a wrapper to the function that records nothing
+        assert inspect.unwrap(pysam.tabix_index) is pysam.tabix_index
+        assert "preset" in inspect.signature(pysam.tabix_index).parameters
     """))
     mine = [x for x in stub.find("data.open", msg_id=r["msg_id"])]
     seen = {(x["path"], x["detail"]["entry_point"]) for x in mine}

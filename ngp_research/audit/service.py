@@ -112,8 +112,7 @@ def resolve(path):
     """
     if not isinstance(path, str):
         return None, None
-    if ("/." in path or "//" in path or path.endswith("/") or not path.startswith("/") or "\x00" in path
-            or path.startswith(_INDIRECT)):
+    if not _plain(path):
         path = _opened(path)
     if not path.startswith("/data/"):
         return None, None
@@ -144,11 +143,17 @@ def path_note(path: str) -> str | None:
         return f"the path is a file: URL (it opens {_opened(path)})"
     if not path.startswith("/"):
         return "the path is not absolute"
-    if "/." in path or "//" in path or (path.endswith("/") and path != "/") or path.startswith("/proc/"):
+    if not _plain(path):
         norm = _opened(path)
         if norm != path:
             return f"the path is not in normal form (it opens {norm})"
     return None
+
+
+def _plain(path: str) -> bool:
+    """Whether ``path`` is surely the path Linux opens for it (else :func:`_opened` says which)."""
+    return not ("/." in path or "//" in path or path.endswith("/") or not path.startswith("/")
+                or "\x00" in path or path.startswith(_INDIRECT))
 
 
 #: Path prefixes that name a file through another name: a ``file:`` URL, a process's root folder.
@@ -181,7 +186,7 @@ def _opened(path: str) -> str:
 TAMPERING_SIGNS = ("gc.", "get_objects", "get_referrers", "ctypes", "__closure__", "cell_contents", "__code__",
                    "addaudithook", "ngp_research.kernel", "_ngp", "/run/ngp", "sys.modules[", "__globals__",
                    "_posixsubprocess", "spawnv_passfds",  # starting a program without an audit event
-                   "__wrapped__",  # calling a library's function past the wrapper that records its files
+                   "__wrapped__", "__base", "__mro__",  # a library's function or class past the wrapper that records
                    "dup2", "fileno=",  # these two: taking over a connection to the audit service
                    "NGP_AUDIT")  # pointing what a cell starts (a Dask cluster, a server) at another service
 

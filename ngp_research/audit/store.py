@@ -542,17 +542,16 @@ class AuditStore:
         hash_at: dict[int, str] = {}
         expected_seq, prev_hash, count = 1, GENESIS, 0
         prev_seq, prev_intact = None, True
+        db_cps = []
         try:
             with self._snapshot() as conn:
-                db_cps = self.checkpoints(conn)
-                for c in db_cps:
+                for c in self.checkpoints(conn):
                     if not (isinstance(c.seq, int) and all(isinstance(v, str) for v in
                                                            (c.head_hash, c.signed_at, c.key_id, c.signature))):
                         problem(f"checkpoint {c.seq!r} holds values of the wrong type (edited)")
-                db_cps = [c for c in db_cps if isinstance(c.seq, int)]
-                # Every field of each copy, the database's and the log's, is checked against its signature.
-                all_cps = {(c.seq, c.head_hash, c.signed_at, c.key_id, c.signature): c for c in db_cps + log_cps}.values()
-                wanted = {c.seq for c in all_cps}
+                    if isinstance(c.seq, int):
+                        db_cps.append(c)
+                wanted = {c.seq for c in db_cps + log_cps}
                 for rec in self._iter_rows(conn):
                     count += 1
                     if not isinstance(rec.seq, int):
@@ -594,8 +593,8 @@ class AuditStore:
         except Exception as e:  # the database itself cannot be read as a store (edited columns, not text, ...)
             problem(f"the audit store cannot be read after record {expected_seq - 1} "
                     f"({e.__class__.__name__}: {str(e)[:200]})")
-            db_cps = locals().get("db_cps") or []
-            all_cps = {(c.seq, c.head_hash, c.signed_at, c.key_id, c.signature): c for c in db_cps + log_cps}.values()
+        # Every field of each copy, the database's and the log's, is checked against its signature.
+        all_cps = {(c.seq, c.head_hash, c.signed_at, c.key_id, c.signature): c for c in db_cps + log_cps}.values()
         try:
             log_after, _ = self._logged_checkpoints()
         except (OSError, ValueError):
@@ -623,7 +622,6 @@ class AuditStore:
                 if c is newest and 0 < newest_logged < c.seq:
                     continue  # committed, its log line not yet written (see _transaction); an empty log is not allowed
                 problem(f"checkpoint at record {c.seq} is missing from the checkpoint log (log truncated or edited)")
-        valid = set()
         for c in all_cps:
             if self.signer is None:
                 break
@@ -634,9 +632,6 @@ class AuditStore:
             if not good:
                 problem(f"checkpoint at record {c.seq} has an invalid signature (forged or altered)")
                 continue
-            if c.seq in valid:
-                continue  # the same checkpoint in the database and in the log
-            valid.add(c.seq)
             report.checkpoints += 1
             report.last_checkpoint_seq = max(report.last_checkpoint_seq, c.seq)
             if c.seq > last_seq:

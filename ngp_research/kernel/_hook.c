@@ -1468,40 +1468,45 @@ typedef struct {
 } ngp_vfs_t;
 
 #define ORIG(v) (((ngp_vfs_t *)(v))->orig)
+#if PY_VERSION_HEX >= 0x030D0000
+#define IS_FINALIZING() Py_IsFinalizing()
+#else
+#define IS_FINALIZING() _Py_IsFinalizing()
+#endif
 static __thread char *sqlite_expected = NULL;  /* the database the thread's sqlite3.connect recorded */
-static unsigned long sqlite_raised = 0;
 
 static int
 vfs_open(sqlite3_vfs *v, const char *name, sqlite3_file *f, int flags, int *out)
 {
     sqlite3_vfs *o = ORIG(v);
-    if (name != NULL && (flags & SQLITE_OPEN_MAIN_DB) && !_Py_IsFinalizing()) {
+    if (name != NULL && (flags & SQLITE_OPEN_MAIN_DB)) {
         char *expected = sqlite_expected;
+        int known = expected != NULL && strcmp(expected, name) == 0;
         sqlite_expected = NULL;  /* only the thread's next database open can be the connection's own */
-        if (expected == NULL || strcmp(expected, name) != 0) {
-            PyGILState_STATE g = PyGILState_Ensure();
-            PyObject *path = PyUnicode_DecodeFSDefault(name);
-            int rc = path == NULL ? -1 : PySys_Audit("ngp.sqlite3.open", "Oi", path, flags);
+        free(expected);
+        if (!known) {
+            PyGILState_STATE g;
+            PyObject *path, *type, *value, *tb, *why;
+            int rc;
+            if (IS_FINALIZING())  /* no Python left to record it (and taking the GIL could end this thread) */
+                return SQLITE_CANTOPEN;
+            g = PyGILState_Ensure();
+            path = PyUnicode_DecodeFSDefault(name);
+            rc = path == NULL ? -1 : PySys_Audit("ngp.sqlite3.open", "Oi", path, flags);
             Py_XDECREF(path);
             if (rc < 0) {  /* SQLite reports only that the open failed: say why on stderr */
-                PyObject *type, *value, *tb, *why;
                 PyErr_Fetch(&type, &value, &tb);
                 why = value != NULL ? PyObject_Str(value) : NULL;
                 if (why != NULL && PyUnicode_Check(why))
                     PySys_WriteStderr("SQLite may not open %.500s: %.500s\n", name, PyUnicode_AsUTF8(why));
                 Py_XDECREF(why);
                 Py_XDECREF(type); Py_XDECREF(value); Py_XDECREF(tb);
-                PyErr_Clear();
+                PyErr_Clear();  /* from PyObject_Str, if it failed */
             }
-            else
-                sqlite_raised++;
             PyGILState_Release(g);
-            if (rc < 0) {
-                free(expected);
+            if (rc < 0)
                 return SQLITE_CANTOPEN;
-            }
         }
-        free(expected);
     }
     return o->xOpen(o, name, f, flags, out);
 }

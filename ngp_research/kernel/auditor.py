@@ -145,8 +145,7 @@ class AuditUnavailable(PermissionError):
 class Auditor(NamedTuple):
     write_ahead: Callable  # (record, timeout) -> None | reason: sends one record, waits for its ack
     flush: Callable  # (timeout) -> None | reason: delivers the whole buffer
-    begin: Callable  # (msg_id, cell_id) -> token: records from now on are attributed to this execution
-    end: Callable  # (token) -> None
+    begin: Callable  # (msg_id, cell_id) -> the previous (msg_id, cell_id): records from now on are this execution's
     blocked: Callable  # () -> None | reason the kernel must not run code
     tamper: Callable  # (what, **detail) -> None: records audit.tamper and blocks the kernel for good
     record: Callable  # (action, path, detail) -> None: buffers one record (attributed)
@@ -463,7 +462,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
     getpid = os.getpid
     current = [(None, None)]  # (msg_id, cell_id) of the execution records are attributed to
     state = {"armed": False, "blocked": None, "tampered": None, "posts": 0, "records": 0,
-             "failures": 0, "errors": 0, "closed": False, "sqlite": False}
+             "failures": 0, "errors": 0, "closed": False}
     checks = []
     conn_box = [None]
     socket_ids = {}  # id(bare socket) -> its (st_dev, st_ino) when connected
@@ -851,17 +850,15 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
                 return
             record(action, path, {"event": event, "mode": _plain(args[1]), "flags": _plain(args[2])})
         elif event == "sqlite3.connect":
-            if sqlite_watch is not None:
+            if sqlite_watch is not None:  # ATTACH and VACUUM INTO open files in C too: see _hook.watch_sqlite
+                sqlite_watch()  # wraps SQLite's VFSes at the first connect (the library is loaded by then)
                 sqlite_expect(None)
-                if not state["sqlite"]:  # ATTACH and VACUUM INTO open files in C too: see _hook.watch_sqlite
-                    state["sqlite"] = True
-                    sqlite_watch()
             database = args[0]
             given = _text(database) if isinstance(database, (str, bytes, bytearray)) else None
             if given is not None and given[:5] == "file:":  # a URI (connect(..., uri=True)): its path part
+                # ?mode=memory is recorded too: SQLite takes the last mode= and ignores keys it does not know,
+                # so no reading of the query here can tell that no file is opened
                 parts = urlsplit(given)
-                if "mode=memory" in parts.query:
-                    return
                 database = unquote(parts.path) if parts.netloc in ("", "localhost") else given
             if database in ("", ":memory:"):  # no file: a database in memory or a temporary one
                 return
@@ -1015,10 +1012,6 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
                 state["armed"] = True
         return prev
 
-    def end(prev):
-        with lock:
-            current[0] = prev
-
     def tamper(what, **detail):
         with lock:
             first = state["tampered"] is None
@@ -1135,9 +1128,9 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
         busy.clear()  # the parent's sender threads are gone; a thread of the child's may reuse their idents
         state["closed"] = True
 
-    auditor = Auditor(write_ahead, flush, begin, end, blocked, tamper, record, stats, watch, close, reopen)
+    auditor = Auditor(write_ahead, flush, begin, blocked, tamper, record, stats, watch, close, reopen)
     guard = closure_guard([hook, _handle, _record_named, _arg, named_data_paths, _argv, _encodable, close, encode_items, _materialize, _body, _record_text, _encode_body, _pending, _drain, record, _path, _ignored, _post, _exchange, _deliver, _connection, write_ahead,
-                           flush, blocked, begin, end, tamper, watch, stats, _run_checks, sender, reopen])
+                           flush, blocked, begin, tamper, watch, stats, _run_checks, sender, reopen])
     checks.append(lambda: guard(restore=True))
     os.register_at_fork(after_in_child=_in_child)
     if add_hook:

@@ -169,6 +169,8 @@ def _boot(path: str) -> None:
     :func:`main`. ``sys.path`` and the bytecode cache prefix are put back afterwards."""
     saved_path, saved_prefix = sys.path[:], getattr(sys, "pycache_prefix", None)
     try:
+        if not wanted(os.environ, os.path.isdir(WORKSPACE_AUDIT_DIR)):  # nothing to import (a build's pip, say)
+            return
         site_packages = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path))))
         stdlib = os.path.dirname(os.__file__)  # os came from the standard library before site ran
         sys.path[:] = [p for p in saved_path if p == stdlib or p.startswith(stdlib + os.sep)] + [site_packages]

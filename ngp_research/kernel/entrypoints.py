@@ -222,6 +222,30 @@ def wrap_pysam(pysam=None) -> list[str]:
     return wrapped
 
 
+def _audited(wrapper, signature=None):
+    """``wrapper`` (made with ``functools.wraps``) marked as ours, without ``__wrapped__``: through that,
+    ``inspect.unwrap`` would hand a cell the library's function past the record. Its signature stays.
+
+    >>> import functools
+    >>> def f(path, n=1): pass
+    >>> w = _audited(functools.wraps(f)(lambda *a, **k: f(*a, **k)))
+    >>> hasattr(w, "__wrapped__"), w._ngp_audited, str(__import__("inspect").signature(w))
+    (False, True, '(path, n=1)')
+    """
+    import inspect  # noqa: PLC0415
+
+    if signature is None:
+        try:
+            signature = inspect.signature(wrapper)  # the wrapped function's, through __wrapped__
+        except (TypeError, ValueError):
+            signature = None
+    if signature is not None:
+        wrapper.__signature__ = signature
+    wrapper.__dict__.pop("__wrapped__", None)
+    wrapper._ngp_audited = True
+    return wrapper
+
+
 def _audited_function(fn, name, parameters, library, split_commas=False):
     """``fn``, recording each file its ``parameters`` name (by position or keyword) before it runs;
     ``split_commas``: a str names several, separated by commas (Hadoop's input paths)."""
@@ -253,8 +277,7 @@ def _audited_function(fn, name, parameters, library, split_commas=False):
                 record(path, **detail)
         return fn(*args, **kwargs)
 
-    audited._ngp_audited = True
-    return audited
+    return _audited(audited, signature)
 
 
 #: The ``-c`` programs of multiprocessing's fresh interpreters that run the parent's code.
@@ -297,8 +320,7 @@ def wrap_multiprocessing(current=None) -> list[str]:
                            f"_ngp_start({msg_id}, {cell_id}); {program}")
         return fn(path, args, passfds)
 
-    spawnv_passfds._ngp_audited = True
-    util.spawnv_passfds = spawnv_passfds
+    util.spawnv_passfds = _audited(spawnv_passfds)
     return ["spawnv_passfds"]
 
 
@@ -340,8 +362,7 @@ def _audited_dispatch(call):
                     record(path, library="pysam", entry_point=command, argument=word, argv=words[:64])
         return call(self, *args, **kwargs)
 
-    __call__._ngp_audited = True
-    return __call__
+    return _audited(__call__)
 
 
 #: Hail's functions that read (or list) files in its JVM, where no Python audit event is raised, and the
@@ -573,8 +594,7 @@ def _audited_options(fn, name):
                     record(path, library="pyspark", entry_point=name, argument=key)
         return fn(self, *args, **kwargs)
 
-    audited._ngp_audited = True
-    return audited
+    return _audited(audited, signature)
 
 
 #: scipy's readers that open the file in C++ (a Matrix Market file that is not gzip or bzip2).

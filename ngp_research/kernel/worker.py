@@ -25,7 +25,6 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 __all__ = ["dask_setup", "CellAttribution"]
 
-_AUDITOR = []
 FLUSH_TIMEOUT = 10.0  # seconds
 
 
@@ -61,11 +60,10 @@ async def dask_setup(worker):
 
     if child.in_kernel():  # Client(processes=False): the kernel's own hook records; its cells attribute
         return
-    if not _AUDITOR:
-        if child.installed() is None:  # started some other way (dask-worker): as a spawned child is
-            child.start()
-        _AUDITOR.append(child.installed())
-        # A spawned worker delivers each record before its access until here; from now on in batches, each
-        # task's before its result goes out (CellAttribution). A forked one has no sender: it stays so.
-        _AUDITOR[0].reopen()
-    await worker.plugin_add(CellAttribution(_AUDITOR[0]), name=CellAttribution.name)
+    if child.installed() is None:  # started some other way (dask-worker): as a spawned child is
+        child.start()
+    auditor = child.installed()
+    # A spawned worker delivers each record before its access until here; from now on in batches, each
+    # task's before its result goes out (CellAttribution). A forked one has no sender: it stays so.
+    auditor.reopen()  # once reopened (another worker of this process), nothing to do
+    await worker.plugin_add(CellAttribution(auditor), name=CellAttribution.name)
