@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from ngp_research.audit import AuditRecord, AuditStore
-from ngp_research.audit.report import region_report, render
+from ngp_research.audit.report import FORMATS, OtherRegions, region_report, render
 from ngp_research.audit.service import (GROUP_MIN, Caller, ServiceContext, build_record, build_records, identity_from_model,
                                         listen_unix, make_app)
 from ngp_research.errors import RefusedError
@@ -525,6 +525,64 @@ def test_a_region_admin_sees_their_regions_accesses_with_the_code_and_nothing_el
     norr = region_report(reported.audit, reported, "admin-norr", "norr")
     assert [r["dataset"] for r in norr] == ["norr-cohort"]
     assert reported.audit.records(action="report.read")[-1].actor == "admin-norr"
+
+
+def test_a_cell_that_names_two_regions_data_shows_each_admin_only_their_own(reported):
+    """Invariant 6 from the report's side: the cell's code and a program's command line name both
+    regions' data; each admin's report hides the other region's paths and dataset names, and says so."""
+    alice = Caller("alice", "cardio-gwas")
+    code = ("a = open('/data/syd/syd-cohort/syd-cohort.vcf.gz').read()\n"
+            "b = open(\"/data/norr/norr-cohort/norr-cohort.vcf.gz\").read()\n"
+            "!cat /data/syd/syd-cohort/x.txt /data/norr/norr-cohort/y.txt\n"
+            "Cohort(['syd-cohort', 'norr-cohort'])  # norr-cohorts stays: not a dataset's name")
+    argv = ["cat", "/data/syd/syd-cohort/x.txt", "//data/norr/norr-cohort/y.txt"]
+    reported.audit.append_many(build_records(alice, [
+        {"action": "query.execute", "detail": {"msg_id": "m-two", "code": code}},
+        {"action": "file.open", "path": "/data/syd/syd-cohort/syd-cohort.vcf.gz", "detail": {"msg_id": "m-two"}},
+        {"action": "file.open", "path": "/data/norr/norr-cohort/norr-cohort.vcf.gz", "detail": {"msg_id": "m-two"}},
+        {"action": "process.exec", "path": "/data/syd/syd-cohort/x.txt", "detail": {"msg_id": "m-two", "argv": argv}},
+        {"action": "process.exec", "path": "/data/norr/norr-cohort/y.txt", "detail": {"msg_id": "m-two", "argv": argv}},
+    ], None))
+    for region, own, other in (("syd", "syd-cohort", "norr-cohort"), ("norr", "norr-cohort", "syd-cohort")):
+        rows = [r for r in region_report(reported.audit, reported, f"admin-{region}", region)
+                if r["detail"].get("msg_id") == "m-two"]
+        assert sorted(r["action"] for r in rows) == ["file.open", "process.exec"]
+        for fmt in FORMATS:
+            text = render(rows, fmt, region)
+            assert other not in text.replace(f"{other}s", ""), (region, fmt)
+            assert f"/data/{'norr' if region == 'syd' else 'syd'}/" not in text, (region, fmt)
+            assert own in text
+        for r in rows:
+            assert f"/data/{region}/{own}/" in r["code"] and OtherRegions.HIDDEN_PATH in r["code"]
+            assert OtherRegions.HIDDEN_DATASET in r["code"] and "norr-cohorts" in r["code"]
+            assert "other regions' data named here are hidden" in r["flag"]
+        (run,) = [r for r in rows if r["action"] == "process.exec"]
+        assert run["detail"]["argv"][0] == "cat" and OtherRegions.HIDDEN_PATH in run["detail"]["argv"]
+    stored = [r for r in reported.audit.records(action="query.execute") if r.detail.get("msg_id") == "m-two"]
+    assert stored[0].detail["code"] == code  # hidden in the report only: the chain keeps what ran
+
+
+def test_an_access_attributed_to_a_cell_that_never_ran_is_flagged(reported):
+    """A cell can set NGP_AUDIT_CELL for a program it starts, so that the program's records name a made-up
+    cell. The report cannot show code for it, and says why; the forging cell is flagged for naming
+    NGP_AUDIT. An access named for no cell at all (the Jupyter server's own) gets no such flag."""
+    alice = Caller("alice", "cardio-gwas")
+    forging = "os.environ['NGP_AUDIT_CELL'] = '[\"made-up\", null]'\n!python read.py"
+    reported.audit.append_many(build_records(alice, [
+        {"action": "query.execute", "detail": {"msg_id": "m-forge", "code": forging}},
+        {"action": "file.open", "path": "/data/syd/syd-cohort/syd-cohort.vcf.gz", "detail": {"msg_id": "made-up"}},
+        {"action": "file.open", "path": "/data/syd/syd-cohort/syd-cohort.vcf.gz.tbi", "detail": {}},
+        {"action": "query.execute", "detail": {"msg_id": "late", "code": "pass"}},
+        {"action": "file.open", "path": "/data/syd/syd-cohort/syd-cohort.vcf.gz", "detail": {"msg_id": "late"}},
+    ], None))
+    assert "possible tampering" in reported.audit.records(action="query.execute")[-2].detail["flag"]
+    rows = region_report(reported.audit, reported, "admin-syd", "syd")
+    (forged,) = [r for r in rows if r["detail"].get("msg_id") == "made-up"]
+    assert forged["code"] is None and "no execution of this msg_id was recorded" in forged["flag"]
+    (server,) = [r for r in rows if r["path"].endswith(".tbi")]
+    assert server["flag"] is None
+    (late,) = [r for r in rows if r["detail"].get("msg_id") == "late"]
+    assert late["code"] == "pass" and late["flag"] is None
 
 
 @pytest.mark.parametrize("actor", ["alice", "lars", "admin-norr", "olof", "mallory"])

@@ -735,3 +735,35 @@ def test_a_revoked_tag_stops_the_running_workspace_and_the_restart_no_longer_sho
     server = _start(procs, browser, token, "alice", "cardio-gwas")
     out = asyncio.run(run_code(procs.url + server["url"], token, "import os; print(sorted(os.listdir('/data')))"))
     assert out.strip() == "['norr', 'stockholm', 'uppsala']"
+
+
+def test_a_workspace_environment_without_the_audit_pth_is_not_started(tmp_path, monkeypatch):
+    """An environment built before every program got the audit hook (or half built) would run
+    ``!python x.py`` unhooked: the spawner refuses it with a clear reason, and records the refusal."""
+    from types import SimpleNamespace
+
+    from tornado import web
+
+    from ngp_research.hub import spawner, state
+    from ngp_research.kernel.autostart import PTH_NAME
+    from ngp_research.workspace.environment import STAMP, is_built
+
+    env = tmp_path / "env"
+    (env / "bin").mkdir(parents=True)
+    (env / "bin" / "python").write_text("")
+    (env / STAMP).write_text("{}\n")
+    site = env / "lib" / "python3.11" / "site-packages"
+    site.mkdir(parents=True)
+    assert not is_built(str(env))
+    (site / PTH_NAME).write_text("import sys\n")
+    assert is_built(str(env))
+    (site / PTH_NAME).unlink()
+
+    refused = []
+    monkeypatch.setattr(state, "catalog", lambda: SimpleNamespace(audit=SimpleNamespace(append=refused.append)))
+    ws = spawner.WorkspaceSpawner(user=SimpleNamespace(name="alice", url="/user/alice/"),
+                                  orm_spawner=SimpleNamespace(name="cardio-gwas", server=None), workspace_env=str(env))
+    with pytest.raises(web.HTTPError) as e:
+        asyncio.run(ws.start())
+    assert e.value.status_code == 503 and "make workspace-env" in e.value.log_message
+    assert [(r.action, r.actor, r.project) for r in refused] == [("workspace.refused", "alice", "cardio-gwas")]

@@ -5,6 +5,10 @@ else is refused. Each file or data record is joined to the write-ahead
 ``query.execute`` record of the cell that caused it (same user, same
 ``msg_id``), so the report carries the code. Reading a report is itself
 recorded (``report.read``).
+
+A cell can name more than one region's data. Its code, and the detail of an access (a program's
+command line), are shown to each region's admin with the other regions' data hidden (see
+:class:`OtherRegions`): a region reads its own audit only.
 """
 
 import asyncio
@@ -12,6 +16,7 @@ import csv
 import html
 import io
 import json
+import re
 from datetime import date, datetime, timedelta, timezone
 
 from .records import AuditRecord
@@ -74,6 +79,80 @@ def csv_cell(value):
     return value
 
 
+class OtherRegions:
+    r"""Hides, in text a region's admin reads, the data of the platform's other regions.
+
+    Two kinds of names are hidden: a path under another region's folder (``/data/<region>/...``, up
+    to the next blank or quote) becomes ``HIDDEN_PATH``, and another region's dataset name, as a
+    whole name, becomes ``HIDDEN_DATASET``. Names a cell builds from parts (``"/data/" + r``) or
+    keeps in variables are not recognised; region names alone are not hidden (the regions are public).
+
+    >>> hide = OtherRegions(["norr"], ["norr-cohort"])
+    >>> hide.text("open('/data/norr/norr-cohort/a.vcf.gz'); open('/data/syd/syd-cohort/b')")
+    ("open('/data/[another region]'); open('/data/syd/syd-cohort/b')", True)
+    >>> hide.text("Cohort(['norr-cohort', 'syd-cohort']); norr-cohorts")
+    ("Cohort(['[another region's dataset]', 'syd-cohort']); norr-cohorts", True)
+    >>> hide.value({"argv": ["cat", "/data/norr/x"], "n": 1})
+    ({'argv': ['cat', '/data/[another region]'], 'n': 1}, True)
+    >>> OtherRegions([], []).text("/data/norr/x")
+    ('/data/norr/x', False)
+    """
+
+    HIDDEN_PATH = "/data/[another region]"
+    HIDDEN_DATASET = "[another region's dataset]"
+    _NAME_CHARS = "A-Za-z0-9._-"  # what a region or dataset name is made of (ngp_research.names)
+
+    def __init__(self, regions, datasets):
+        by_length = lambda names: sorted({re.escape(n) for n in names if n}, key=len, reverse=True)  # noqa: E731
+        paths, names = by_length(regions), by_length(datasets)
+        parts = []
+        if paths:
+            parts.append(rf"(?P<path>/+data/+(?:{'|'.join(paths)})(?![{self._NAME_CHARS}])[^\s'\"`]*)")
+        if names:
+            parts.append(rf"(?P<dataset>(?<![{self._NAME_CHARS}])(?:{'|'.join(names)})(?![{self._NAME_CHARS}]))")
+        self._pattern = re.compile("|".join(parts)) if parts else None
+        self._seen: dict = {}  # text -> (hidden, changed): one cell's code is on many rows
+
+    @classmethod
+    def of(cls, catalog, region: str) -> "OtherRegions":
+        """The other regions of ``catalog`` than ``region``, and their datasets."""
+        from ..catalog.models import Dataset, Region  # noqa: PLC0415 (the catalog imports this package)
+
+        from sqlalchemy import select  # noqa: PLC0415
+
+        with catalog.session() as s:
+            regions = [n for n in s.scalars(select(Region.name)) if n != region]
+            datasets = [d for d, r in s.execute(select(Dataset.name, Region.name).join(Dataset.region)) if r != region]
+        return cls(regions, datasets)
+
+    def _replace(self, match) -> str:
+        return self.HIDDEN_PATH if match.lastgroup == "path" else self.HIDDEN_DATASET
+
+    def text(self, text: str) -> tuple[str, bool]:
+        """``text`` with the other regions' data hidden, and whether anything was."""
+        if self._pattern is None:
+            return text, False
+        hit = self._seen.get(text)
+        if hit is None:
+            hidden = self._pattern.sub(self._replace, text)
+            hit = (hidden, hidden != text)
+            if len(self._seen) < 10_000:
+                self._seen[text] = hit
+        return hit
+
+    def value(self, value) -> tuple:
+        """A JSON value with the other regions' data hidden in its strings, and whether anything was."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, list):
+            pairs = [self.value(v) for v in value]
+            return [v for v, _ in pairs], any(c for _, c in pairs)
+        if isinstance(value, dict):
+            pairs = {k: self.value(v) for k, v in value.items()}
+            return {k: v for k, (v, _) in pairs.items()}, any(c for _, c in pairs.values())
+        return value, False
+
+
 def _cell(r) -> tuple:
     """(user, project, msg_id) of a record's cell; a msg_id that is not a string names no cell."""
     msg_id = r.detail.get("msg_id")
@@ -86,6 +165,7 @@ def region_report(store, catalog, actor: str, region: str, since: datetime | Non
     with catalog.session() as s:
         catalog._region(s, region)
         catalog.require_region_admin(s, actor, region, f"read the audit of region {region!r}")
+    hide = OtherRegions.of(catalog, region)
     rows = []
     # One row per access: a stored record that lists a run of paths gives one row per path.
     records = [a for r in store.records(region=region, actor=user, dataset=dataset, since=since, until=until)
@@ -107,7 +187,14 @@ def region_report(store, catalog, actor: str, region: str, since: datetime | Non
             flags.append("cell: " + first.detail["flag"])
         if len(cell_queries) > 1:
             flags.append("another record reused this cell's msg_id")
-        detail = {k: v for k, v in r.detail.items() if k not in ("flag",)}
+        if first is None and _cell(r)[2] is not None:  # every execution is recorded before it runs
+            flags.append("no execution of this msg_id was recorded before it (attribution forged or lost)")
+        detail, hid_detail = hide.value({k: v for k, v in r.detail.items() if k not in ("flag",)})
+        code, hid_code = hide.text(first.detail["code"]) if first is not None and \
+            isinstance(first.detail.get("code"), str) else (None, False)
+        flags = [hide.text(f)[0] for f in flags]
+        if hid_detail or hid_code:
+            flags.append("other regions' data named here are hidden")
         rows.append({
             "time": r.time,
             "user": r.actor,
@@ -117,7 +204,7 @@ def region_report(store, catalog, actor: str, region: str, since: datetime | Non
             "action": r.action,
             "path": r.path,
             "detail": detail,
-            "code": first.detail.get("code") if first is not None else None,
+            "code": code,
             "flag": "; ".join(flags) or None,
             "seq": r.seq,
         })

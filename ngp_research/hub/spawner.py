@@ -183,8 +183,14 @@ class WorkspaceSpawner(Spawner):
         from ..workspace.bridge import TcpToUnix, UnixToTcp
         from ..workspace.jupyter import jupyter_mounts, singleuser_command
 
+        from ..workspace.environment import is_built
+
         if not self.name:
             raise web.HTTPError(400, "Workspaces belong to projects: start one from the home page.")
+        if not is_built(self.workspace_env):  # without its audit .pth, `!python x.py` would run unhooked
+            self._audit("workspace.refused", reasons=[f"the workspace environment {self.workspace_env} is not built"])
+            raise web.HTTPError(503, f"The workspace environment {self.workspace_env} is not built, or lacks the "
+                                     "audit hook: the operator runs `make workspace-env`.")
         catalog = state.catalog()
         try:
             plan = plan_for(catalog, self.user.name, self.name, python_env=self.workspace_env, runtime=True,

@@ -114,7 +114,8 @@ Programs that skip the environment's ``site`` module run without the hook, their
 a compiled program's: ``python -S``, an interpreter outside the workspace environment
 (``/usr/bin/python3`` by its full path) or given another standard library (``PYTHONHOME``). A cell
 can also start a program with an ``NGP_AUDIT_CELL`` of its choosing, so that the program's records
-name another cell (the cell's code, recorded before it ran, shows it, flagged).
+name another cell (the cell's code, recorded before it ran, shows it, flagged; a region's report
+flags an access whose cell was never recorded).
 Paths given to Hail and Spark are recorded as given (a glob under ``/data`` also as what it
 matches; Spark's comma-separated lists split); a relative one is read against Python's working
 folder, while the JVM reads it against the folder it started in.

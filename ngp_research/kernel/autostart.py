@@ -40,7 +40,7 @@ module the interpreter imports before ``site`` runs (the ``encodings`` package);
 recorded like a compiled program's. A cell can also
 set ``NGP_AUDIT_CELL`` for a program it starts, so that the program's records name another cell
 than the one that started it (that cell's code, recorded before it ran, shows it; the service
-flags code that names ``NGP_AUDIT``).
+flags code that names ``NGP_AUDIT``, and a region's report an access whose cell was never recorded).
 """
 
 import os

@@ -71,7 +71,16 @@ def config_dir(env: str) -> str:
 
 
 def is_built(env: str) -> bool:
-    return os.path.exists(os.path.join(env, STAMP)) and os.path.exists(os.path.join(env, "bin", "python"))
+    """Whether ``env`` is a finished workspace environment: built to the end (its stamp), with its python and
+    the audit ``.pth`` (an environment built before that file existed would run ``!python x.py`` unhooked).
+
+    >>> is_built("/nonexistent")
+    False
+    """
+    from ..kernel.autostart import PTH_NAME  # noqa: PLC0415
+
+    return (os.path.exists(os.path.join(env, STAMP)) and os.path.exists(os.path.join(env, "bin", "python"))
+            and any(Path(env).glob(f"lib/python3*/site-packages/{PTH_NAME}")))
 
 
 def _run(argv, **kw):
