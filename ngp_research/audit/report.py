@@ -17,6 +17,7 @@ import html
 import io
 import json
 import re
+import urllib.parse
 from datetime import date, datetime, timedelta, timezone
 
 from .records import AuditRecord
@@ -83,22 +84,26 @@ def csv_cell(value):
 class OtherRegions:
     r"""Hides, in text a region's admin reads, the data of the platform's other regions.
 
-    Two kinds of names are hidden:
+    Hiding must never help a member hide from a region's admin what was done with that region's
+    data, so it is narrow:
 
-    - a path into ``/data`` (up to a blank, a quote or a shell or Python delimiter) that leads into
-      another region's folder, however it is spelt (``//``, ``..``, ``/proc/self/root``, a ``file:``
-      URL: see :func:`~ngp_research.audit.service.resolve`), becomes ``HIDDEN_PATH``; a path that
-      leads into the reader's own region stays, but a component that names another region's dataset is
-      hidden;
-    - a name (a run of the characters names are made of) that is another region's dataset name, or
-      starts with one followed by ``.``, ``-`` or ``_`` (the dataset's files: ``syd-cohort.vcf.gz``),
-      becomes ``HIDDEN_DATASET``, unless a longer such prefix is the reader's own dataset's name.
+    - a path into ``/data`` that starts where a word starts (after a blank, a quote, ``=``, ``@``, a
+      bracket, ``file:``...) and leads into the same other region however it is read (normalised,
+      and percent-decoded once and twice, as a URL reader would: see
+      :func:`~ngp_research.audit.service.resolve`) becomes ``HIDDEN_PATH``; in any other path only a
+      component that is another region's dataset name is hidden (``/proc/self/root/data/...`` or
+      ``/project/q/data/...`` stay readable);
+    - a name outside paths (a run of the characters names are made of) that is another region's
+      dataset name, or starts with one followed by ``.``, ``-`` or ``_`` (the dataset's files:
+      ``syd-cohort.vcf.gz``), becomes ``HIDDEN_DATASET``, unless a longer such prefix is the reader's
+      own dataset's name. A dataset name that is a plain word (letters only: ``cases``) is hidden only
+      as a path component, so another region's names cannot blank out ordinary words of the code.
 
-    Names a cell builds from parts (``"/data/" + r``) or encodes (``%73yd``) are not recognised; a
-    path's part after a blank is not hidden; region names alone are not hidden (the regions are
-    public). Text longer than ``MAX_TEXT`` is cut there. In ``value``, the values of keys the kernel
-    fills from a fixed vocabulary (``NAME_FREE_KEYS``: ``event``, ``mode``, ...) get only the path rule,
-    so a dataset named like an audit event does not hide the event.
+    Names a cell builds from parts (``"/data/" + r``) or encodes (``%73yd``) are not recognised, nor a
+    path's part after a blank; region names alone are not hidden (the regions are public). In
+    ``value``, the values of keys the kernel fills from a fixed vocabulary (``NAME_FREE_KEYS``) get only
+    the path rule. Every step is linear in the text; results are kept for the report's lifetime, so
+    one cell's code, or one run's detail, is looked at once.
 
     >>> hide = OtherRegions("syd", {"norr": ["norr-cohort"], "syd": ["syd-cohort"]})
     >>> hide.text("open('/data/norr/norr-cohort/a.vcf.gz'); open('/data/syd/syd-cohort/b')")
@@ -109,6 +114,8 @@ class OtherRegions:
     '!cat /data/[another region];curl -d@/data/syd/syd-cohort/s x'
     >>> hide.text("p = '/data/norr/x/../../syd/syd-cohort/s.vcf'; q = 'file:///data/./norr/n/y'")[0]
     "p = '/data/norr/x/../../syd/syd-cohort/s.vcf'; q = 'file:/data/[another region]'"
+    >>> hide.text("curl file:///data/norr/norr-cohort/..%2F..%2Fsyd%2Fsyd-cohort%2Fs; cat /project/q/data/norr/x")[0]
+    "curl file:///data/norr/[another region's dataset]/..%2F..%2Fsyd%2Fsyd-cohort%2Fs; cat /project/q/data/norr/x"
     >>> hide.value({"argv": ["cat", "/data/norr/x"], "event": "norr-cohort", "n": 1})
     ({'argv': ['cat', '/data/[another region]'], 'event': 'norr-cohort', 'n': 1}, True)
     >>> OtherRegions("syd", {}).text("/data/norr/x")
@@ -117,10 +124,11 @@ class OtherRegions:
 
     HIDDEN_PATH = "/data/[another region]"
     HIDDEN_DATASET = "[another region's dataset]"
-    MAX_TEXT = 1 << 20
     #: Detail keys whose values the kernel takes from a fixed vocabulary (event names, open modes, ids).
     NAME_FREE_KEYS = frozenset({"event", "mode", "msg_type", "msg_id", "cell_id", "action", "library", "object",
                                 "what", "hook", "status", "flags", "sender", "contig"})
+    _NAME_MAX = 128  # the longest dataset name (catalog column)
+    _BOUNDARY = frozenset(" \t\r\n\f\v'\"`=@([{,;:|&<>")
     # A path into /data (not the tail of a longer run of slashes: no backtracking over "////..."), or a name.
     _TOKEN = re.compile(r"(?P<path>(?<!/)/+data(?![A-Za-z0-9._-])(?:/+[^/\s'\"`;|&,<>()=:$*?\[\]{}\\]*)*)"
                         r"|(?P<name>[A-Za-z0-9._-]+)")
@@ -130,7 +138,8 @@ class OtherRegions:
         self.others = frozenset(r for r in datasets if r != region)
         self._owner = {name: r for r, names in datasets.items() for name in names}
         self._other_names = frozenset(n for n, r in self._owner.items() if r != region)
-        self._seen: dict = {}  # (text, names) -> (hidden, changed): one cell's code is on many rows
+        self._seen: dict = {}  # (text, names) -> (hidden, changed)
+        self._walked: dict = {}  # id(list or dict) -> (it, its hidden copy, changed): shared parts walked once
 
     @classmethod
     def of(cls, catalog, region: str) -> "OtherRegions":
@@ -146,72 +155,97 @@ class OtherRegions:
         return cls(region, datasets)
 
     def _name_hidden(self, run: str) -> bool:
-        """Whether the name ``run`` is, or starts with, another region's dataset name (longest prefix decides)."""
-        owner = self._owner.get(run)
+        """Whether the bare name ``run`` is, or starts with, another region's dataset name that is not a plain
+        word (the longest prefix that is any dataset's name decides)."""
+        owner = self._owner.get(run) if len(run) <= self._NAME_MAX else None
         if owner is None:
-            cuts = [i for i in range(len(run) - 1, 0, -1) if run[i] in "._-"]
-            owner = next((o for o in (self._owner.get(run[:i]) for i in cuts) if o is not None), None)
-        return owner is not None and owner != self.region
+            cuts = [i for i in range(min(len(run) - 1, self._NAME_MAX), 0, -1) if run[i] in "._-"]
+            name = next((run[:i] for i in cuts if run[:i] in self._owner), None)
+            if name is None:
+                return False
+            owner = self._owner[name]
+        else:
+            name = run
+        return owner != self.region and not name.isalpha()
 
-    def _path(self, token: str) -> str:
-        region, _ = resolve(token)
-        if region in self.others:
-            return self.HIDDEN_PATH
+    def _path(self, text: str, match) -> str:
+        token = match.group()
+        start = match.start()
+        if start == 0 or text[start - 1] in self._BOUNDARY:
+            readings = {resolve(token)[0]}
+            decoded = urllib.parse.unquote(token)
+            if decoded != token:
+                readings |= {resolve(decoded)[0], resolve(urllib.parse.unquote(decoded))[0]}
+            if len(readings) == 1 and readings <= self.others:
+                return self.HIDDEN_PATH
         parts = token.split("/")
-        return "/".join(self.HIDDEN_DATASET if i > 2 and part in self._other_names else part
-                        for i, part in enumerate(parts))
+        return "/".join(self.HIDDEN_DATASET if part in self._other_names else part for part in parts)
 
     def text(self, text: str, names: bool = True) -> tuple[str, bool]:
-        """``text`` with the other regions' data hidden (with ``names``, their dataset names too), and
-        whether anything was."""
+        """``text`` with the other regions' data hidden (with ``names``, their dataset names outside paths
+        too), and whether anything was."""
         if not self.others or not text:
             return text, False
         key = (text, names)
         hit = self._seen.get(key)
         if hit is None:
-            cut = text[:self.MAX_TEXT]
-
             def replace(m):
                 if m.lastgroup == "path":
-                    return self._path(m.group())
+                    return self._path(text, m)
                 run = m.group()
-                return self.HIDDEN_DATASET if names and self._name_hidden(run) else run
+                if run in self._other_names and m.start() and text[m.start() - 1] == "/":
+                    return self.HIDDEN_DATASET  # a path component outside /data: only the name itself
+                if names and not (m.start() and text[m.start() - 1] == "/") and self._name_hidden(run):
+                    return self.HIDDEN_DATASET
+                return run
 
-            hidden = self._TOKEN.sub(replace, cut)
-            if len(text) > self.MAX_TEXT:
-                hidden += f" [... {len(text) - self.MAX_TEXT} more characters not shown]"
-            hit = (hidden, hidden != text)
-            if len(self._seen) < 10_000:
-                self._seen[key] = hit
+            hidden = self._TOKEN.sub(replace, text)
+            hit = self._seen[key] = (hidden, hidden != text)
         return hit
 
     def value(self, value) -> tuple:
         """A JSON value with the other regions' data hidden in its strings and keys, and whether anything
-        was. Walked without recursion: a detail can be nested as deep as the service stores."""
-        changed = False
+        was. Walked without recursion: a detail can be nested as deep as the service stores. A list or
+        dict already walked in this report (a run's detail, shared by its rows) is not walked again."""
+        hidden = 0  # strings and keys hidden so far
         root = [None]
         stack = [(value, root, 0, None)]
         while stack:
             item, into, slot, key = stack.pop()
-            if isinstance(item, str):
+            if into is None:  # the end of the list or dict ``item``: (item, copy, hidden before it)
+                it, copy, before = slot
+                self._walked[id(it)] = (it, copy, hidden > before)
+            elif isinstance(item, str):
                 item, hid = self.text(item, names=key not in self.NAME_FREE_KEYS)
-                changed |= hid
+                hidden += hid
                 into[slot] = item
-            elif isinstance(item, list):
-                into[slot] = copy = [None] * len(item)
-                stack.extend((v, copy, i, key) for i, v in enumerate(item))
-            elif isinstance(item, dict):
-                into[slot] = copy = {}
+            elif isinstance(item, (list, dict)):
+                done = self._walked.get(id(item))
+                if done is not None and done[0] is item:
+                    into[slot] = done[1]
+                    hidden += done[2]
+                    continue
+                copy = [None] * len(item) if isinstance(item, list) else {}
+                into[slot] = copy
+                stack.append((None, None, (item, copy, hidden), None))  # popped after all it holds
+                if isinstance(item, list):
+                    stack.extend((v, copy, i, key) for i, v in enumerate(item))
+                    continue
+                taken = {}
                 for k, v in item.items():
                     new_k, hid = self.text(k) if isinstance(k, str) else (k, False)
-                    while new_k in copy:  # two keys hidden alike: both kept
-                        new_k += " (another)"
-                    changed |= hid
+                    if new_k in copy:  # two keys hidden alike: both kept
+                        base, n = new_k, taken.get(new_k, 1)
+                        while new_k in copy:
+                            n += 1
+                            new_k = f"{base} ({n})"
+                        taken[base] = n
+                    hidden += hid
                     copy[new_k] = None
                     stack.append((v, copy, new_k, k))
             else:
                 into[slot] = item
-        return root[0], changed
+        return root[0], hidden > 0
 
 
 def _cell(r) -> tuple:
@@ -250,7 +284,8 @@ def region_report(store, catalog, actor: str, region: str, since: datetime | Non
             flags.append("another record reused this cell's msg_id")
         if first is None and _cell(r)[2] is not None:  # every execution is recorded before it runs
             flags.append("no execution of this msg_id was recorded before it (attribution forged or lost)")
-        detail, hid_detail = hide.value({k: v for k, v in r.detail.items() if k not in ("flag",)})
+        detail, hid_detail = hide.value(r.detail)  # the record's own dict: a run's rows share one walk
+        detail = {k: v for k, v in detail.items() if k != "flag"}
         code, hid_code = hide.text(first.detail["code"]) if first is not None and \
             isinstance(first.detail.get("code"), str) else (None, False)
         path, hid_path = hide.text(r.path) if r.path and not _plain(r.path) else (r.path, False)

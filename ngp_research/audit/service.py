@@ -158,7 +158,7 @@ def _plain(path: str) -> bool:
 
 #: Path prefixes that name a file through another name: a ``file:`` URL, a process's root folder.
 _INDIRECT = ("file:", "/proc/")
-_PROC_ROOT = re.compile(r"/proc/(?:self|thread-self|[0-9]+)/root(?=/|$)")
+_PROC_ROOTS = re.compile(r"(?:/proc/(?:self|thread-self|[0-9]+)/root(?=/|$))+")
 #: Paths through a process's working folder or open files: where they lead cannot be known here.
 _PROC_LINK = re.compile(r"^(?:/proc/(?:self|thread-self|[0-9]+)/(?:cwd|fd/[0-9]+|task/[0-9]+/(?:cwd|fd/[0-9]+))|/dev/fd/[0-9]+)(?:/|$)")
 
@@ -172,13 +172,10 @@ def _opened(path: str) -> str:
         parts = urllib.parse.urlsplit(path)
         if parts.netloc in ("", "localhost"):
             path = urllib.parse.unquote(parts.path)
-    while True:
-        path = os.path.normpath(path)
-        path = path[1:] if path.startswith("//") else path
-        m = _PROC_ROOT.match(path)
-        if not m:
-            return path
-        path = path[m.end():] or "/"
+    path = os.path.normpath(path)
+    path = path[1:] if path.startswith("//") else path
+    m = _PROC_ROOTS.match(path)  # all of them at once: one by one, a long chain of them took quadratic time
+    return path[m.end():] or "/" if m else path
 
 
 #: Code that reaches into the interpreter or the audit machinery: in-process auditing cannot stop a determined
