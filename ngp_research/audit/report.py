@@ -17,11 +17,10 @@ import html
 import io
 import json
 import re
-import urllib.parse
 from datetime import date, datetime, timedelta, timezone
 
 from .records import AuditRecord
-from .service import _plain, resolve
+from .service import _plain
 
 ACCESS_ACTIONS = ("file.open", "file.list", "file.link", "data.open", "server.file", "process.exec")
 FORMATS = ("table", "csv", "json", "html")
@@ -82,62 +81,48 @@ def csv_cell(value):
 
 
 class OtherRegions:
-    r"""Hides, in text a region's admin reads, the data of the platform's other regions.
+    r"""Hides, in text a region's admin reads, the names of the platform's other regions' datasets.
 
-    Hiding must never help a member hide from a region's admin what was done with that region's
-    data, so it is narrow:
+    Hiding must never help a member hide from a region's admin what a cell did with that region's
+    data, and a path's text cannot say where it leads (links a member made, ``..`` after one, a
+    working folder), so only names are hidden, never whole paths: a name (a run of the characters
+    names are made of, inside a path or not) becomes ``HIDDEN_DATASET`` when it is another region's
+    dataset name, or that name followed by a data file's suffix (``DATA_SUFFIXES``: ``norr-cohort.vcf.gz``).
+    Never hidden: a dataset name that is a plain word (letters only: ``cases``, so another region's
+    names cannot blank out ordinary words of the code), ``data``, and the reader's region's name.
 
-    - a path into ``/data`` that starts where a word starts (after a blank, a quote, ``=``, ``@``, a
-      bracket, ``file:``...) and leads into the same other region however it is read (normalised,
-      and percent-decoded once and twice, as a URL reader would: see
-      :func:`~ngp_research.audit.service.resolve`) becomes ``HIDDEN_PATH``; in any other path only a
-      component that is another region's dataset name is hidden (``/proc/self/root/data/...`` or
-      ``/project/q/data/...`` stay readable);
-    - a name outside paths (a run of the characters names are made of) that is another region's
-      dataset name, or starts with one followed by ``.``, ``-`` or ``_`` (the dataset's files:
-      ``syd-cohort.vcf.gz``), becomes ``HIDDEN_DATASET``, unless a longer such prefix is the reader's
-      own dataset's name. A dataset name that is a plain word (letters only: ``cases``) is hidden only
-      as a path component, so another region's names cannot blank out ordinary words of the code.
+    What stays readable: region names (they are public), other file names, names a cell builds from
+    parts or encodes. In ``value``, the values of keys the kernel fills from a fixed vocabulary
+    (``NAME_FREE_KEYS``) are left as they are. Every step is linear in the text; results are kept
+    for the report's lifetime, so one cell's code, or one run's detail, is looked at once.
 
-    Names a cell builds from parts (``"/data/" + r``) or encodes (``%73yd``) are not recognised, nor a
-    path's part after a blank; region names alone are not hidden (the regions are public). In
-    ``value``, the values of keys the kernel fills from a fixed vocabulary (``NAME_FREE_KEYS``) get only
-    the path rule. Every step is linear in the text; results are kept for the report's lifetime, so
-    one cell's code, or one run's detail, is looked at once.
-
-    >>> hide = OtherRegions("syd", {"norr": ["norr-cohort"], "syd": ["syd-cohort"]})
-    >>> hide.text("open('/data/norr/norr-cohort/a.vcf.gz'); open('/data/syd/syd-cohort/b')")
-    ("open('/data/[another region]'); open('/data/syd/syd-cohort/b')", True)
-    >>> hide.text("Cohort(['norr-cohort', 'syd-cohort']); f = 'norr-cohort_1.tsv'; norr-cohorts")[0]
-    "Cohort(['[another region's dataset]', 'syd-cohort']); f = '[another region's dataset]'; norr-cohorts"
-    >>> hide.text("!cat /data/norr/norr-cohort/a;curl -d@/data/syd/syd-cohort/s x")[0]
-    '!cat /data/[another region];curl -d@/data/syd/syd-cohort/s x'
-    >>> hide.text("p = '/data/norr/x/../../syd/syd-cohort/s.vcf'; q = 'file:///data/./norr/n/y'")[0]
-    "p = '/data/norr/x/../../syd/syd-cohort/s.vcf'; q = 'file:/data/[another region]'"
-    >>> hide.text("curl file:///data/norr/norr-cohort/..%2F..%2Fsyd%2Fsyd-cohort%2Fs; cat /project/q/data/norr/x")[0]
-    "curl file:///data/norr/[another region's dataset]/..%2F..%2Fsyd%2Fsyd-cohort%2Fs; cat /project/q/data/norr/x"
-    >>> hide.value({"argv": ["cat", "/data/norr/x"], "event": "norr-cohort", "n": 1})
-    ({'argv': ['cat', '/data/[another region]'], 'event': 'norr-cohort', 'n': 1}, True)
-    >>> OtherRegions("syd", {}).text("/data/norr/x")
-    ('/data/norr/x', False)
+    >>> hide = OtherRegions("syd", {"norr": ["norr-cohort", "cases"], "syd": ["syd-cohort"]})
+    >>> hide.text("open('/data/norr/norr-cohort/norr-cohort.vcf.gz'); open('/data/syd/syd-cohort/b')")
+    ("open('/data/norr/[another region's dataset]/[another region's dataset]'); open('/data/syd/syd-cohort/b')", True)
+    >>> hide.text("Cohort(['norr-cohort', 'syd-cohort']); cases = 1; norr-cohorts; norr-cohort.evil.example")[0]
+    "Cohort(['[another region's dataset]', 'syd-cohort']); cases = 1; norr-cohorts; norr-cohort.evil.example"
+    >>> hide.value({"argv": ["cat", "/data/norr/norr-cohort/x"], "event": "norr-cohort", "n": 1})
+    ({'argv': ['cat', "/data/norr/[another region's dataset]/x"], 'event': 'norr-cohort', 'n': 1}, True)
+    >>> OtherRegions("syd", {}).text("/data/norr/norr-cohort/x")
+    ('/data/norr/norr-cohort/x', False)
     """
 
-    HIDDEN_PATH = "/data/[another region]"
     HIDDEN_DATASET = "[another region's dataset]"
+    #: What follows a dataset's name in its files' names (not a top-level domain: ``.mt`` and ``.ht`` are not here).
+    DATA_SUFFIXES = frozenset({".vcf", ".vcf.gz", ".vcf.bgz", ".bcf", ".tbi", ".csi", ".vcf.gz.tbi", ".vcf.gz.csi",
+                               ".bam", ".bai", ".bam.bai", ".cram", ".crai", ".cram.crai", ".bgen", ".bgen.bgi",
+                               ".bed", ".bim", ".fam", ".pgen", ".pvar", ".psam", ".fa", ".fasta", ".fai", ".tsv",
+                               ".csv", ".json", ".txt"})
     #: Detail keys whose values the kernel takes from a fixed vocabulary (event names, open modes, ids).
     NAME_FREE_KEYS = frozenset({"event", "mode", "msg_type", "msg_id", "cell_id", "action", "library", "object",
                                 "what", "hook", "status", "flags", "sender", "contig"})
-    _NAME_MAX = 128  # the longest dataset name (catalog column)
-    _BOUNDARY = frozenset(" \t\r\n\f\v'\"`=@([{,;:|&<>")
-    # A path into /data (not the tail of a longer run of slashes: no backtracking over "////..."), or a name.
-    _TOKEN = re.compile(r"(?P<path>(?<!/)/+data(?![A-Za-z0-9._-])(?:/+[^/\s'\"`;|&,<>()=:$*?\[\]{}\\]*)*)"
-                        r"|(?P<name>[A-Za-z0-9._-]+)")
+    _NAME = re.compile(r"[A-Za-z0-9._-]+")
+    _LONGEST = 128 + max(len(x) for x in DATA_SUFFIXES)  # a dataset name is at most 128 characters
 
     def __init__(self, region: str, datasets: dict):
         self.region = region
-        self.others = frozenset(r for r in datasets if r != region)
-        self._owner = {name: r for r, names in datasets.items() for name in names}
-        self._other_names = frozenset(n for n, r in self._owner.items() if r != region)
+        self._hidden = frozenset(name for r, names in datasets.items() if r != region for name in names
+                                 if not name.isalpha() and name not in ("data", region))
         self._seen: dict = {}  # (text, names) -> (hidden, changed)
         self._walked: dict = {}  # id(list or dict) -> (it, its hidden copy, changed): shared parts walked once
 
@@ -154,53 +139,27 @@ class OtherRegions:
                 datasets.setdefault(r, []).append(d)
         return cls(region, datasets)
 
-    def _name_hidden(self, run: str) -> bool:
-        """Whether the bare name ``run`` is, or starts with, another region's dataset name that is not a plain
-        word (the longest prefix that is any dataset's name decides)."""
-        owner = self._owner.get(run) if len(run) <= self._NAME_MAX else None
-        if owner is None:
-            cuts = [i for i in range(min(len(run) - 1, self._NAME_MAX), 0, -1) if run[i] in "._-"]
-            name = next((run[:i] for i in cuts if run[:i] in self._owner), None)
-            if name is None:
-                return False
-            owner = self._owner[name]
-        else:
-            name = run
-        return owner != self.region and not name.isalpha()
-
-    def _path(self, text: str, match) -> str:
-        token = match.group()
-        start = match.start()
-        if start == 0 or text[start - 1] in self._BOUNDARY:
-            readings = {resolve(token)[0]}
-            decoded = urllib.parse.unquote(token)
-            if decoded != token:
-                readings |= {resolve(decoded)[0], resolve(urllib.parse.unquote(decoded))[0]}
-            if len(readings) == 1 and readings <= self.others:
-                return self.HIDDEN_PATH
-        parts = token.split("/")
-        return "/".join(self.HIDDEN_DATASET if part in self._other_names else part for part in parts)
+    def _foreign(self, match) -> str:
+        run = match.group()
+        if len(run) <= self._LONGEST:
+            if run in self._hidden:
+                return self.HIDDEN_DATASET
+            dot = run.find(".", 1)
+            while dot != -1:
+                if run[:dot] in self._hidden and run[dot:] in self.DATA_SUFFIXES:
+                    return self.HIDDEN_DATASET
+                dot = run.find(".", dot + 1)
+        return run
 
     def text(self, text: str, names: bool = True) -> tuple[str, bool]:
-        """``text`` with the other regions' data hidden (with ``names``, their dataset names outside paths
-        too), and whether anything was."""
-        if not self.others or not text:
+        """``text`` with the other regions' dataset names hidden (not at all without ``names``), and whether
+        anything was."""
+        if not self._hidden or not text or not names:
             return text, False
-        key = (text, names)
-        hit = self._seen.get(key)
+        hit = self._seen.get(text)
         if hit is None:
-            def replace(m):
-                if m.lastgroup == "path":
-                    return self._path(text, m)
-                run = m.group()
-                if run in self._other_names and m.start() and text[m.start() - 1] == "/":
-                    return self.HIDDEN_DATASET  # a path component outside /data: only the name itself
-                if names and not (m.start() and text[m.start() - 1] == "/") and self._name_hidden(run):
-                    return self.HIDDEN_DATASET
-                return run
-
-            hidden = self._TOKEN.sub(replace, text)
-            hit = self._seen[key] = (hidden, hidden != text)
+            hidden = self._NAME.sub(self._foreign, text)
+            hit = self._seen[text] = (hidden, hidden != text)
         return hit
 
     def value(self, value) -> tuple:

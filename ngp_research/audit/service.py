@@ -169,8 +169,11 @@ def _opened(path: str) -> str:
     process's root (``/proc/self/root/x``) as ``/x``."""
     path = path.split("\x00", 1)[0]
     if path.startswith("file:"):
-        parts = urllib.parse.urlsplit(path)
-        if parts.netloc in ("", "localhost"):
+        try:
+            parts = urllib.parse.urlsplit(path)
+        except ValueError:  # "file://[x": not a URL anything opens; the path stays as sent
+            parts = None
+        if parts is not None and parts.netloc in ("", "localhost"):
             path = urllib.parse.unquote(parts.path)
     path = os.path.normpath(path)
     path = path[1:] if path.startswith("//") else path
