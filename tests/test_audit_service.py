@@ -722,6 +722,7 @@ def test_other_names_of_a_datasets_file_are_reported_to_its_region(reported):
     alice = Caller("alice", "cardio-gwas")
     f = "/data/syd/syd-cohort/syd-cohort.vcf.gz"
     odd = ["/proc/self/root" + f, "/proc/1/root/proc/thread-self/root" + f, "file://" + f, "file:" + f,
+           "/proc/self/task/7/root" + f, "/proc/self/root/.." + f,
            f + "\x00/../../../norr/norr-cohort/x"]
     reported.audit.append_many(build_records(alice, [
         *({"action": "file.open", "path": p, "detail": {"msg_id": "m1"}} for p in odd),

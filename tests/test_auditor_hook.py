@@ -218,6 +218,23 @@ def test_a_forked_child_delivers_each_record_before_its_open(files):
         assert sorted(p for p in paths if p and "/before-" in p) == [f"{files}/before-{i}.txt" for i in range(3)]
 
 
+def test_a_connect_says_when_its_statements_databases_are_not_watched(files):
+    """Where SQLite's VFSes cannot be wrapped (here: the Python hook alone), ATTACH and VACUUM INTO open files
+    unrecorded; the connection's record says so, instead of the kernel's docstring being silently untrue."""
+    body = r'''
+    import sqlite3
+    a = auditor.install(URL, "tok", linger=0.001)
+    d = os.environ["D"]
+    sqlite3.connect(d + "/db.sqlite").close()
+    assert a.flush(10) is None
+    print(json.dumps({"records": [r for r in received if r.get("path") == d + "/db.sqlite"], "stats": a.stats()}))
+    '''
+    for hook, watched in (("c", True), ("python", False)):
+        out = run_case(body, hook, files)
+        (rec,) = [r for r in out["records"] if r["detail"]["event"] == "sqlite3.connect"]
+        assert ("statements" not in rec["detail"]) is watched, (hook, rec)
+
+
 def test_with_the_buffer_full_and_no_service_an_open_is_refused(files):
     body = r'''
     a = auditor.install("http://127.0.0.1:9/", "tok", capacity=5, timeout=0.2)
@@ -258,12 +275,23 @@ def test_a_database_sqlite_opens_for_a_statement_is_refused_when_it_cannot_be_re
         except sqlite3.OperationalError as e:
             refused = str(e)
             break
-    print(json.dumps({"attached": attached, "refused": refused, "stats": a.stats(),
-                      "exists": os.path.exists(f"{d}/attached-{attached}.db")}))
+    # a connect refused by the hook (never reaching SQLite) must not leave its path as "already recorded":
+    # the same path attached next, on this thread, is refused too
+    outcomes = []
+    for step in (lambda: sqlite3.connect(f"{d}/later.db"),
+                 lambda: con.execute("ATTACH DATABASE ? AS later", (f"{d}/later.db",))):
+        try:
+            step()
+            outcomes.append("done")
+        except Exception as e:
+            outcomes.append(type(e).__name__)
+    print(json.dumps({"attached": attached, "refused": refused, "stats": a.stats(), "later": outcomes,
+                      "exists": os.path.exists(f"{d}/attached-{attached}.db") or os.path.exists(f"{d}/later.db")}))
     '''
     for hook in ("c", "c-python-sender"):
         out = run_case(body, hook, files)
         assert out["attached"] <= 3 and out["refused"].startswith("unable to open database"), out
+        assert "done" not in out["later"], out
         assert not out["exists"]  # refused before SQLite opened (and so created) it
         assert out["stats"]["blocked"]
         assert f"SQLite may not open {files}/attached-{out['attached']}.db: the audit service cannot be reached" in out["stderr"]
@@ -285,6 +313,7 @@ ran = []
 
 # /proc/self/root and /dev/shm lead anywhere: recorded, not ignored as the kernel's own
 open("/proc/self/root" + secret).read()
+open("/proc/self/root/.." + secret).read()  # sent as it is: only Linux knows ".." of a process's root is "/"
 # links: recorded under what they lead to, so opens through them cannot hide which data was reached
 for n in ("alias.txt", "dirlink", "hard.txt"):  # left by the run with the other hook
     if os.path.lexists(d + "/" + n):
@@ -402,6 +431,7 @@ def test_attacks_on_the_hook_are_recorded_or_refused(files):
         secret = str(files / "secret.txt")
         paths = [r.get("path") for r in out["received"]]
         assert "/proc/self/root" + secret in paths  # not hidden as the kernel's own /proc/self
+        assert "/proc/self/root/.." + secret in paths  # not normalised into /proc/self/<secret>
         assert any(p and p.startswith("/dev/shm/ngp-test-") and p.endswith("/secret.txt") for p in paths)
         assert paths.count(secret) >= 3  # "//"+secret, and the str and bytes subclasses as the characters they hold
         assert secret + "x" in paths and not any(p and p.startswith("//") for p in paths)

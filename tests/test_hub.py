@@ -759,11 +759,15 @@ def test_a_workspace_environment_without_the_audit_pth_is_not_started(tmp_path, 
     assert is_built(str(env))
     (site / PTH_NAME).unlink()
 
-    refused = []
-    monkeypatch.setattr(state, "catalog", lambda: SimpleNamespace(audit=SimpleNamespace(append=refused.append)))
+    catalog = Catalog.open(Platform(home=str(tmp_path / "ngp")))  # the hub's own catalog and audit store
+    monkeypatch.setattr(state, "catalog", lambda: catalog)
     ws = spawner.WorkspaceSpawner(user=SimpleNamespace(name="alice", url="/user/alice/"),
                                   orm_spawner=SimpleNamespace(name="cardio-gwas", server=None), workspace_env=str(env))
-    with pytest.raises(web.HTTPError) as e:
-        asyncio.run(ws.start())
-    assert e.value.status_code == 503 and "make workspace-env" in e.value.log_message
-    assert [(r.action, r.actor, r.project) for r in refused] == [("workspace.refused", "alice", "cardio-gwas")]
+    try:
+        with pytest.raises(web.HTTPError) as e:
+            asyncio.run(ws.start())
+        assert e.value.status_code == 503 and "make workspace-env" in e.value.log_message
+        assert [(r.action, r.actor, r.project) for r in catalog.audit.records(action="workspace.refused")] == [
+            ("workspace.refused", "alice", "cardio-gwas")]
+    finally:
+        catalog.close()

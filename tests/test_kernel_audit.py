@@ -612,6 +612,28 @@ def test_tampering_with_the_execute_path_is_refused_and_recorded(workdir, stub):
         k.close()
 
 
+def test_importing_pysam_past_the_finder_that_wraps_it_is_refused_and_recorded(workdir, stub):
+    """pysam is wrapped when it is imported; a cell that takes the finder out of ``sys.meta_path`` first gets
+    pysam's own classes, which open files in htslib unrecorded. The auditor's integrity checks (run by its
+    sender thread, at least once a second) record it, and from then on every cell is refused."""
+    k = Kernel(workdir, stub, workdir / "project")
+    try:
+        marker = workdir / "ran-after-pysam"
+        ok(k.run("""
+            import sys
+            sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "_WrapAfterImport"]
+            import pysam
+        """, cell_id="cell-finder"))
+        # the stub serves the whole module: this kernel's record is the one naming pysam
+        assert wait_for(lambda: [t for t in stub.find("audit.tamper")
+                                 if "pysam's readers are not wrapped" in t["detail"]["what"]])
+        r = k.run(f"open({str(marker)!r}, 'w').close()")
+        assert r["reply"]["status"] == "error" and "audit machinery was modified" in r["reply"]["evalue"], r
+        assert not marker.exists()
+    finally:
+        k.close()
+
+
 def test_replacing_the_clients_send_is_refused_and_recorded(workdir, stub):
     k = Kernel(workdir, stub, workdir / "project")
     try:

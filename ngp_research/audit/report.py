@@ -151,10 +151,9 @@ class OtherRegions:
                 dot = run.find(".", dot + 1)
         return run
 
-    def text(self, text: str, names: bool = True) -> tuple[str, bool]:
-        """``text`` with the other regions' dataset names hidden (not at all without ``names``), and whether
-        anything was."""
-        if not self._hidden or not text or not names:
+    def text(self, text: str) -> tuple[str, bool]:
+        """``text`` with the other regions' dataset names hidden, and whether anything was."""
+        if not self._hidden or not text:
             return text, False
         hit = self._seen.get(text)
         if hit is None:
@@ -175,8 +174,9 @@ class OtherRegions:
                 it, copy, before = slot
                 self._walked[id(it)] = (it, copy, hidden > before)
             elif isinstance(item, str):
-                item, hid = self.text(item, names=key not in self.NAME_FREE_KEYS)
-                hidden += hid
+                if key not in self.NAME_FREE_KEYS:
+                    item, hid = self.text(item)
+                    hidden += hid
                 into[slot] = item
             elif isinstance(item, (list, dict)):
                 done = self._walked.get(id(item))
@@ -234,24 +234,24 @@ def region_report(store, catalog, actor: str, region: str, since: datetime | Non
             if key in wanted:
                 queries.setdefault(key, []).append(q)
     for r in records:
-        cell_queries = queries.get(_cell(r), [])  # in chain order: the first one, if it precedes this access
+        cell = _cell(r)
+        cell_queries = queries.get(cell, [])  # in chain order: the first one, if it precedes this access
         first = cell_queries[0] if cell_queries and cell_queries[0].seq < r.seq else None
         flags = [r.detail.get("flag")] if r.detail.get("flag") else []
         if first is not None and first.detail.get("flag"):
             flags.append("cell: " + first.detail["flag"])
         if len(cell_queries) > 1:
             flags.append("another record reused this cell's msg_id")
-        if first is None and _cell(r)[2] is not None:  # every execution is recorded before it runs
+        if first is None and cell[2] is not None:  # every execution is recorded before it runs
             flags.append("no execution of this msg_id was recorded before it (attribution forged or lost)")
         detail, hid_detail = hide.value(r.detail)  # the record's own dict: a run's rows share one walk
         detail = {k: v for k, v in detail.items() if k != "flag"}
         code, hid_code = hide.text(first.detail["code"]) if first is not None and \
             isinstance(first.detail.get("code"), str) else (None, False)
         path, hid_path = hide.text(r.path) if r.path and not _plain(r.path) else (r.path, False)
-        flags, hid_flags = zip(*(hide.text(f) for f in flags)) if flags else ((), ())
-        flags = list(flags)
-        if hid_detail or hid_code or hid_path or any(hid_flags):
-            flags.append("other regions' data named here are hidden")
+        flag, hid_flag = hide.text("; ".join(flags))
+        if hid_detail or hid_code or hid_path or hid_flag:
+            flag = "; ".join(filter(None, [flag, "other regions' data named here are hidden"]))
         rows.append({
             "time": r.time,
             "user": r.actor,
@@ -262,7 +262,7 @@ def region_report(store, catalog, actor: str, region: str, since: datetime | Non
             "path": path,
             "detail": detail,
             "code": code,
-            "flag": "; ".join(flags) or None,
+            "flag": flag or None,
             "seq": r.seq,
         })
     store.append(AuditRecord("report.read", actor, region=region,

@@ -105,6 +105,8 @@ def resolve(path):
 
     >>> resolve("/proc/self/root/data/syd/ds/x"), resolve("/proc/42/root/proc/self/root/data/syd/ds")
     (('syd', 'ds'), ('syd', 'ds'))
+    >>> resolve("/proc/self/task/7/root/data/syd/ds/x"), resolve("/proc/self/root/../data/syd/ds/x")
+    (('syd', 'ds'), ('syd', 'ds'))
     >>> resolve("file:///data/syd/ds/x"), resolve("file://localhost/data/syd/ds/x"), resolve("file:/data/syd/ds")
     (('syd', 'ds'), ('syd', 'ds'), ('syd', 'ds'))
     >>> resolve("/data/syd/ds/x\\x00/../../../norr/e/y")
@@ -158,7 +160,7 @@ def _plain(path: str) -> bool:
 
 #: Path prefixes that name a file through another name: a ``file:`` URL, a process's root folder.
 _INDIRECT = ("file:", "/proc/")
-_PROC_ROOTS = re.compile(r"(?:/proc/(?:self|thread-self|[0-9]+)/root(?=/|$))+")
+_PROC_ROOT = re.compile(r"/proc/(?:self|thread-self|[0-9]+)(?:/task/[0-9]+)?/root(?=/|$)")
 #: Paths through a process's working folder or open files: where they lead cannot be known here.
 _PROC_LINK = re.compile(r"^(?:/proc/(?:self|thread-self|[0-9]+)/(?:cwd|fd/[0-9]+|task/[0-9]+/(?:cwd|fd/[0-9]+))|/dev/fd/[0-9]+)(?:/|$)")
 
@@ -175,10 +177,14 @@ def _opened(path: str) -> str:
             parts = None
         if parts is not None and parts.netloc in ("", "localhost"):
             path = urllib.parse.unquote(parts.path)
-    path = os.path.normpath(path)
-    path = path[1:] if path.startswith("//") else path
-    m = _PROC_ROOTS.match(path)  # all of them at once: one by one, a long chain of them took quadratic time
-    return path[m.end():] or "/" if m else path
+    # A process's root is "/" itself, before any "..": /proc/self/root/../x is /x. Each one that the path
+    # reaches from "/" is skipped, by position (a long chain of them costs one pass), then the rest normalised.
+    pos = 0
+    if "/proc/" in path:
+        while (m := _PROC_ROOT.search(path, pos)) is not None and not os.path.normpath("/" + path[pos:m.start()]).strip("/"):
+            pos = m.end()
+    path = os.path.normpath(path[pos:] or "/")
+    return path[1:] if path.startswith("//") else path
 
 
 #: Code that reaches into the interpreter or the audit machinery: in-process auditing cannot stop a determined

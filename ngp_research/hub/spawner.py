@@ -181,9 +181,8 @@ class WorkspaceSpawner(Spawner):
 
     async def start(self):
         from ..workspace.bridge import TcpToUnix, UnixToTcp
-        from ..workspace.jupyter import jupyter_mounts, singleuser_command
-
         from ..workspace.environment import is_built
+        from ..workspace.jupyter import jupyter_mounts, singleuser_command
 
         if not self.name:
             raise web.HTTPError(400, "Workspaces belong to projects: start one from the home page.")

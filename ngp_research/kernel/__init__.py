@@ -15,7 +15,8 @@ request's path) and never falls back to the URL's port, where a process of the m
   ``shutil`` copies, ``sqlite3.connect`` (SQLite opens its database in C: recorded as the open of
   that file; a database a statement opens, ``ATTACH DATABASE`` or ``VACUUM INTO``, through any of
   SQLite's VFSes, is recorded by the VFS ``_hook.watch_sqlite`` puts in front of each, and refused
-  when it cannot be), ``subprocess.Popen``, ``os.system``,
+  when it cannot be; where they cannot be wrapped, a Python with SQLite linked in or without the C
+  hook, each connect's record says its statements' databases are not recorded), ``subprocess.Popen``, ``os.system``,
   ``os.exec*``/``os.posix_spawn`` (a started program is also recorded under each dataset its
   arguments, shell command, environment or working folder name literally, globs and region
   folders expanded against the mounted datasets: ``cat /data/...`` reaches the region's report),

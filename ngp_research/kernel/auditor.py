@@ -794,8 +794,8 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
                                        f"(not a {object.__repr__(p)})")
         if p[:1] != "/":
             p = getcwd() + "/" + p
-        if "/." in p or "//" in p:
-            p = normpath(p)
+        if ("/." in p or "//" in p) and "/proc/" not in p:  # /proc/self/root/..: only Linux can say (the service
+            p = normpath(p)                                   # reads it as Linux does, see audit.service._opened)
             if p[:2] == "//":  # POSIX normpath keeps exactly two leading slashes; Linux reads them as one
                 p = p[1:]
         return p
@@ -850,8 +850,10 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
                 return
             record(action, path, {"event": event, "mode": _plain(args[1]), "flags": _plain(args[2])})
         elif event == "sqlite3.connect":
-            if sqlite_watch is not None:  # ATTACH and VACUUM INTO open files in C too: see _hook.watch_sqlite
-                sqlite_watch()  # wraps SQLite's VFSes at the first connect (the library is loaded by then)
+            # ATTACH and VACUUM INTO open files in C too: _hook.watch_sqlite wraps SQLite's VFSes at the first
+            # connect (the library is loaded by then); False where it cannot (a SQLite linked into Python)
+            watched = sqlite_watch is not None and sqlite_watch()
+            if watched:
                 sqlite_expect(None)
             database = args[0]
             given = _text(database) if isinstance(database, (str, bytes, bytearray)) else None
@@ -863,11 +865,14 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             if database in ("", ":memory:"):  # no file: a database in memory or a temporary one
                 return
             path = _path(database)
-            if sqlite_watch is not None and path is not None:
-                sqlite_expect(path)  # recorded here: its open is not raised again
             if path is None or _ignored(path):
                 return
-            record(action, path, {"event": event, "as_given": given if given is not None else _text(args[0])})
+            detail = {"event": event, "as_given": given if given is not None else _text(args[0])}
+            if not watched:
+                detail["statements"] = "the databases its statements open (ATTACH, VACUUM INTO) are not recorded"
+            record(action, path, detail)
+            if watched:  # recorded (record raises when it cannot): SQLite's open of it is not raised again
+                sqlite_expect(path)
         elif event == "ngp.sqlite3.open":
             path = _path(args[0])
             if path is None or _ignored(path):

@@ -153,10 +153,8 @@ def _stop(e: BaseException) -> None:
 
 
 def main() -> None:
-    """Install the hook in this process when :func:`wanted`; stop the program if that fails."""
+    """Install the hook in this process (:func:`_boot` asked :func:`wanted`); stop the program if that fails."""
     try:
-        if not wanted(os.environ, os.path.isdir(WORKSPACE_AUDIT_DIR)):
-            return
         from .child import start  # noqa: PLC0415
 
         start(*cell_ids(os.environ), batches=delivers_in_batches(getattr(sys, "orig_argv", sys.argv)))

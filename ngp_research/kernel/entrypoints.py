@@ -695,7 +695,11 @@ def wrap_libraries(auditor) -> None:
     pysam, Hail, pyspark and scipy now if imported, else when they are (a program that never uses them does
     not pay for importing them; their integrity checks go to ``auditor.watch``); and multiprocessing's
     spawned children, attributed to the execution ``auditor`` attributes to."""
-    checks = (_wrap_on_import("pysam", wrap_pysam, "pysam's readers"), wrap_hail_on_import(),
+    def pysam_unwrapped(pysam):
+        return any(getattr(getattr(pysam, name, None), "_ngp_audited_base", None) is None
+                   for name, *_ in _PYSAM_CLASSES if getattr(pysam, name, None) is not None)
+
+    checks = (_wrap_on_import("pysam", wrap_pysam, "pysam's readers", pysam_unwrapped), wrap_hail_on_import(),
               wrap_pyspark_on_import(), wrap_scipy_on_import())
     for check in checks:
         auditor.watch(check)
