@@ -24,12 +24,21 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import ngp_research.kernel.auditor as auditor
 
 received = []
+sizes = []
 
 class Collector(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        raw = self.rfile.read(int(self.headers["Content-Length"]))
+        sizes.append(len(raw))
+        if len(raw) > 16 * 1024 * 1024:  # as the audit service refuses one
+            self.send_response(400)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+            return
+        body = json.loads(raw)
         n = 0
         for r in body["records"]:
             for p in r.pop("paths", None) or [r.get("path")]:
@@ -257,6 +266,46 @@ def test_with_the_buffer_full_and_no_service_an_open_is_refused(files):
         assert out["opened"] <= 5 and "audit buffer full" in out["refused"], out
         assert not out["exists"]  # the refused open did not happen
         assert out["stats"]["blocked"]
+
+
+def test_records_piled_up_past_the_services_request_limit_are_delivered(files):
+    """After an outage a kernel's buffer can hold far more than the service takes in one request
+    (16 MiB): long records are cut to a deliverable size and requests split, with each hook and sender,
+    so that no record is lost and none blocks delivery for good."""
+    body = r"""
+    import subprocess
+    a = auditor.install(URL, "tok", linger=3600, batch=10**6, capacity=100000)
+    d = os.environ["D"]
+    a.begin("m1", "c1")
+    for i in range(1000):  # ~24 kB of JSON each once escaped: ~24 MB waiting
+        try:
+            open(d + "/odd-" + "\x01" * 4000 + str(i))
+        except OSError:
+            pass
+    try:
+        open(d + "/long-" + "b" * 9000)
+    except OSError:
+        pass
+    try:
+        subprocess.run(["true"] + ["c" * 100000] * 40)
+    except OSError:
+        pass
+    reason = a.flush(60)
+    odd = sorted(int(r["path"].rsplit("\x01", 1)[1]) for r in received if "/odd-" in (r.get("path") or ""))
+    long = [r for r in received if "/long-" in (r.get("path") or "")]
+    execs = [r for r in received if r["action"] == "process.exec" and "cut" in r["detail"]]
+    print(json.dumps({"reason": reason, "odd": odd, "long": long, "execs": execs, "sizes": sizes, "stats": a.stats()}))
+    """
+    for hook in ("c", "c-python-sender", "python"):
+        out = run_case(body, hook, files)
+        assert out["reason"] is None, (hook, out["reason"])
+        assert out["odd"] == list(range(1000)), hook
+        assert max(out["sizes"]) <= 16 * 1024 * 1024 and len(out["sizes"]) > 2, (hook, out["sizes"])
+        [long] = out["long"]
+        assert long["detail"]["cut"] == f"the path was {len(str(files)) + 9006} characters", hook
+        assert long["path"].startswith(f"{files}/long-bbb") and "…[cut: " in long["path"]
+        [ex] = out["execs"]
+        assert ex["detail"]["event"] == "subprocess.Popen" and ex["detail"]["detail_head"].startswith('{"event"')
 
 
 def test_a_database_sqlite_opens_for_a_statement_is_refused_when_it_cannot_be_recorded(files):

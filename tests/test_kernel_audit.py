@@ -22,6 +22,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from ngp_research.audit.service import MAX_BODY
+from ngp_research.kernel.auditor import MAX_REQUEST_BYTES
 from ngp_research.workspace.environment import default_workspace_env, is_built, kernel_dir
 
 ENV = default_workspace_env()
@@ -44,7 +46,7 @@ class StubAudit:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.lock = threading.Lock()
-        self.records, self.posts = [], []
+        self.records, self.posts, self.post_bytes = [], [], []
         self.refuse = False
         self.probe = None  # called with each record as it arrives; its result is kept with the record
         self.conns = set()
@@ -81,6 +83,10 @@ class StubAudit:
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with stub.lock:
+                    stub.post_bytes.append(len(body))
+                if len(body) > MAX_BODY:  # as the real service (tornado's max_body_size) refuses one
+                    return self._reply(400, {"error": "request too large"})
                 if self.path != "/records":
                     return self._reply(404, {})
                 if self.headers.get("Authorization") != f"token {TOKEN}":
@@ -592,6 +598,64 @@ def test_records_are_batched(kernel, stub, workdir):
     assert len(opens) == 1000
     posts = len(stub.posts) - before
     assert posts <= 12, f"{posts} POSTs for 1000 records"
+
+
+def test_records_too_large_for_the_service_are_cut_and_a_cell_too_large_to_record_is_refused(kernel, stub, workdir):
+    """The service takes at most 16 MiB per request. A record that could never be delivered would
+    leave the kernel refusing every later cell, so: a cell whose own record is too large is refused,
+    saying why; a path longer than any Linux opens, and an argument list past what exec takes, are
+    recorded cut (with their length and hash); opens whose paths need escaping go out in several
+    requests. Nothing is lost and the kernel goes on running code."""
+    assert MAX_REQUEST_BYTES == MAX_BODY
+    marker = uuid.uuid4().hex
+    big = f"print('ran {marker}')\n# " + "a" * (17 * 2**20)
+    r = kernel.run(big, timeout=120)
+    assert r["reply"]["status"] == "error", r
+    assert r["reply"]["evalue"].startswith("this cell is too large to record"), r["reply"]
+    assert "16 MiB" in r["reply"]["evalue"] and "no code was run" in r["reply"]["evalue"]
+    assert not any(marker in (o.get("text") or "") for o in r["outputs"])
+    assert not [x for x in stub.find("query.execute") if marker in (x["detail"].get("code") or "")]
+
+    data = str(workdir / "data")
+
+    def refuse_after_this_cell(record):  # an outage: the cell's records pile up in the kernel
+        if record["action"] == "query.execute" and f"pile-{marker}" in (record["detail"].get("code") or ""):
+            stub.refuse = True
+
+    stub.probe = refuse_after_this_cell
+    try:
+        r = kernel.run(f"""
+            # pile-{marker}
+            import subprocess
+            try:
+                open({data!r} + "/long-" + "b" * 9000)
+            except OSError as e:
+                print(type(e).__name__)
+            for i in range(1000):  # each path escapes to ~24 kB of JSON: ~24 MB in all
+                try:
+                    open({data!r} + "/odd-{marker}-" + "\\x01" * 4000 + str(i))
+                except OSError:
+                    pass
+            try:
+                subprocess.run(["true", "{marker}"] + ["c" * 100000] * 40)
+            except OSError as e:
+                print(type(e).__name__)
+        """, timeout=120)
+        assert r["reply"]["status"] == "ok", r
+        assert any("could not be delivered" in o.get("text", "") for o in r["outputs"])
+    finally:
+        stub.probe = None
+        stub.refuse = False
+    ok(kernel.run("print('still running')"))
+    assert max(stub.post_bytes) <= MAX_BODY
+    cut = [x for x in stub.find("file.open") if (x["path"] or "").startswith(data + "/long-b")]
+    assert len(cut) == 1 and cut[0]["detail"]["cut"] == f"the path was {len(data) + 9006} characters"
+    assert "…[cut: " in cut[0]["path"] and len(cut[0]["path"]) < 4200
+    odd = [x for x in stub.find("file.open") if (x["path"] or "").startswith(f"{data}/odd-{marker}-")]
+    assert sorted(int(x["path"].rsplit("\x01", 1)[1]) for x in odd) == list(range(1000))
+    execs = [x for x in stub.find("process.exec") if marker in x["detail"].get("detail_head", "")]
+    assert len(execs) == 1 and execs[0]["detail"]["cut"].startswith("the record's detail was 40")
+    assert execs[0]["detail"]["event"] == "subprocess.Popen"
 
 
 def test_tampering_with_the_execute_path_is_refused_and_recorded(workdir, stub):

@@ -25,10 +25,15 @@ request's path) and never falls back to the URL's port, where a process of the m
   nothing leaves the buffer unacknowledged. With the C extension the buffer is a C queue of
   encoded records and a C thread delivers it without the GIL, so a cell that opens many files
   does not wait for the sender (a run of opens in one place is one record with ``paths``).
+  Every record stays deliverable (the service takes 16 MiB per request): a path longer than any
+  Linux opens (4,096) and a detail of more than 262,144 characters (a huge argument list) are
+  recorded cut, with their length and SHA-256, and requests are split below 8 MiB; otherwise one
+  such record, after an outage, would block the kernel for good.
 - :mod:`.kernel`: an ``IPythonKernel`` whose execute path sends the cell's code (``query.execute``)
   and waits for the acknowledgement before running it; no acknowledgement, no execution
   (``AuditUnavailable``). Buffered records are delivered before each reply; if they cannot be, the
-  next cell is refused until they are.
+  next cell is refused until they are. A cell whose own record would be over 16 MiB (pasted data)
+  is refused, saying so: read such data from a file.
 - :mod:`.entrypoints`: ``data.open`` records for libraries that open files in C (pysam's
   ``VariantFile``/``AlignmentFile``/``TabixFile``/``FastaFile`` and their ``fetch`` regions, its
   FASTQ/BGZF readers, tabix functions and in-process samtools/bcftools commands; every Hail

@@ -45,6 +45,11 @@
 #endif
 
 #define MAX_PREFIXES 64
+/* Linux opens no longer path (auditor.PATH_MAX); longer ones, and longer detail values, go to the Python side */
+#define PATH_TEXT_MAX 4096
+/* the bytes one run of opens, and one request, hold at most (the service takes 16 MiB per request) */
+#define RUN_BYTES_MAX (1 << 20)
+#define POST_BYTES_MAX (8 << 20)
 #define MAX_EVENTS 64
 
 static int installed = 0;
@@ -449,7 +454,8 @@ queue_open(PyObject *path, const char *text, Py_ssize_t text_len, PyObject *mode
     if (q_pending >= q_capacity) {
         r = 0;
     }
-    else if (keys_same && run_open && segs[nsegs - 1].count < q_max_post) {
+    else if (keys_same && run_open && segs[nsegs - 1].count < q_max_post &&
+             out.n - (nsegs > 1 ? segs[nsegs - 2].end : 0) < RUN_BYTES_MAX) {
         if (buf_grow(&out, pt.n + 2) == 0) {
             memcpy(out.p + out.n, pt.p, (size_t)pt.n);
             out.n += pt.n;
@@ -731,8 +737,8 @@ exchange(const char *body, size_t len, long count, char *err, size_t errlen)
     return -1;
 }
 
-/* under mu: the request for the segments at the front (at most q_max_post accesses, at least one
- * segment) into a new malloc'd buffer; *k segments, *count accesses */
+/* under mu: the request for the segments at the front (at most q_max_post accesses and POST_BYTES_MAX
+ * bytes, at least one segment) into a new malloc'd buffer; *k segments, *count accesses */
 static char *
 take(size_t *len, Py_ssize_t *k, long *count)
 {
@@ -740,7 +746,7 @@ take(size_t *len, Py_ssize_t *k, long *count)
     long c = 0;
     size_t json_len, n;
     char digits[32], *req, *p;
-    while (i < nsegs && (i == 0 || c + segs[i].count <= q_max_post)) {
+    while (i < nsegs && (i == 0 || (c + segs[i].count <= q_max_post && segs[i].end <= POST_BYTES_MAX))) {
         if (i == nsegs - 1)
             q_close_run();  /* the open run goes out whole: later opens start a new one */
         c += segs[i].count;
@@ -1099,8 +1105,8 @@ fast_open(PyObject *args)
         PyErr_Clear();
         return 0;
     }
-    if (n == 0 || s[0] != '/' || (plain_text = scan_path(s, n)) < 0)
-        return 0;
+    if (n == 0 || n > PATH_TEXT_MAX || s[0] != '/' || (plain_text = scan_path(s, n)) < 0)
+        return 0;  /* a path longer than any Linux opens: the Python side records it cut (auditor.bounded) */
     if (is_ignored(s, n))
         return 1;
     if (PyList_GET_SIZE(current) != 1)
@@ -1149,6 +1155,8 @@ plain_dict(PyObject *d)
             return 0;
         if (!(v == Py_None || PyUnicode_CheckExact(v) || PyLong_CheckExact(v) || PyFloat_CheckExact(v) || PyBool_Check(v)))
             return 0;
+        if (PyUnicode_CheckExact(v) && PyUnicode_GET_LENGTH(v) > PATH_TEXT_MAX)
+            return 0;  /* a long value: the Python side cuts it to a size the service takes */
     }
     return 1;
 }
@@ -1172,7 +1180,8 @@ fast_data(PyObject *args)
         PyErr_Clear();
         return 0;
     }
-    if (n == 0 || s[0] != '/' || memmem(s, (size_t)n, "/.", 2) != NULL || memmem(s, (size_t)n, "//", 2) != NULL)
+    if (n == 0 || n > PATH_TEXT_MAX || s[0] != '/' || memmem(s, (size_t)n, "/.", 2) != NULL ||
+        memmem(s, (size_t)n, "//", 2) != NULL)
         return 0;
     if (PyList_GET_SIZE(current) != 1 || !plain_dict(detail))
         return 0;  /* values that are not plain: the handler makes them plain without running user code */

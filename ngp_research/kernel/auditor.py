@@ -23,6 +23,7 @@ Otherwise (no C extension, HTTPS, ``sender_c=False``), and always in a forked ch
 record of a cell is sent by the calling thread on the Python connection, after the queue is drained.
 """
 
+import hashlib
 import http.client
 import json
 import operator
@@ -51,6 +52,72 @@ _PURE_PATHS = (pathlib.PurePath, pathlib.PurePosixPath, pathlib.PureWindowsPath,
                pathlib.WindowsPath)
 
 UNREACHABLE = "the audit service cannot be reached; no code was run"
+#: The start of the reason a cell too large to record is refused with (the kernel shows it as it is).
+TOO_LARGE = "this cell is too large to record"
+
+#: The most bytes the audit service takes in one request (``ngp_research.audit.service.MAX_BODY``).
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
+#: A batch of buffered records is split below this, so that no request nears the service's limit.
+MAX_POST_BYTES = MAX_REQUEST_BYTES // 2
+#: Linux opens no longer path (ENAMETOOLONG): a recorded path is kept whole up to this many characters.
+PATH_MAX = 4096
+#: Characters of text one record's detail keeps (a long argument list): even escaped, a few MiB at most.
+DETAIL_TEXT_MAX = 1 << 18
+
+
+def _cut(text: str, keep: int) -> str:
+    """``text`` cut to ``keep`` characters, followed by its length and SHA-256, so that the whole text
+    can still be matched against a copy of it.
+
+    >>> _cut("/data/syd/ds/" + "x" * 5000, 16)[:46]
+    '/data/syd/ds/xxx…[cut: 5013 characters, sha256'
+    """
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{text[:keep]}…[cut: {len(text)} characters, sha256 {digest}]"
+
+
+def _text_size(value, depth: int = 0) -> int:
+    """About how many characters of text ``value`` (a record's plain detail) holds.
+
+    >>> _text_size({"argv": ["cat", "/data/a"], "n": 3})
+    25
+    """
+    cls = value.__class__
+    if cls is str:
+        return len(value)
+    if depth < 8 and cls in (list, tuple):
+        return sum(_text_size(v, depth + 1) for v in value) + len(value)
+    if depth < 8 and cls is dict:
+        return sum(len(k) + _text_size(v, depth + 1) for k, v in value.items() if k.__class__ is str)
+    return 8
+
+
+def bounded(path, detail: dict) -> tuple:
+    """``(path, detail)`` of a record, each small enough to deliver: a path longer than :data:`PATH_MAX`
+    (which nothing can open) and a detail of more than :data:`DETAIL_TEXT_MAX` characters are cut
+    (see :func:`_cut`); the record says so. A record too large for the service would otherwise stay
+    undelivered, and the kernel would run no more code.
+
+    >>> path, detail = bounded("/data/syd/ds/" + "a" * 9000, {"event": "open", "mode": "r"})
+    >>> len(path) < 4300, detail["cut"]
+    (True, 'the path was 9013 characters')
+    >>> path, detail = bounded(None, {"event": "subprocess.Popen", "argv": ["cat"] + ["/data/syd/ds/x"] * 200000})
+    >>> detail["event"], detail["cut"][:40], len(detail["detail_head"]) < 270_000
+    ('subprocess.Popen', "the record's detail was 3600046 characte", True)
+    >>> bounded("/data/syd/ds/x", {"event": "open"})
+    ('/data/syd/ds/x', {'event': 'open'})
+    """
+    cut = []
+    if path.__class__ is str and len(path) > PATH_MAX:
+        cut.append(f"the path was {len(path)} characters")
+        path = _cut(path, PATH_MAX)
+    if _text_size(detail) > DETAIL_TEXT_MAX:
+        text = json.dumps(detail, default=_text)
+        cut.append(f"the record's detail was {len(text)} characters of JSON; its start is kept")
+        detail = {"event": detail.get("event"), "detail_head": _cut(text, DETAIL_TEXT_MAX)}
+    if cut:
+        detail = {**detail, "cut": "; ".join(cut)}
+    return path, detail
 
 #: Audit events recorded (and the record action each maps to); every other event returns at once.
 EVENT_ACTIONS = {
@@ -467,6 +534,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
     conn_box = [None]
     socket_ids = {}  # id(bare socket) -> its (st_dev, st_ino) when connected
     fsdecode, normpath, getcwd = os.fsdecode, os.path.normpath, os.getcwd
+    _bounded = bounded  # held in a closure cell (checked by the guard), not looked up where a cell could swap it
     monotonic, _get_ident = time.monotonic, threading.get_ident
     urlsplit, unquote = urllib.parse.urlsplit, urllib.parse.unquote  # held: a cell's patch changes nothing
     dumps, loads = json.dumps, json.loads
@@ -640,7 +708,11 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
                 items = buffer[:min(max_post, target - done)]  # one slice: atomic against the hook's appends
                 if not items:
                     return None
-                reason = _post(None, max(0.1, deadline - monotonic()), len(items), _encode_body(items))
+                body = _encode_body(items)
+                while len(body) > MAX_POST_BYTES and len(items) > 1:  # long records: fewer in this request
+                    items = items[:len(items) // 2]
+                    body = _encode_body(items)
+                reason = _post(None, max(0.1, deadline - monotonic()), len(items), body)
                 if reason is not None:
                     with lock:
                         state["failures"] += 1
@@ -676,10 +748,15 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
                 reason = blocked()
         if reason is not None:
             return reason
+        body = _body([record])
+        if len(body) > MAX_REQUEST_BYTES - 4096:  # the service would refuse it; no retry could help
+            return (f"{TOO_LARGE}: its audit record is {len(body) / 2**20:.1f} MiB, and the audit service takes "
+                    f"at most {MAX_REQUEST_BYTES // 2**20} MiB; no code was run. Read large inputs from a file "
+                    "rather than writing them into the cell.")
         if not send_lock.acquire(timeout=max(0.0, deadline - monotonic())):
             return "the audit sender is busy"
         try:
-            return _post([record], max(0.1, deadline - monotonic()))
+            return _post([record], max(0.1, deadline - monotonic()), body=body)
         finally:
             send_lock.release()
 
@@ -742,6 +819,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
         return _body(encode(items))
 
     def record(action, path, detail):
+        path, detail = _bounded(path, detail)
         detail["msg_id"], detail["cell_id"] = current[0]
         rec = {"action": action, "path": path, "detail": detail}
         # Appends go to the right end and only the sender (holding send_lock) pops from the left, so
@@ -955,7 +1033,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             # the C queue, the C hook took every plain open it could (what it hands on goes to record())
         elif event == "open":  # the hot path, inlined: a plain absolute str path (nothing here raises events)
             p = args[0]
-            if p.__class__ is str and p[:1] == "/" and "/." not in p and "//" not in p \
+            if p.__class__ is str and p[:1] == "/" and "/." not in p and "//" not in p and len(p) <= PATH_MAX \
                     and args[1].__class__ in _PLAIN_MODES and args[2].__class__ is int:
                 if (p.startswith(ignored_slash) or p in ignored_set) and not p.startswith(always_slash):
                     return
@@ -970,8 +1048,9 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
         elif event == "ngp.data.open" and len(args) == 2:  # pysam's fetch/open wrappers: same idea
             p, detail = args
             if p.__class__ is str and detail.__class__ is dict and p[:1] == "/" and "/." not in p \
-                    and "//" not in p and getpid() == home_pid \
-                    and all(v.__class__ in _SCALARS for v in detail.values()):
+                    and "//" not in p and len(p) <= PATH_MAX and getpid() == home_pid \
+                    and all(v.__class__ in _SCALARS and (v.__class__ is not str or len(v) <= PATH_MAX)
+                            for v in detail.values()):
                 n = len(buffer)
                 if n < capacity:
                     buffer_append(("d", p, {_text(k): v for k, v in detail.items()}, current[0], None))

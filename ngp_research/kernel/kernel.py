@@ -21,7 +21,7 @@ import json
 import os
 import sys
 
-from .auditor import UNREACHABLE, closure_guard
+from .auditor import TOO_LARGE, UNREACHABLE, closure_guard
 from .autostart import CELL
 
 ENAME = "AuditUnavailable"
@@ -69,7 +69,7 @@ def make_kernel_class(auditor, timeout: float = ACK_TIMEOUT):
     comm_wrappers = {}
 
     def _evalue(reason: str) -> str:
-        if reason.startswith("the kernel's audit machinery"):
+        if reason.startswith(("the kernel's audit machinery", TOO_LARGE)):
             return reason
         return f"{UNREACHABLE} ({reason})"
 
