@@ -290,11 +290,23 @@ def test_records_piled_up_past_the_services_request_limit_are_delivered(files):
         subprocess.run(["true"] + ["c" * 100000] * 40)
     except OSError:
         pass
+    # A working folder deeper than PATH_MAX, and a short relative path out of it through /proc/self/root
+    # (which the kernel does not normalise): what is recorded is where it leads, not a cut path.
+    with open(d + "/target.txt", "w") as f:
+        f.write("x")
+    os.chdir(d)
+    for i in range(20):  # one step at a time: the whole path is too long for mkdir
+        os.makedirs("q" * 250, exist_ok=True)
+        os.chdir("q" * 250)
+    with open("../" * 40 + "proc/self/root" + os.path.realpath(d) + "/target.txt") as f:
+        pass
     reason = a.flush(60)
+    target = [r for r in received if r.get("path") == os.path.realpath(d) + "/target.txt" and r["detail"].get("mode") == "r"]
     odd = sorted(int(r["path"].rsplit("\x01", 1)[1]) for r in received if "/odd-" in (r.get("path") or ""))
     long = [r for r in received if "/long-" in (r.get("path") or "")]
     execs = [r for r in received if r["action"] == "process.exec" and "cut" in r["detail"]]
-    print(json.dumps({"reason": reason, "odd": odd, "long": long, "execs": execs, "sizes": sizes, "stats": a.stats()}))
+    print(json.dumps({"reason": reason, "odd": odd, "long": long, "execs": execs, "sizes": sizes, "stats": a.stats(),
+                      "target": target}))
     """
     for hook in ("c", "c-python-sender", "python"):
         out = run_case(body, hook, files)
@@ -306,6 +318,7 @@ def test_records_piled_up_past_the_services_request_limit_are_delivered(files):
         assert long["path"].startswith(f"{files}/long-bbb") and "…[cut: " in long["path"]
         [ex] = out["execs"]
         assert ex["detail"]["event"] == "subprocess.Popen" and ex["detail"]["detail_head"].startswith('{"event"')
+        assert len(out["target"]) == 1, hook
 
 
 def test_a_database_sqlite_opens_for_a_statement_is_refused_when_it_cannot_be_recorded(files):

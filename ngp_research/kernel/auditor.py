@@ -94,7 +94,8 @@ def _text_size(value, depth: int = 0) -> int:
 
 def bounded(path, detail: dict) -> tuple:
     """``(path, detail)`` of a record, each small enough to deliver: a path longer than :data:`PATH_MAX`
-    (which nothing can open) and a detail of more than :data:`DETAIL_TEXT_MAX` characters are cut
+    (Linux opens no such absolute path; a short relative one out of a deeper working folder is
+    recorded where it leads, see ``_path`` in :func:`install`) and a detail of more than :data:`DETAIL_TEXT_MAX` characters are cut
     (see :func:`_cut`); the record says so. A record too large for the service would otherwise stay
     undelivered, and the kernel would run no more code.
 
@@ -533,7 +534,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
     checks = []
     conn_box = [None]
     socket_ids = {}  # id(bare socket) -> its (st_dev, st_ino) when connected
-    fsdecode, normpath, getcwd = os.fsdecode, os.path.normpath, os.getcwd
+    fsdecode, normpath, getcwd, realpath = os.fsdecode, os.path.normpath, os.getcwd, os.path.realpath
     _bounded = bounded  # held in a closure cell (checked by the guard), not looked up where a cell could swap it
     monotonic, _get_ident = time.monotonic, threading.get_ident
     urlsplit, unquote = urllib.parse.urlsplit, urllib.parse.unquote  # held: a cell's patch changes nothing
@@ -871,7 +872,10 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
                 raise AuditUnavailable("the audit cannot record this path: pass a str, bytes or pathlib path "
                                        f"(not a {object.__repr__(p)})")
         if p[:1] != "/":
-            p = getcwd() + "/" + p
+            cwd = getcwd()
+            if len(cwd) + len(p) >= PATH_MAX:  # a deep working folder: only where p leads is short enough to
+                return realpath(p)  # record whole (relative: resolved from here, one lstat per part of p)
+            p = cwd + "/" + p
         if ("/." in p or "//" in p) and "/proc/" not in p:  # /proc/self/root/..: only Linux can say (the service
             p = normpath(p)                                   # reads it as Linux does, see audit.service._opened)
             if p[:2] == "//":  # POSIX normpath keeps exactly two leading slashes; Linux reads them as one
