@@ -279,7 +279,7 @@ def test_records_piled_up_past_the_services_request_limit_are_delivered(files):
     a.begin("m1", "c1")
     for i in range(1000):  # ~24 kB of JSON each once escaped: ~24 MB waiting
         try:
-            open(d + "/odd-" + "\x01" * 4000 + str(i))
+            open(d + "/odd-" + "\x01" * (4000 - len(d)) + str(i))
         except OSError:
             pass
     try:
@@ -300,13 +300,30 @@ def test_records_piled_up_past_the_services_request_limit_are_delivered(files):
         os.chdir("q" * 250)
     with open("../" * 40 + "proc/self/root" + os.path.realpath(d) + "/target.txt") as f:
         pass
+    # forged events, each over the service's limit in one part or another
+    sys.audit("ngp.data.open", d + "/forged", {str(i): "v" * 4096 for i in range(4500)})
+    sys.audit("ngp.data.open", d + "/forged", {"event": "e" * 17_000_000})
+    sys.audit("ngp.data.open", d + "/forged", {"k" * 17_000_000: 1})
+    sys.audit("open", d + "/forged", "r" * 17_000_000, 0)
+    a.begin("m" * 17_000_000, "c" * 17_000_000)
+    with open(d + "/ids.txt", "w") as f:
+        pass
+    a.begin("m1", "c1")
+    try:
+        __import__("ngp_research.kernel" + "x" * 17_000_000)
+    except ImportError:
+        pass
     reason = a.flush(60)
+    forged = [r for r in received if r.get("path") == d + "/forged"]
+    tampered = [r for r in received if r["action"] == "audit.tamper"]
+    long_ids = [r for r in received if r.get("path") == d + "/ids.txt"]
     target = [r for r in received if r.get("path") == os.path.realpath(d) + "/target.txt" and r["detail"].get("mode") == "r"]
     odd = sorted(int(r["path"].rsplit("\x01", 1)[1]) for r in received if "/odd-" in (r.get("path") or ""))
     long = [r for r in received if "/long-" in (r.get("path") or "")]
     execs = [r for r in received if r["action"] == "process.exec" and "cut" in r["detail"]]
     print(json.dumps({"reason": reason, "odd": odd, "long": long, "execs": execs, "sizes": sizes, "stats": a.stats(),
-                      "target": target}))
+                      "target": target, "forged": len(forged), "tampered": len(tampered),
+                      "long_ids": [(len(r["detail"]["msg_id"]), len(r["detail"]["cell_id"])) for r in long_ids]}))
     """
     for hook in ("c", "c-python-sender", "python"):
         out = run_case(body, hook, files)
@@ -319,6 +336,40 @@ def test_records_piled_up_past_the_services_request_limit_are_delivered(files):
         [ex] = out["execs"]
         assert ex["detail"]["event"] == "subprocess.Popen" and ex["detail"]["detail_head"].startswith('{"event"')
         assert len(out["target"]) == 1, hook
+        assert out["forged"] == 4 and out["tampered"] == 1, hook
+        assert len(out["long_ids"]) == 1 and max(out["long_ids"][0]) < 300, hook
+
+
+def test_a_path_through_the_working_folder_or_an_open_folder_is_recorded_where_it_leads(files):
+    """``/proc/self/cwd/x``, ``/proc/self/fd/N/x`` and ``/dev/fd/N/x`` open what the process's working folder
+    or open folder holds: only the process can say where that is, so the kernel sends the path it leads to
+    (the service could only flag the path as leading it does not know where)."""
+    body = r"""
+    a = auditor.install(URL, "tok", linger=0.001)
+    d = os.path.realpath(os.environ["D"])
+    for n in ("x.txt", "y.txt", "z.txt"):
+        with open(f"{d}/sub/{n}", "w") as f:
+            f.write(n)
+    os.chdir(d + "/sub")
+    folder = os.open(d + "/sub", os.O_RDONLY)
+    a.begin("m1", "c1")
+    for p in ("/proc/self/cwd/x.txt", f"/proc/self/fd/{folder}/y.txt", f"/dev/fd/{folder}/z.txt",
+              f"/proc/{os.getpid()}/cwd/../sub/x.txt"):
+        with open(p) as f:
+            f.read()
+    r, w = os.pipe()
+    try:
+        open(f"/proc/self/fd/{r}/nothing")  # a pipe: no path to read, sent as it is
+    except OSError:
+        pass
+    assert a.flush(10) is None
+    print(json.dumps({"paths": [r["path"] for r in received if r["detail"].get("msg_id") == "m1"], "d": d, "pipe": r}))
+    """
+    for hook in ("c", "c-python-sender", "python"):
+        out = run_case(body, hook, files)
+        d = out["d"]
+        assert out["paths"] == [f"{d}/sub/x.txt", f"{d}/sub/y.txt", f"{d}/sub/z.txt", f"{d}/sub/x.txt",
+                                f"/proc/self/fd/{out['pipe']}/nothing"], hook
 
 
 def test_a_database_sqlite_opens_for_a_statement_is_refused_when_it_cannot_be_recorded(files):

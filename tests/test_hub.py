@@ -391,6 +391,13 @@ pathlib.Path("/data/uppsala/uppsala-cohort/uppsala-phenopackets.json").read_byte
 os.listdir("/data/stockholm/stockholm-cohort")
 subprocess.run(["cat", "/data/syd/syd-cohort/syd-phenopackets.json"], capture_output=True)
 sum(1 for _ in pysam.VariantFile(f).fetch("chr1", 1, 50000))
+folder = os.open("/data/stockholm/stockholm-cohort", os.O_RDONLY)  # a file through an open folder ...
+open(f"/dev/fd/{folder}/stockholm-cohort.vcf.gz", "rb").read(2)
+os.close(folder)
+here = os.getcwd()
+os.chdir("/data/uppsala/uppsala-cohort")  # ... and through the working folder, named in /proc
+open("/proc/self/cwd/uppsala-cohort.vcf.gz", "rb").read(2)
+os.chdir(here)
 print("done")
 '''
 
@@ -415,6 +422,9 @@ def test_every_access_path_leaves_a_record_with_user_project_dataset_region_and_
         ("file.open", "/data/norr/norr-cohort/norr-cohort.vcf.gz", "norr", "norr-cohort"),
         ("file.open", "/data/uppsala/uppsala-cohort/uppsala-phenopackets.json", "uppsala", "uppsala-cohort"),
         ("file.list", "/data/stockholm/stockholm-cohort", "stockholm", "stockholm-cohort"),
+        # through /dev/fd and /proc/self/cwd: the kernel records where they lead
+        ("file.open", "/data/stockholm/stockholm-cohort/stockholm-cohort.vcf.gz", "stockholm", "stockholm-cohort"),
+        ("file.open", "/data/uppsala/uppsala-cohort/uppsala-cohort.vcf.gz", "uppsala", "uppsala-cohort"),
         ("data.open", "/data/syd/syd-cohort/syd-cohort.vcf.gz", "syd", "syd-cohort"),
         # cat opens the file outside Python: its start is recorded under the file it was given
         ("process.exec", "/data/syd/syd-cohort/syd-phenopackets.json", "syd", "syd-cohort"),

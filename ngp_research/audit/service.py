@@ -50,6 +50,7 @@ from dataclasses import dataclass
 
 from tornado import web
 
+from ..kernel.auditor import opened
 from .records import NOT_PER_ACCESS, AuditRecord, canonical
 
 MAX_RECORDS_PER_REQUEST = 5000
@@ -160,15 +161,14 @@ def _plain(path: str) -> bool:
 
 #: Path prefixes that name a file through another name: a ``file:`` URL, a process's root folder.
 _INDIRECT = ("file:", "/proc/")
-_PROC_ROOT = re.compile(r"/proc/(?:self|thread-self|[0-9]+)(?:/task/[0-9]+)?/root(?=/|$)")
 #: Paths through a process's working folder or open files: where they lead cannot be known here.
 _PROC_LINK = re.compile(r"^(?:/proc/(?:self|thread-self|[0-9]+)/(?:cwd|fd/[0-9]+|task/[0-9]+/(?:cwd|fd/[0-9]+))|/dev/fd/[0-9]+)(?:/|$)")
 
 
 def _opened(path: str) -> str:
-    """The path Linux opens for ``path``: cut at a NUL (where C stops), a ``file:`` URL's path,
-    normalised, ``//`` as ``/`` (normpath keeps two leading slashes, as POSIX allows), and a
-    process's root (``/proc/self/root/x``) as ``/x``."""
+    """The path Linux opens for ``path``: a ``file:`` URL's path, then as
+    :func:`ngp_research.kernel.auditor.opened` reads it (cut at a NUL, a process's root such as
+    ``/proc/self/root/x`` as ``/x``, normalised, ``//`` as ``/``), the same reading as the kernel's."""
     path = path.split("\x00", 1)[0]
     if path.startswith("file:"):
         try:
@@ -177,14 +177,7 @@ def _opened(path: str) -> str:
             parts = None
         if parts is not None and parts.netloc in ("", "localhost"):
             path = urllib.parse.unquote(parts.path)
-    # A process's root is "/" itself, before any "..": /proc/self/root/../x is /x. Each one that the path
-    # reaches from "/" is skipped, by position (a long chain of them costs one pass), then the rest normalised.
-    pos = 0
-    if "/proc/" in path:
-        while (m := _PROC_ROOT.search(path, pos)) is not None and not os.path.normpath("/" + path[pos:m.start()]).strip("/"):
-            pos = m.end()
-    path = os.path.normpath(path[pos:] or "/")
-    return path[1:] if path.startswith("//") else path
+    return opened(path)
 
 
 #: Code that reaches into the interpreter or the audit machinery: in-process auditing cannot stop a determined

@@ -47,6 +47,9 @@
 #define MAX_PREFIXES 64
 /* Linux opens no longer path (auditor.PATH_MAX); longer ones, and longer detail values, go to the Python side */
 #define PATH_TEXT_MAX 4096
+/* an execution id's characters (auditor.ID_MAX) and a data open's detail text (auditor.DATA_DETAIL_FAST) */
+#define ID_TEXT_MAX 256
+#define DATA_DETAIL_FAST 16384
 /* the bytes one run of opens, and one request, hold at most (the service takes 16 MiB per request) */
 #define RUN_BYTES_MAX (1 << 20)
 #define POST_BYTES_MAX (8 << 20)
@@ -398,13 +401,15 @@ static int
 plain_keys(PyObject *mode, PyObject *flags, PyObject *ids)
 {
     PyObject *a, *b;
-    if (!(mode == Py_None || PyUnicode_CheckExact(mode)) || !(flags == Py_None || PyLong_CheckExact(flags)))
-        return 0;
+    if (!(mode == Py_None || (PyUnicode_CheckExact(mode) && PyUnicode_GET_LENGTH(mode) <= 64)) ||
+        !(flags == Py_None || PyLong_CheckExact(flags)))
+        return 0;  /* a mode no open takes (a forged event): the Python side records it, cut to size */
     if (!PyTuple_CheckExact(ids) || PyTuple_GET_SIZE(ids) != 2)
         return 0;
     a = PyTuple_GET_ITEM(ids, 0);
     b = PyTuple_GET_ITEM(ids, 1);
-    return (a == Py_None || PyUnicode_CheckExact(a)) && (b == Py_None || PyUnicode_CheckExact(b));
+    return (a == Py_None || (PyUnicode_CheckExact(a) && PyUnicode_GET_LENGTH(a) <= ID_TEXT_MAX)) &&
+           (b == Py_None || (PyUnicode_CheckExact(b) && PyUnicode_GET_LENGTH(b) <= ID_TEXT_MAX));
 }
 
 static int
@@ -1086,6 +1091,13 @@ scan_path(const char *s, Py_ssize_t n)
 
 static int append(PyObject *item, Py_ssize_t len);
 
+/* 1 when the path starts in /proc or /dev/fd (a process's working folder or open files can lead anywhere) */
+static int
+via_process(const char *s, Py_ssize_t n)
+{
+    return (n >= 6 && memcmp(s, "/proc/", 6) == 0) || (n >= 8 && memcmp(s, "/dev/fd/", 8) == 0);
+}
+
 /* 1: appended; 0: not a plain open (hand it on); -1: error */
 static int
 fast_open(PyObject *args)
@@ -1105,8 +1117,9 @@ fast_open(PyObject *args)
         PyErr_Clear();
         return 0;
     }
-    if (n == 0 || n > PATH_TEXT_MAX || s[0] != '/' || (plain_text = scan_path(s, n)) < 0)
-        return 0;  /* a path longer than any Linux opens: the Python side records it cut (auditor.bounded) */
+    if (n == 0 || n > PATH_TEXT_MAX || s[0] != '/' || (plain_text = scan_path(s, n)) < 0 || via_process(s, n))
+        return 0;  /* a path longer than any Linux opens: the Python side records it cut (auditor.bounded);
+                    * one through /proc or /dev/fd: the Python side reads where it leads */
     if (is_ignored(s, n))
         return 1;
     if (PyList_GET_SIZE(current) != 1)
@@ -1144,19 +1157,21 @@ append(PyObject *item, Py_ssize_t len)
     return 1;
 }
 
-/* 1 when every key is an exact str and every value an exact str, int, float, bool or None */
+/* 1 when every key is an exact str and every value an exact str, int, float, bool or None, with at most
+ * DATA_DETAIL_FAST characters of text in all (more: the Python side cuts the record to a size the service takes) */
 static int
 plain_dict(PyObject *d)
 {
-    Py_ssize_t pos = 0;
+    Py_ssize_t pos = 0, text = 0;
     PyObject *k, *v;
     while (PyDict_Next(d, &pos, &k, &v)) {
         if (!PyUnicode_CheckExact(k))
             return 0;
         if (!(v == Py_None || PyUnicode_CheckExact(v) || PyLong_CheckExact(v) || PyFloat_CheckExact(v) || PyBool_Check(v)))
             return 0;
-        if (PyUnicode_CheckExact(v) && PyUnicode_GET_LENGTH(v) > PATH_TEXT_MAX)
-            return 0;  /* a long value: the Python side cuts it to a size the service takes */
+        text += PyUnicode_GET_LENGTH(k) + (PyUnicode_CheckExact(v) ? PyUnicode_GET_LENGTH(v) : 8);
+        if (text > DATA_DETAIL_FAST)
+            return 0;
     }
     return 1;
 }
@@ -1181,7 +1196,7 @@ fast_data(PyObject *args)
         return 0;
     }
     if (n == 0 || n > PATH_TEXT_MAX || s[0] != '/' || memmem(s, (size_t)n, "/.", 2) != NULL ||
-        memmem(s, (size_t)n, "//", 2) != NULL)
+        memmem(s, (size_t)n, "//", 2) != NULL || via_process(s, n))
         return 0;
     if (PyList_GET_SIZE(current) != 1 || !plain_dict(detail))
         return 0;  /* values that are not plain: the handler makes them plain without running user code */

@@ -61,8 +61,28 @@ MAX_REQUEST_BYTES = 16 * 1024 * 1024
 MAX_POST_BYTES = MAX_REQUEST_BYTES // 2
 #: Linux opens no longer path (ENAMETOOLONG): a recorded path is kept whole up to this many characters.
 PATH_MAX = 4096
+#: Characters of text a library's data open may hold to take the fast path (more go through ``bounded``).
+DATA_DETAIL_FAST = 16384
 #: Characters of text one record's detail keeps (a long argument list): even escaped, a few MiB at most.
 DETAIL_TEXT_MAX = 1 << 18
+
+
+#: Characters of an execution's msg_id or cell_id kept whole (Jupyter's are about 40).
+ID_MAX = 256
+
+
+def short_id(value):
+    """An execution id as records carry it: None, or text of at most :data:`ID_MAX` characters (a longer
+    one is cut, see :func:`_cut`). The kernel applies it to the ids of its write-ahead records and of
+    the accesses they cause alike, so that the two still match.
+
+    >>> short_id(None), short_id("m1"), short_id(3), len(short_id("x" * 10_000)) <= ID_MAX
+    (None, 'm1', '3', True)
+    """
+    if value is None:
+        return None
+    text = _text(value)
+    return text if len(text) <= ID_MAX else _cut(text, 128)
 
 
 def _cut(text: str, keep: int) -> str:
@@ -72,7 +92,11 @@ def _cut(text: str, keep: int) -> str:
     >>> _cut("/data/syd/ds/" + "x" * 5000, 16)[:46]
     '/data/syd/ds/xxx…[cut: 5013 characters, sha256'
     """
-    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    try:  # a file name's own bytes (as os.fsencode gives them back)
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogatepass")
+    digest = hashlib.sha256(raw).hexdigest()
     return f"{text[:keep]}…[cut: {len(text)} characters, sha256 {digest}]"
 
 
@@ -115,7 +139,9 @@ def bounded(path, detail: dict) -> tuple:
     if _text_size(detail) > DETAIL_TEXT_MAX:
         text = json.dumps(detail, default=_text)
         cut.append(f"the record's detail was {len(text)} characters of JSON; its start is kept")
-        detail = {"event": detail.get("event"), "detail_head": _cut(text, DETAIL_TEXT_MAX)}
+        event = detail.get("event")
+        event = _cut(event, 128) if event.__class__ is str and len(event) > ID_MAX else event
+        detail = {"event": event, "detail_head": _cut(text, DETAIL_TEXT_MAX)}
     if cut:
         detail = {**detail, "cut": "; ".join(cut)}
     return path, detail
@@ -155,6 +181,33 @@ ALWAYS = ("/data", "/project", "/home")
 
 
 _SCALARS = frozenset((str, int, float, bool, type(None)))
+_PROC_ROOT = re.compile(r"/proc/(?:self|thread-self|[0-9]+)(?:/task/[0-9]+)?/root(?=/|$)")
+
+
+def opened(path: str) -> str:
+    """The path Linux opens for the absolute ``path``, read from its text alone: cut at a NUL (where C
+    stops), each process root that ``/`` reaches skipped (``/proc/self/root/x`` is ``/x``; by position, so a
+    chain of them costs one pass), then normalised, ``//`` read as ``/``. The audit service reads every
+    path it is sent this way (``ngp_research.audit.service.resolve``).
+
+    >>> opened("/proc/self/root/../data/syd/ds/x"), opened("/data/syd/ds/../../norr/e/y\\x00/../z")
+    ('/data/syd/ds/x', '/data/norr/e/y')
+    >>> opened("//data/r/d"), opened("/project/q/../../proc/42/task/7/root/data/r/d/f")
+    ('/data/r/d', '/data/r/d/f')
+    """
+    path = path.split("\x00", 1)[0]
+    pos = 0
+    if "/proc/" in path:
+        while (m := _PROC_ROOT.search(path, pos)) is not None and \
+                not posixpath.normpath("/" + path[pos:m.start()]).strip("/"):
+            pos = m.end()
+    path = posixpath.normpath(path[pos:] or "/")
+    return path[1:] if path.startswith("//") else path
+
+
+#: A process's working folder or open file as a path prefix: the kernel reads where it leads (the
+#: service cannot: it is not in the process).
+_PROC_LINK = re.compile(r"(?:/proc/(?:self|thread-self|[0-9]+)(?:/task/[0-9]+)?/(?:cwd|fd/[0-9]+)|/dev/fd/[0-9]+)(?=/|$)")
 _PLAIN_MODES = (str, type(None))  # an open's mode as the fast paths take it (a forged event may pass anything)
 
 
@@ -534,7 +587,9 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
     checks = []
     conn_box = [None]
     socket_ids = {}  # id(bare socket) -> its (st_dev, st_ino) when connected
-    fsdecode, normpath, getcwd, realpath = os.fsdecode, os.path.normpath, os.getcwd, os.path.realpath
+    fsdecode, normpath, getcwd, realpath, readlink = os.fsdecode, os.path.normpath, os.getcwd, os.path.realpath, os.readlink
+    proc_link = _PROC_LINK.match
+    linux_opened, _short_id = opened, short_id
     _bounded = bounded  # held in a closure cell (checked by the guard), not looked up where a cell could swap it
     monotonic, _get_ident = time.monotonic, threading.get_ident
     urlsplit, unquote = urllib.parse.urlsplit, urllib.parse.unquote  # held: a cell's patch changes nothing
@@ -876,6 +931,18 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             if len(cwd) + len(p) >= PATH_MAX:  # a deep working folder: only where p leads is short enough to
                 return realpath(p)  # record whole (relative: resolved from here, one lstat per part of p)
             p = cwd + "/" + p
+        for _ in range(8):  # /proc/self/cwd/x, /dev/fd/3/x: where the working folder or open folder is now
+            if (p[:6] != "/proc/" and p[:8] != "/dev/fd/") or (m := proc_link(p)) is None:
+                break
+            try:
+                target = readlink(m.group(0))
+            except OSError:  # not ours to read, or gone: sent as it is (the service flags it)
+                break
+            if target[:1] != "/":  # a pipe or socket ("socket:[7]"): no file path
+                break
+            p = target + p[m.end():]
+        if len(p) > PATH_MAX:  # only from a deep folder (a link's): read as the service would, before any cut
+            return linux_opened(p)
         if ("/." in p or "//" in p) and "/proc/" not in p:  # /proc/self/root/..: only Linux can say (the service
             p = normpath(p)                                   # reads it as Linux does, see audit.service._opened)
             if p[:2] == "//":  # POSIX normpath keeps exactly two leading slashes; Linux reads them as one
@@ -1038,7 +1105,9 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
         elif event == "open":  # the hot path, inlined: a plain absolute str path (nothing here raises events)
             p = args[0]
             if p.__class__ is str and p[:1] == "/" and "/." not in p and "//" not in p and len(p) <= PATH_MAX \
-                    and args[1].__class__ in _PLAIN_MODES and args[2].__class__ is int:
+                    and p[:6] != "/proc/" and p[:8] != "/dev/fd/" \
+                    and args[1].__class__ in _PLAIN_MODES and (args[1] is None or len(args[1]) <= 64) \
+                    and args[2].__class__ is int:
                 if (p.startswith(ignored_slash) or p in ignored_set) and not p.startswith(always_slash):
                     return
                 if getpid() != home_pid:
@@ -1052,9 +1121,10 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
         elif event == "ngp.data.open" and len(args) == 2:  # pysam's fetch/open wrappers: same idea
             p, detail = args
             if p.__class__ is str and detail.__class__ is dict and p[:1] == "/" and "/." not in p \
-                    and "//" not in p and len(p) <= PATH_MAX and getpid() == home_pid \
-                    and all(v.__class__ in _SCALARS and (v.__class__ is not str or len(v) <= PATH_MAX)
-                            for v in detail.values()):
+                    and "//" not in p and len(p) <= PATH_MAX and p[:6] != "/proc/" and p[:8] != "/dev/fd/" \
+                    and getpid() == home_pid \
+                    and all(v.__class__ in _SCALARS for v in detail.values()) \
+                    and _text_size(detail) <= DATA_DETAIL_FAST:
                 n = len(buffer)
                 if n < capacity:
                     buffer_append(("d", p, {_text(k): v for k, v in detail.items()}, current[0], None))
@@ -1095,7 +1165,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
     def begin(msg_id, cell_id, arm=True):
         with lock:
             prev = current[0]
-            current[0] = (msg_id, cell_id)
+            current[0] = (_short_id(msg_id), _short_id(cell_id))
             if arm:  # from the kernel's first execution on, (re)loading our modules is tampering
                 state["armed"] = True
         return prev
@@ -1108,6 +1178,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             state["blocked"] = state["tampered"]
         if first or what == "import":
             detail["what"] = what
+            _, detail = _bounded(None, detail)  # an import's name can be as long as a cell makes it
             msg_id, cell_id = current[0]
             detail.update(msg_id=msg_id, cell_id=cell_id)
             rec = {"action": "audit.tamper", "path": None, "detail": detail}

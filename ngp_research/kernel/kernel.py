@@ -21,7 +21,7 @@ import json
 import os
 import sys
 
-from .auditor import TOO_LARGE, UNREACHABLE, closure_guard
+from .auditor import TOO_LARGE, UNREACHABLE, closure_guard, short_id
 from .autostart import CELL
 
 ENAME = "AuditUnavailable"
@@ -53,6 +53,7 @@ def make_kernel_class(auditor, timeout: float = ACK_TIMEOUT):
     base_do_complete = IPythonKernel.do_complete
     base_do_inspect = IPythonKernel.do_inspect
     dumps = json.dumps
+    short = short_id  # ids as the auditor keeps them (a crafted 3 MB cell id is cut): records still match
     environ = os.environ  # held: a cell that rebinds os.environ does not move where the execution is told
 
     def attribute(msg_id, cell_id):
@@ -118,6 +119,7 @@ def make_kernel_class(auditor, timeout: float = ACK_TIMEOUT):
         def handle(stream, ident, msg):
             header = msg.get("header") or {}
             content = msg.get("content") or {}
+            msg_id = short(header.get("msg_id"))
             try:
                 data = dumps(content.get("data"), default=str)[:4000]
             except Exception:
@@ -125,12 +127,12 @@ def make_kernel_class(auditor, timeout: float = ACK_TIMEOUT):
             record = {"action": "query.execute", "path": None, "detail": {
                 "code": None, "msg_type": msg_type, "comm_id": content.get("comm_id"),
                 "target_name": content.get("target_name"), "data": data, "silent": True,
-                "msg_id": header.get("msg_id"), "cell_id": None}}
+                "msg_id": msg_id, "cell_id": None}}
             reason = write_ahead(record, timeout)
             if reason is not None:
                 kernel.log.error("%s: %s; the %s was not handled", ENAME, _evalue(reason), msg_type)
                 return None
-            attribute(header.get("msg_id"), None)
+            attribute(msg_id, None)
             return handler(stream, ident, msg)
 
         handle.__name__ = f"audited_{msg_type}"
@@ -159,22 +161,23 @@ def make_kernel_class(auditor, timeout: float = ACK_TIMEOUT):
                              allow_stdin=False, *, cell_meta=None, cell_id=None):
             parent = self.get_parent("shell") or {}
             header = parent.get("header") or {}
-            msg_id = header.get("msg_id")
+            msg_id = short(header.get("msg_id"))
             if cell_id is None:
                 cell_id = (parent.get("metadata") or {}).get("cellId")
+            recorded_cell = short(cell_id)
             problem = check(self, restore=True)
             if problem:
                 tamper(problem)
             record = {"action": "query.execute", "path": None, "detail": {
-                "code": code, "cell_id": cell_id, "silent": bool(silent), "store_history": bool(store_history),
+                "code": code, "cell_id": recorded_cell, "silent": bool(silent), "store_history": bool(store_history),
                 "msg_id": msg_id, "msg_type": header.get("msg_type", "execute_request"),
                 "user_expressions": dict(user_expressions or {}),
                 "claimed": {"username": header.get("username"), "session": header.get("session")}}}
             reason = write_ahead(record, timeout)
             if reason is not None:
                 return self._ngp_refuse(reason, silent)
-            attribute(msg_id, cell_id)
-            annotation = annotate_dask(msg_id, cell_id)
+            attribute(msg_id, recorded_cell)
+            annotation = annotate_dask(msg_id, recorded_cell)
             try:
                 reply = await base_do_execute(self, code, silent, store_history, user_expressions, allow_stdin,
                                               cell_meta=cell_meta, cell_id=cell_id)
@@ -196,13 +199,14 @@ def make_kernel_class(auditor, timeout: float = ACK_TIMEOUT):
             problem = check(self, restore=True)
             if problem:
                 tamper(problem)
+            msg_id = short(header.get("msg_id"))
             record = {"action": "query.execute", "path": None, "detail": {
                 "code": code, "cursor_pos": cursor_pos, "msg_type": msg_type, "silent": True,
-                "msg_id": header.get("msg_id"), "cell_id": None}}
+                "msg_id": msg_id, "cell_id": None}}
             reason = write_ahead(record, timeout)
             if reason is not None:
                 return {"status": "error", "ename": ENAME, "evalue": _evalue(reason), "traceback": []}
-            prev = attribute(header.get("msg_id"), None)
+            prev = attribute(msg_id, None)
             try:
                 reply = base(self, code, cursor_pos, *args)
                 if hasattr(reply, "__await__"):
