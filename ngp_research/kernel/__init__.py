@@ -25,6 +25,8 @@ request's path) and never falls back to the URL's port, where a process of the m
   nothing leaves the buffer unacknowledged. With the C extension the buffer is a C queue of
   encoded records and a C thread delivers it without the GIL, so a cell that opens many files
   does not wait for the sender (a run of opens in one place is one record with ``paths``).
+  A path through ``/proc`` or ``/dev`` (``/proc/self/cwd/x``, ``/dev/fd/3/x``, ``/dev/stdin/x``, however
+  spelled) is recorded where it leads: only the kernel's own process can read that.
   Every record stays deliverable (the service takes 16 MiB per request): a path longer than any
   Linux opens (4,096) and a detail of more than 262,144 characters (a huge argument list) are
   recorded cut, with their length and SHA-256, and requests are split below 8 MiB; otherwise one

@@ -394,6 +394,19 @@ q_put_segment(const char *text, Py_ssize_t n, long count)
     return 0;
 }
 
+/* 1 when the exact int ``v`` fits in 64 bits */
+static int
+fits_64(PyObject *v)
+{
+    int overflow = 0;
+    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (x == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    return overflow == 0;
+}
+
 /* 1 when an open's mode, flags and execution ids are plain values whose comparison and release run no
  * user code (a forged ``sys.audit("open", ...)`` can pass anything): exact str or None, exact int,
  * a 2-tuple of exact str or None. Anything else goes to the Python handler. */
@@ -402,7 +415,7 @@ plain_keys(PyObject *mode, PyObject *flags, PyObject *ids)
 {
     PyObject *a, *b;
     if (!(mode == Py_None || (PyUnicode_CheckExact(mode) && PyUnicode_GET_LENGTH(mode) <= 64)) ||
-        !(flags == Py_None || PyLong_CheckExact(flags)))
+        !(flags == Py_None || (PyLong_CheckExact(flags) && fits_64(flags))))
         return 0;  /* a mode no open takes (a forged event): the Python side records it, cut to size */
     if (!PyTuple_CheckExact(ids) || PyTuple_GET_SIZE(ids) != 2)
         return 0;
@@ -1091,11 +1104,12 @@ scan_path(const char *s, Py_ssize_t n)
 
 static int append(PyObject *item, Py_ssize_t len);
 
-/* 1 when the path starts in /proc or /dev/fd (a process's working folder or open files can lead anywhere) */
+/* 1 when the path starts in /proc or /dev (a process's working folder, open files or root, /dev/stdin: they
+ * can lead anywhere, and the Python side reads where) */
 static int
 via_process(const char *s, Py_ssize_t n)
 {
-    return (n >= 6 && memcmp(s, "/proc/", 6) == 0) || (n >= 8 && memcmp(s, "/dev/fd/", 8) == 0);
+    return (n >= 6 && memcmp(s, "/proc/", 6) == 0) || (n >= 5 && memcmp(s, "/dev/", 5) == 0);
 }
 
 /* 1: appended; 0: not a plain open (hand it on); -1: error */
@@ -1117,11 +1131,12 @@ fast_open(PyObject *args)
         PyErr_Clear();
         return 0;
     }
-    if (n == 0 || n > PATH_TEXT_MAX || s[0] != '/' || (plain_text = scan_path(s, n)) < 0 || via_process(s, n))
-        return 0;  /* a path longer than any Linux opens: the Python side records it cut (auditor.bounded);
-                    * one through /proc or /dev/fd: the Python side reads where it leads */
+    if (n == 0 || n > PATH_TEXT_MAX || s[0] != '/' || (plain_text = scan_path(s, n)) < 0)
+        return 0;  /* a path longer than any Linux opens: the Python side records it cut (auditor.bounded) */
     if (is_ignored(s, n))
         return 1;
+    if (via_process(s, n))
+        return 0;  /* through /proc or /dev: the Python side reads where it leads */
     if (PyList_GET_SIZE(current) != 1)
         return 0;  /* tampered with: the handler fails closed */
     if (!plain_keys(PyTuple_GET_ITEM(args, 1), PyTuple_GET_ITEM(args, 2), PyList_GET_ITEM(current, 0)))
@@ -1169,7 +1184,9 @@ plain_dict(PyObject *d)
             return 0;
         if (!(v == Py_None || PyUnicode_CheckExact(v) || PyLong_CheckExact(v) || PyFloat_CheckExact(v) || PyBool_Check(v)))
             return 0;
-        text += PyUnicode_GET_LENGTH(k) + (PyUnicode_CheckExact(v) ? PyUnicode_GET_LENGTH(v) : 8);
+        if (PyLong_CheckExact(v) && !fits_64(v))
+            return 0;  /* a huge int is as long as a huge string */
+        text += PyUnicode_GET_LENGTH(k) + (PyUnicode_CheckExact(v) ? PyUnicode_GET_LENGTH(v) : 24);
         if (text > DATA_DETAIL_FAST)
             return 0;
     }

@@ -104,16 +104,41 @@ def _text_size(value, depth: int = 0) -> int:
     """About how many characters of text ``value`` (a record's plain detail) holds.
 
     >>> _text_size({"argv": ["cat", "/data/a"], "n": 3})
-    25
+    19
     """
     cls = value.__class__
     if cls is str:
         return len(value)
+    if cls is int:  # its decimal digits: a huge int is as long as a huge string
+        return value.bit_length() // 3 + 2
     if depth < 8 and cls in (list, tuple):
         return sum(_text_size(v, depth + 1) for v in value) + len(value)
     if depth < 8 and cls is dict:
         return sum(len(k) + _text_size(v, depth + 1) for k, v in value.items() if k.__class__ is str)
     return 8
+
+
+def _small_detail(detail: dict) -> bool:
+    """Whether a library's data open may take the fast path: exact str keys; str, float, bool, None or
+    64-bit int values; :data:`DATA_DETAIL_FAST` characters at most (else ``bounded`` sees it).
+
+    >>> _small_detail({"contig": "chr1", "start": 1}), _small_detail({"start": 10 ** 30}), _small_detail({1: "x"})
+    (True, False, False)
+    """
+    n = 0
+    for k, v in detail.items():
+        if k.__class__ is not str:
+            return False
+        cls = v.__class__
+        if cls is str:
+            n += len(v)
+        elif cls is int:
+            if not -(1 << 63) <= v < (1 << 63):
+                return False
+        elif not (cls is float or cls is bool or v is None):
+            return False
+        n += len(k) + 24
+    return n <= DATA_DETAIL_FAST
 
 
 def bounded(path, detail: dict) -> tuple:
@@ -205,9 +230,8 @@ def opened(path: str) -> str:
     return path[1:] if path.startswith("//") else path
 
 
-#: A process's working folder or open file as a path prefix: the kernel reads where it leads (the
-#: service cannot: it is not in the process).
-_PROC_LINK = re.compile(r"(?:/proc/(?:self|thread-self|[0-9]+)(?:/task/[0-9]+)?/(?:cwd|fd/[0-9]+)|/dev/fd/[0-9]+)(?=/|$)")
+#: Actions that read a file's or folder's content: refused when their path cannot be recorded.
+FILE_ACCESSES = frozenset(("file.open", "data.open", "file.list", "file.link"))
 _PLAIN_MODES = (str, type(None))  # an open's mode as the fast paths take it (a forged event may pass anything)
 
 
@@ -216,6 +240,22 @@ def _socket_family(sock) -> int:
     import _socket  # noqa: PLC0415
 
     return _socket.socket.family.__get__(sock)
+
+
+_FS_ENCODING = sys.getfilesystemencoding()
+
+
+def _decoded(raw) -> str:
+    """The text of a file name given as bytes or bytearray (a subclass too), read from its buffer as Linux
+    gets it: no user code runs (a subclass's ``__bytes__`` or ``__getitem__`` could say another name).
+
+    >>> class Sneaky(bytes):
+    ...     def __bytes__(self):
+    ...         return b"/tmp/innocent"
+    >>> _decoded(Sneaky(b"/data/r/d/f")), _decoded(bytearray(b"/x\\xff"))
+    ('/data/r/d/f', '/x\\udcff')
+    """
+    return (bytes.decode if isinstance(raw, bytes) else bytearray.decode)(raw, _FS_ENCODING, "surrogateescape")
 
 
 def _text(value) -> str:
@@ -235,7 +275,7 @@ def _text(value) -> str:
     if isinstance(value, str):
         return str.__str__(value)  # the characters, not what a subclass says
     if isinstance(value, (bytes, bytearray)):
-        return os.fsdecode(bytes(value))
+        return _decoded(value)
     if cls in (int, float, bool) or value is None:
         return repr(value)
     if cls in _PURE_PATHS:
@@ -587,8 +627,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
     checks = []
     conn_box = [None]
     socket_ids = {}  # id(bare socket) -> its (st_dev, st_ino) when connected
-    fsdecode, normpath, getcwd, realpath, readlink = os.fsdecode, os.path.normpath, os.getcwd, os.path.realpath, os.readlink
-    proc_link = _PROC_LINK.match
+    decoded, normpath, getcwd, realpath = _decoded, os.path.normpath, os.getcwd, os.path.realpath
     linux_opened, _short_id = opened, short_id
     _bounded = bounded  # held in a closure cell (checked by the guard), not looked up where a cell could swap it
     monotonic, _get_ident = time.monotonic, threading.get_ident
@@ -911,8 +950,12 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
         raise AuditUnavailable(f"{UNREACHABLE.split(';')[0]}; this access was refused "
                                f"(audit buffer full: {capacity} records)")
 
-    def _path(p):
-        """The absolute path text of an event's path argument, running no user code; None for an fd."""
+    def _path(p, follow=True):
+        """The absolute path text of an event's path argument, running no user code; None for an fd.
+
+        A path through ``/proc`` or ``/dev`` (a process's working folder, open files or root, ``/dev/stdin``)
+        is read where it leads now, which only this process can (``follow``; a link's target is kept as
+        given, since it leads wherever the working folder of whoever opens it is)."""
         cls = p.__class__
         if cls is not str:
             if p is None or isinstance(p, int):
@@ -920,29 +963,25 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             if isinstance(p, str):
                 p = str.__str__(p)  # the characters, whatever a subclass's methods say
             elif isinstance(p, (bytes, bytearray)):
-                p = fsdecode(bytes(p))
+                p = decoded(p)  # its buffer, as Linux gets it (not what a subclass's __bytes__ says)
             elif cls in _PURE_PATHS:
                 p = str(p)
             else:  # its __fspath__ may not answer what was opened: the access cannot be recorded
                 raise AuditUnavailable("the audit cannot record this path: pass a str, bytes or pathlib path "
                                        f"(not a {object.__repr__(p)})")
         if p[:1] != "/":
-            cwd = getcwd()
+            try:
+                cwd = getcwd()
+            except OSError:  # the working folder was removed: Linux still reads the path from it
+                cwd = "/proc/self/cwd"
             if len(cwd) + len(p) >= PATH_MAX:  # a deep working folder: only where p leads is short enough to
                 return realpath(p)  # record whole (relative: resolved from here, one lstat per part of p)
             p = cwd + "/" + p
-        for _ in range(8):  # /proc/self/cwd/x, /dev/fd/3/x: where the working folder or open folder is now
-            if (p[:6] != "/proc/" and p[:8] != "/dev/fd/") or (m := proc_link(p)) is None:
-                break
-            try:
-                target = readlink(m.group(0))
-            except OSError:  # not ours to read, or gone: sent as it is (the service flags it)
-                break
-            if target[:1] != "/":  # a pipe or socket ("socket:[7]"): no file path
-                break
-            p = target + p[m.end():]
         if len(p) > PATH_MAX:  # only from a deep folder (a link's): read as the service would, before any cut
             return linux_opened(p)
+        if follow and (p[:6] == "/proc/" or p[:5] == "/dev/" or
+                       (("/proc/" in p or "/dev/" in p) and ("/." in p or "//" in p))):
+            return realpath(p)
         if ("/." in p or "//" in p) and "/proc/" not in p:  # /proc/self/root/..: only Linux can say (the service
             p = normpath(p)                                   # reads it as Linux does, see audit.service._opened)
             if p[:2] == "//":  # POSIX normpath keeps exactly two leading slashes; Linux reads them as one
@@ -1037,11 +1076,11 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             record(action, path, detail)
         elif action == "file.link":  # (src, dst, ...): recorded under what the link leads to
             src, dst = args[0], args[1]
-            link = _path(dst)
+            link = _path(dst, follow=False)
             target = _text(src)
             if event == "os.symlink" and target[:1] != "/" and link is not None:
                 target = link.rsplit("/", 1)[0] + "/" + target  # relative to the link's own folder
-            target = _path(target)
+            target = _path(target, follow=False)
             record(action, target, {"event": event, "link": link, "as_given": _text(src)})
         elif event.startswith("shutil."):
             path = _path(args[0])
@@ -1105,7 +1144,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
         elif event == "open":  # the hot path, inlined: a plain absolute str path (nothing here raises events)
             p = args[0]
             if p.__class__ is str and p[:1] == "/" and "/." not in p and "//" not in p and len(p) <= PATH_MAX \
-                    and p[:6] != "/proc/" and p[:8] != "/dev/fd/" \
+                    and p[:6] != "/proc/" and p[:5] != "/dev/" \
                     and args[1].__class__ in _PLAIN_MODES and (args[1] is None or len(args[1]) <= 64) \
                     and args[2].__class__ is int:
                 if (p.startswith(ignored_slash) or p in ignored_set) and not p.startswith(always_slash):
@@ -1121,13 +1160,12 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
         elif event == "ngp.data.open" and len(args) == 2:  # pysam's fetch/open wrappers: same idea
             p, detail = args
             if p.__class__ is str and detail.__class__ is dict and p[:1] == "/" and "/." not in p \
-                    and "//" not in p and len(p) <= PATH_MAX and p[:6] != "/proc/" and p[:8] != "/dev/fd/" \
+                    and "//" not in p and len(p) <= PATH_MAX and p[:6] != "/proc/" and p[:5] != "/dev/" \
                     and getpid() == home_pid \
-                    and all(v.__class__ in _SCALARS for v in detail.values()) \
-                    and _text_size(detail) <= DATA_DETAIL_FAST:
+                    and _small_detail(detail):
                 n = len(buffer)
                 if n < capacity:
-                    buffer_append(("d", p, {_text(k): v for k, v in detail.items()}, current[0], None))
+                    buffer_append(("d", p, dict(detail), current[0], None))
                     if n == 0 or n + 1 == batch:
                         wake.set()
                     return
@@ -1154,8 +1192,12 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             except AuditUnavailable:
                 raise
             except Exception:
-                raise AuditUnavailable(f"this access could not be recorded ({type(e).__name__}); it was refused") \
-                    from None
+                pass
+            else:
+                if action not in FILE_ACCESSES:
+                    return  # kept as far as it could be; the operation opens no file
+            raise AuditUnavailable(f"this access could not be recorded ({type(e).__name__}); it was refused") \
+                from None
         finally:
             if not nested:
                 busy.discard(me)
