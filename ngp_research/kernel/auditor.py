@@ -1146,7 +1146,7 @@ def install(url: str | None, token: str | None, *, capacity: int = 10_000, batch
             if p.__class__ is str and p[:1] == "/" and "/." not in p and "//" not in p and len(p) <= PATH_MAX \
                     and p[:6] != "/proc/" and p[:5] != "/dev/" \
                     and args[1].__class__ in _PLAIN_MODES and (args[1] is None or len(args[1]) <= 64) \
-                    and args[2].__class__ is int:
+                    and args[2].__class__ is int and -(1 << 63) <= args[2] < (1 << 63):
                 if (p.startswith(ignored_slash) or p in ignored_set) and not p.startswith(always_slash):
                     return
                 if getpid() != home_pid:
