@@ -50,13 +50,13 @@ from dataclasses import dataclass
 
 from tornado import web
 
-from ..kernel.auditor import opened
+from ..kernel.auditor import MAX_REQUEST_BYTES, opened
 from .records import NOT_PER_ACCESS, AuditRecord, canonical
 
 MAX_RECORDS_PER_REQUEST = 5000
 #: A run of this many paths or more, in one place, is stored as one record listing them (see build_records).
 GROUP_MIN = 64
-MAX_BODY = 16 * 1024 * 1024
+MAX_BODY = MAX_REQUEST_BYTES  # the kernel keeps every request below it
 _SERVER_SCOPE = re.compile(r"^access:servers!server=([^/]+)/(.+)$")
 ALLOWED_ACTIONS = {"query.execute", "file.open", "file.list", "file.link", "process.exec", "library.load", "socket.connect",
                    "data.open", "server.file", "audit.tamper", "review.mark"}
@@ -169,7 +169,6 @@ def _opened(path: str) -> str:
     """The path Linux opens for ``path``: a ``file:`` URL's path, then as
     :func:`ngp_research.kernel.auditor.opened` reads it (cut at a NUL, a process's root such as
     ``/proc/self/root/x`` as ``/x``, normalised, ``//`` as ``/``), the same reading as the kernel's."""
-    path = path.split("\x00", 1)[0]
     if path.startswith("file:"):
         try:
             parts = urllib.parse.urlsplit(path)

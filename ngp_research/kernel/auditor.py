@@ -55,7 +55,7 @@ UNREACHABLE = "the audit service cannot be reached; no code was run"
 #: The start of the reason a cell too large to record is refused with (the kernel shows it as it is).
 TOO_LARGE = "this cell is too large to record"
 
-#: The most bytes the audit service takes in one request (``ngp_research.audit.service.MAX_BODY``).
+#: The most bytes the audit service takes in one request (its ``MAX_BODY``).
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
 #: A batch of buffered records is split below this, so that no request nears the service's limit.
 MAX_POST_BYTES = MAX_REQUEST_BYTES // 2
@@ -144,8 +144,8 @@ def _small_detail(detail: dict) -> bool:
 def bounded(path, detail: dict) -> tuple:
     """``(path, detail)`` of a record, each small enough to deliver: a path longer than :data:`PATH_MAX`
     (Linux opens no such absolute path; a short relative one out of a deeper working folder is
-    recorded where it leads, see ``_path`` in :func:`install`) and a detail of more than :data:`DETAIL_TEXT_MAX` characters are cut
-    (see :func:`_cut`); the record says so. A record too large for the service would otherwise stay
+    recorded where it leads, see ``_path`` in :func:`install`) and a detail of more than
+    :data:`DETAIL_TEXT_MAX` characters are cut (see :func:`_cut`); the record says so. A record too large for the service would otherwise stay
     undelivered, and the kernel would run no more code.
 
     >>> path, detail = bounded("/data/syd/ds/" + "a" * 9000, {"event": "open", "mode": "r"})
@@ -205,7 +205,6 @@ EVENT_ACTIONS = {
 ALWAYS = ("/data", "/project", "/home")
 
 
-_SCALARS = frozenset((str, int, float, bool, type(None)))
 _PROC_ROOT = re.compile(r"/proc/(?:self|thread-self|[0-9]+)(?:/task/[0-9]+)?/root(?=/|$)")
 
 
